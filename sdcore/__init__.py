@@ -1,0 +1,1 @@
+"""sdcore: Stable Diffusion 1.x in plain PyTorch."""

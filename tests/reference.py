@@ -1,0 +1,100 @@
+"""Reference models (diffusers / transformers) with seeded random weights, shared by the tests.
+
+The same weights go into the reference and into sdcore, so equal outputs prove that the real
+SD v1.5 weights would produce the real images.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SD15 = SHARED / "sd15"
+CLIP_BPE = SHARED / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+
+# Same block structure as SD v1.5 (four levels, the same block types), tiny widths.
+TINY_UNET = {
+    "block_out_channels": [32, 64, 64, 64],
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 64,
+    "norm_num_groups": 16,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "in_channels": 4,
+    "out_channels": 4,
+    "sample_size": 8,
+}
+TINY_VAE = {
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 2,
+    "norm_num_groups": 16,
+    "latent_channels": 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "sample_size": 64,
+}
+TINY_CLIP = {
+    "vocab_size": 49408,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 64,
+}
+
+
+def sd15_config(component: str) -> dict:
+    """The real release's config file for `unet`, `vae` or `text_encoder`, exactly as published."""
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return json.loads((SD15 / component / name).read_text())
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Overwrite every parameter with seeded noise of a sane scale.
+
+    Default initialisations leave some layers at zero or one, which would hide a wrong key or a
+    missing term; this makes every weight matter while keeping activations bounded.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if p.ndim == 1 and name.endswith("weight"):  # norm scales
+            p.copy_(1.0 + 0.1 * noise)
+        elif p.ndim == 1:  # biases
+            p.copy_(0.05 * noise)
+        else:
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(noise / math.sqrt(fan_in))
+    return module
+
+
+def reference_unet(config: dict, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    return randomize_(UNet2DConditionModel(**config), seed).eval()
+
+
+def reference_vae(config: dict, seed: int = 1):
+    from diffusers import AutoencoderKL
+
+    return randomize_(AutoencoderKL(**config), seed).eval()
+
+
+def reference_text_encoder(config: dict, seed: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+    return randomize_(CLIPTextModel(CLIPTextConfig(**cfg)), seed).eval()
