@@ -1,0 +1,22 @@
+"""Errors sdcore raises on purpose, so callers can tell bad input from bugs."""
+
+
+class SdcoreError(Exception):
+    pass
+
+
+class UnsupportedModelError(SdcoreError):
+    """The weights or config belong to a model family other than Stable Diffusion 1.x."""
+
+
+class WeightsError(SdcoreError):
+    """A weight file or folder is missing, truncated, or does not match the architecture."""
+
+
+class NonFiniteOutputError(SdcoreError):
+    """Some rows of a batch produced NaN/inf; `.images` keeps the good rows (None at `.rows`)."""
+
+    def __init__(self, rows: list[int], images: list):
+        super().__init__(f"non-finite values (NaN/inf) in the output of batch rows {rows}")
+        self.rows = rows
+        self.images = images
