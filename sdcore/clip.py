@@ -1,0 +1,106 @@
+"""CLIP text encoder of Stable Diffusion 1.x (the text tower of OpenAI's CLIP ViT-L/14).
+
+Parameter names are those of transformers' `CLIPTextModel` without the leading `text_model.`,
+so a diffusers `text_encoder/` folder loads after stripping that prefix and nothing else.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sdcore.errors import UnsupportedModelError
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_transformers(cls, d: dict) -> "CLIPTextConfig":
+        """Read a transformers `config.json` (the 2022 release's file or today's `save_pretrained`)."""
+        act = d.get("hidden_act", "quick_gelu")
+        if act != "quick_gelu":
+            hidden = d.get("hidden_size")
+            family = {
+                1024: "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)",
+                1280: "SDXL's second text encoder (OpenCLIP ViT-bigG/14)",
+            }.get(hidden, "a text encoder other than CLIP ViT-L/14")
+            raise UnsupportedModelError(
+                f"text encoder config looks like {family}: hidden_act {act!r}, hidden_size {hidden}; "
+                "sdbatch supports SD 1.x only (CLIP ViT-L/14 with quick_gelu)"
+            )
+        # bos/eos/pad ids, projection_dim, dropout, dtype etc. do not shape the model and are ignored
+        # (the release's bos/eos ids 0/2 are wrong anyway; the tokenizer owns the special ids).
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        dim = cfg.hidden_size
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # No padding mask: SD 1.x was trained attending to the padding (end) tokens too.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, heads, T, head_dim]
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick-GELU, the approximation CLIP was trained with
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CausalSelfAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.config = cfg
+        # ModuleDicts only to reproduce the checkpoint's `embeddings.*` / `encoder.layers.*` names.
+        self.embeddings = nn.ModuleDict({
+            "token_embedding": nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            "position_embedding": nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size),
+        })
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [B, T] with T <= max_position_embeddings (77) -> last hidden state [B, T, hidden]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding(positions)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)
