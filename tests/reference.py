@@ -98,3 +98,27 @@ def reference_text_encoder(config: dict, seed: int = 2):
 
     cfg = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
     return randomize_(CLIPTextModel(CLIPTextConfig(**cfg)), seed).eval()
+
+
+def write_clip_vocab_folder(path) -> Path:
+    """Write the bundled CLIP BPE as a diffusers-style `vocab.json` + `merges.txt` into `path`.
+
+    Built straight from OpenAI's file layout (256 byte symbols, the same with `</w>`, one symbol
+    per merge, then the two specials), independently of sdcore, so that transformers'
+    `CLIPTokenizer.from_pretrained(path, local_files_only=True, model_max_length=77)` can serve as
+    the oracle for `sdcore.tokenizer`.
+    """
+    import gzip
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(REPO / "sdcore" / "assets" / "bpe_simple_vocab_16e6.txt.gz", "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 1 + 49152 - 256 - 2]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = (b for b in range(256) if b not in printable)
+    byte_chars = [chr(b) for b in printable] + [chr(256 + i) for i, _ in enumerate(extra)]
+    symbols = byte_chars + [c + "</w>" for c in byte_chars] + [m.replace(" ", "") for m in merges]
+    symbols += ["<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}, ensure_ascii=False), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return path
