@@ -4,3 +4,27 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "full_size: full SD v1.5-size models (~1 B parameters): ~1-2 min, ~4.5 GB RAM, ~9 GB temporary files"
+    )
+
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the whole session; see tests/s3server.py.
+
+    Tests share it: use a bucket of your own (`s3_server.make_bucket("my-test")`), and a test
+    that calls `stop()` must `start()` it again (in a `finally`) — same endpoint, same data.
+    """
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
