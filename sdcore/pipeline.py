@@ -1,8 +1,20 @@
-"""Text to image: the loaded components and the denoising loop around them."""
+"""Text to image: the loaded components and the denoising loop around them.
+
+Reproducibility rule: every row owns a CPU `torch.Generator` seeded with its seed. It draws the
+row's initial latents and then that row's stochastic step noise, in the reference pipeline's
+order, so an image depends only on its own row — not on batch size or neighbours.
+"""
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
+
+from sdcore import schedulers
+from sdcore.errors import NonFiniteOutputError
+
+OUTPUTS = ("pil", "np", "latent")
 
 
 @dataclass
@@ -16,3 +28,116 @@ class Pipeline:
     fingerprint: str  # identifies the weights: same string <=> same model
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def rows_per_call(self) -> int | None:
+        """How many rows go through a network in one call (None: the whole batch).
+
+        On CPU, oneDNN picks convolution kernels by batch shape, so batching changes the low bits
+        of an image; rows run one at a time there (CPU throughput hardly gains from batching), which
+        makes every image byte-identical whatever its batch.
+        """
+        return 1 if self.device.type == "cpu" else None
+
+    def _in_chunks(self, fn: Callable[..., torch.Tensor], *batches: torch.Tensor) -> torch.Tensor:
+        """fn over the row-aligned tensors `batches`, `rows_per_call` rows at a time."""
+        size = self.rows_per_call or len(batches[0])
+        return torch.cat([fn(*(b[i : i + size] for b in batches)) for i in range(0, len(batches[0]), size)])
+
+    def make_scheduler(self, name: str, overrides: dict | None = None):
+        """The named algorithm configured from the model's scheduler config plus `overrides`."""
+        return schedulers.make(name, **{**self.scheduler_config, **(overrides or {})})
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts)).to(self.device)
+        return self._in_chunks(self.text_encoder, ids)  # [B, 77, D]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        scheduler: str = "ddpm",
+        scheduler_config: dict | None = None,
+        output: str = "pil",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list:
+        """One image per prompt; `progress(step, total)` is called after every denoising step."""
+        prompts = list(prompts)
+        seeds = list(seeds)
+        negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
+        if not prompts or len(seeds) != len(prompts) or len(negative_prompts) != len(prompts):
+            raise ValueError("generate needs one seed (and one negative prompt, if any) per prompt, and at least one prompt")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+        sched = self.make_scheduler(scheduler, scheduler_config)
+        sched.set_timesteps(steps)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        use_cfg = guidance_scale > 1.0
+
+        context = self.encode_prompts(prompts)
+        uncond_context = self.encode_prompts(negative_prompts) if use_cfg else None
+
+        latent_shape = (1, self.unet.config.in_channels, height // 8, width // 8)
+        latents = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
+        latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
+
+        def predict_noise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None):
+            if uncond is None:
+                return self.unet(x, t, cond)
+            # One UNet batch for both passes, unconditional rows first as the reference orders them.
+            noise_uncond, noise_cond = self.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+            return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+        total = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            model_input = sched.scale_model_input(latents, t)
+            contexts = (context,) if uncond_context is None else (context, uncond_context)
+            noise = self._in_chunks(lambda x, *c: predict_noise(x, t, *c), model_input, *contexts)
+            latents = sched.step(noise, t, latents, generator=generators)
+            if progress is not None:
+                progress(i + 1, total)
+
+        if output == "latent":
+            images = list(latents)
+            bad = [i for i, x in enumerate(images) if not torch.isfinite(x).all()]
+        else:
+            images, bad = self._decode(latents)
+            if output == "pil":
+                from PIL import Image
+
+                images = [None if x is None else Image.fromarray(x) for x in images]
+        if bad:
+            raise NonFiniteOutputError(bad, [None if i in bad else x for i, x in enumerate(images)])
+        return images
+
+    def _decode(self, latents: torch.Tensor) -> tuple[list, list[int]]:
+        """Latents → uint8 [H, W, 3] arrays; rows that stay non-finite even in float32 are None."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        pixels = self._in_chunks(self.vae.decode, latents.to(vae_dtype) / self.vae.config.scaling_factor)
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+        if not finite.all() and vae_dtype != torch.float32:
+            # Half precision can overflow in the decoder; redo just those rows in float32.
+            redo = (~finite).nonzero().flatten()
+            try:
+                fixed = self.vae.float().decode(latents[redo].float() / self.vae.config.scaling_factor)
+            finally:
+                self.vae.to(vae_dtype)
+            pixels = pixels.float()
+            pixels[redo] = fixed
+            finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+        arrays = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        return [None if i in bad else np.ascontiguousarray(a) for i, a in enumerate(arrays)], bad

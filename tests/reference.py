@@ -122,3 +122,57 @@ def write_clip_vocab_folder(path) -> Path:
     (path / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(symbols)}, ensure_ascii=False), encoding="utf-8")
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return path
+
+
+# sdcore scheduler name → (diffusers class, extra config) used by the reference pipeline.
+REFERENCE_SCHEDULERS = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+
+
+def reference_scheduler(name: str, scheduler_config: dict):
+    import diffusers
+
+    cls_name, extra = REFERENCE_SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config({**scheduler_config, **extra})
+
+
+def write_diffusers_folder(path, unet, vae, text_encoder) -> Path:
+    """Save reference models as a diffusers folder laid out like the SD v1.5 release."""
+    path = Path(path)
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    text_encoder.save_pretrained(path / "text_encoder")
+    write_clip_vocab_folder(path / "tokenizer")
+    (path / "scheduler").mkdir(parents=True, exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text((SD15 / "scheduler" / "scheduler_config.json").read_text())
+    (path / "model_index.json").write_text((SD15 / "model_index.json").read_text())
+    return path
+
+
+def reference_pipeline(folder, scheduler: str):
+    """diffusers' StableDiffusionPipeline over a folder written by `write_diffusers_folder`."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(folder / "vae").eval(),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True, model_max_length=77),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
+        scheduler=reference_scheduler(scheduler, scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

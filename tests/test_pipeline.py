@@ -1,0 +1,145 @@
+"""Text-to-image pipeline: per-row determinism and equality with diffusers' StableDiffusionPipeline."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdcore
+from sdcore.errors import NonFiniteOutputError
+from tests.reference import (
+    TINY_CLIP,
+    TINY_UNET,
+    TINY_VAE,
+    reference_pipeline,
+    reference_text_encoder,
+    reference_unet,
+    reference_vae,
+    write_diffusers_folder,
+)
+
+PROMPTS = ["a red fox in snow", "an astronaut riding a horse", "", "a bowl of fruit, oil painting"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return write_diffusers_folder(
+        tmp_path_factory.mktemp("tiny-sd"), reference_unet(TINY_UNET), reference_vae(TINY_VAE), reference_text_encoder(TINY_CLIP)
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_folder):
+    return sdcore.load_pipeline(str(tiny_folder))
+
+
+@pytest.fixture(scope="module")
+def builtin_pipe():
+    return sdcore.load_pipeline("builtin:tiny")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler_a", "dpmpp_2m"])
+def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler):
+    kwargs = dict(steps=4, guidance_scale=7.5, height=64, width=48, scheduler=scheduler, output="np")
+    seeds = [7, 8, 9, 10]
+    together = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
+    alone = [builtin_pipe.generate([p], seeds=[s], **kwargs)[0] for p, s in zip(PROMPTS, seeds)]
+    reordered = builtin_pipe.generate(PROMPTS[::-1], seeds=seeds[::-1], **kwargs)[::-1]
+    for a, b, c in zip(together, alone, reordered):
+        assert png_bytes(a) == png_bytes(b) == png_bytes(c)
+    assert not np.array_equal(together[0], together[1]), "different rows should give different images"
+
+
+def test_same_seed_same_image_other_seed_other_image(builtin_pipe):
+    kwargs = dict(steps=3, height=64, width=64, output="np")
+    a = builtin_pipe.generate(["a cat"], seeds=[1], **kwargs)[0]
+    b = builtin_pipe.generate(["a cat"], seeds=[1], **kwargs)[0]
+    c = builtin_pipe.generate(["a cat"], seeds=[2], **kwargs)[0]
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms"])
+def test_equals_diffusers_pipeline(tiny_folder, tiny_pipe, scheduler):
+    reference = reference_pipeline(tiny_folder, scheduler)
+    for prompt, negative, seed, guidance in [("a red fox in snow", None, 7, 7.5), ("a lighthouse", "blurry", 123, 3.0), ("a tree", None, 5, 1.0)]:
+        ours = tiny_pipe.generate(
+            [prompt], seeds=[seed], negative_prompts=None if negative is None else [negative],
+            steps=5, guidance_scale=guidance, height=64, width=40, scheduler=scheduler, output="np",
+        )[0]
+        theirs = reference(
+            prompt, negative_prompt=negative, num_inference_steps=5, guidance_scale=guidance, height=64, width=40,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+        ).images[0]
+        theirs = (theirs * 255).round().astype(np.uint8)
+        assert ours.shape == theirs.shape
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2, (scheduler, prompt)
+
+
+def test_latent_output_equals_diffusers(tiny_folder, tiny_pipe):
+    ours = tiny_pipe.generate(["a fox"], seeds=[3], steps=4, height=64, width=64, scheduler="ddim", output="latent")[0]
+    theirs = reference_pipeline(tiny_folder, "ddim")(
+        "a fox", num_inference_steps=4, height=64, width=64, generator=torch.Generator("cpu").manual_seed(3), output_type="latent"
+    ).images[0]
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_pil_output_and_odd_latent_sizes(builtin_pipe):
+    images = builtin_pipe.generate(["a", "b"], seeds=[0, 1], steps=2, height=72, width=104)
+    assert [im.size for im in images] == [(104, 72), (104, 72)]
+    assert all(im.mode == "RGB" for im in images)
+
+
+def test_progress_is_reported_per_step(builtin_pipe):
+    seen = []
+    builtin_pipe.generate(["a"], seeds=[0], steps=3, height=64, width=64, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=60), "multiples of 8"),
+        (dict(steps=0), "steps"),
+        (dict(output="jpeg"), "output"),
+        (dict(scheduler="nope"), "ddpm"),
+        (dict(seeds=[1, 2]), "one seed"),
+    ],
+)
+def test_bad_arguments(builtin_pipe, kwargs, message):
+    args = dict(seeds=[1], steps=2, height=64, width=64) | kwargs
+    with pytest.raises(ValueError, match=message):
+        builtin_pipe.generate(["a"], **args)
+
+
+def test_non_finite_rows_are_reported_not_written(builtin_pipe, monkeypatch):
+    encode = builtin_pipe.text_encoder.forward
+    poisoned_ids = builtin_pipe.tokenizer(["b"])
+
+    def poisoned(ids):
+        hidden = encode(ids)
+        hidden[(ids == poisoned_ids).all(dim=1)] = float("nan")
+        return hidden
+
+    monkeypatch.setattr(builtin_pipe.text_encoder, "forward", poisoned)
+    with pytest.raises(NonFiniteOutputError) as info:
+        builtin_pipe.generate(["a", "b", "c"], seeds=[0, 1, 2], steps=2, height=64, width=64, output="np")
+    assert info.value.rows == [1]
+    assert info.value.images[1] is None
+    assert info.value.images[0].shape == (64, 64, 3) and info.value.images[2].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_and_stays_close(dtype):
+    full = sdcore.load_pipeline("builtin:tiny").generate(["a fox"], seeds=[4], steps=3, height=64, width=64, output="np")[0]
+    half = sdcore.load_pipeline("builtin:tiny", dtype=dtype).generate(["a fox"], seeds=[4], steps=3, height=64, width=64, output="np")[0]
+    assert half.shape == full.shape
+    assert np.abs(half.astype(int) - full.astype(int)).mean() < 8
