@@ -1,0 +1,491 @@
+"""The output dataset: its layout, PNG and Parquet writing, the shard commit, and resume.
+
+    OUT/images/<shard>/<id>.png      PNG; iTXt chunk `sdbatch` = JSON of the generation parameters
+    OUT/metadata/<shard>.parquet     one row per image (METADATA_FIELDS + pass-through + version)
+    OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
+    OUT/_sdbatch/job.json            settings and the job's identity (fingerprints); no credentials
+    OUT/_SUCCESS                     summary JSON, written last, once every shard is done
+
+The one rule: a shard is done iff `metadata/<shard>.parquet` exists. A shard's images are
+written first (by `ImageWriter`'s threads, overlapping the next batch's denoising), then its
+failures file if it has failures, then its metadata file, atomically — even a shard whose
+images all failed writes a metadata file with no rows. So resume is one listing of `metadata/`,
+and a crash at any point leaves nothing that a re-run of that shard does not overwrite. Failure
+files count only for done shards.
+
+A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
+size, dtype or defaults into it, and deletes an old dataset (only one it recognises by
+`_sdbatch/job.json`) only when asked to overwrite.
+"""
+import datetime
+import hashlib
+import importlib.metadata
+import io
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, PngImagePlugin
+
+from jobs import storage
+from jobs.manifest import Defaults
+from jobs.plan import ShardRows, WorkItem, count_shards, is_shard_id, shard_at, shard_id, shard_index
+
+try:
+    SDBATCH_VERSION = importlib.metadata.version("sdbatch")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    SDBATCH_VERSION = "unknown"
+
+JOB_FILE = "_sdbatch/job.json"
+SUCCESS_FILE = "_SUCCESS"
+PNG_KEY = "sdbatch"  # the PNG text chunk holding the generation parameters
+PNG_COMPRESS_LEVEL = 6
+
+PARAM_FIELDS = [
+    pa.field("prompt", pa.string()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("steps", pa.int32()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("scheduler", pa.string()),
+]
+METADATA_FIELDS = [
+    pa.field("id", pa.string()),
+    pa.field("manifest_row", pa.int64()),
+    *PARAM_FIELDS,
+    pa.field("scheduler_config", pa.string()),  # JSON
+    pa.field("model", pa.string()),
+    pa.field("model_fingerprint", pa.string()),
+    pa.field("image_path", pa.string()),  # relative to OUT
+    pa.field("image_sha256", pa.string()),
+    pa.field("generation_seconds", pa.float64()),
+]
+FAILURE_FIELDS = [
+    pa.field("id", pa.string()),
+    pa.field("manifest_row", pa.int64()),
+    pa.field("error", pa.string()),
+    pa.field("attempts", pa.int32()),
+    *PARAM_FIELDS,
+]
+VERSION_FIELD = pa.field("sdbatch_version", pa.string())
+
+
+class OutputError(Exception):
+    """OUT cannot be used for this job (a different job, not an sdbatch folder, ...)."""
+
+
+def metadata_schema(passthrough: pa.Schema) -> pa.Schema:
+    """The schema of every metadata file of a job: the fixed columns, the manifest's pass-through
+    columns with their own types, then the version."""
+    return pa.schema([*METADATA_FIELDS, *passthrough, VERSION_FIELD])
+
+
+def failures_schema(passthrough: pa.Schema) -> pa.Schema:
+    return pa.schema([*FAILURE_FIELDS, *passthrough, VERSION_FIELD])
+
+
+def image_path(shard: str, image_id: str) -> str:
+    return f"images/{shard}/{image_id}.png"
+
+
+def metadata_path(shard: str) -> str:
+    return f"metadata/{shard}.parquet"
+
+
+def failures_path(shard: str) -> str:
+    return f"failures/{shard}.parquet"
+
+
+def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, model_fingerprint: str) -> dict:
+    """What the PNG text chunk records: everything needed to make the image again."""
+    return {
+        "id": item.id, "prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
+        "steps": item.steps, "guidance_scale": item.guidance_scale, "width": item.width, "height": item.height,
+        "scheduler": item.scheduler, "scheduler_config": scheduler_config, "model": model,
+        "model_fingerprint": model_fingerprint, "sdbatch_version": SDBATCH_VERSION,
+    }
+
+
+def encode_png(image, params: dict) -> bytes:
+    """A PNG of `image` (PIL image or uint8 [H, W, 3] array) with `params` as JSON in an iTXt chunk.
+
+    Byte-deterministic: same pixels and params → same bytes (no timestamps, fixed compression).
+    iTXt rather than tEXt because prompts are UTF-8 and tEXt is Latin-1.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(PNG_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def read_png_params(data: bytes) -> dict:
+    with Image.open(io.BytesIO(data)) as im:
+        return json.loads(im.text[PNG_KEY])
+
+
+@dataclass
+class JobSpec:
+    """One job's description, stored as `_sdbatch/job.json`. `identity()` is what must match for a
+    re-run to continue the dataset in the same folder."""
+
+    manifest: str
+    manifest_fingerprint: str
+    model: str
+    model_fingerprint: str
+    rows: int
+    images: int
+    shard_size: int
+    defaults: Defaults
+    dtype: str
+    settings: dict = field(default_factory=dict)  # informational (batch size, actors, device, storage options, ...)
+
+    @property
+    def shards(self) -> int:
+        return count_shards(self.rows, self.shard_size)
+
+    def identity(self) -> dict:
+        return {
+            "manifest_fingerprint": self.manifest_fingerprint, "model_fingerprint": self.model_fingerprint,
+            "shard_size": self.shard_size, "defaults": asdict(self.defaults), "dtype": self.dtype,
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "format": 1,
+            "sdbatch_version": SDBATCH_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "identity": self.identity(),
+            "manifest": storage.redact_url(self.manifest),
+            "model": storage.redact_url(self.model),
+            "rows": self.rows,
+            "images": self.images,
+            "shards": self.shards,
+            "settings": storage.redact(self.settings),
+        }
+
+
+@dataclass
+class OutputStatus:
+    url: str
+    job: dict
+    shards: int
+    shards_done: int
+    rows: int
+    rows_done: int
+    images: int  # images the manifest asks for
+    images_done: int  # rows in done shards' metadata
+    failures: int  # rows in done shards' failure files
+    success: dict | None  # the _SUCCESS summary, if the job finished
+
+    def format(self) -> str:
+        return "\n".join([
+            f"{self.url}: sdbatch dataset of {self.job.get('manifest')} with {self.job.get('model')}",
+            f"  shards    {self.shards_done:,}/{self.shards:,} done ({self.shards - self.shards_done:,} remaining)",
+            f"  rows      {self.rows_done:,}/{self.rows:,} done",
+            f"  images    {self.images_done:,}/{self.images:,} written",
+            f"  failures  {self.failures:,}",
+            f"  _SUCCESS  {'yes' if self.success is not None else 'no'}",
+        ])
+
+
+class Output:
+    """An output folder (any fsspec URL) and the operations on it as a whole."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, retry: storage.RetryPolicy = storage.DEFAULT_RETRY):
+        self.url = url
+        self.name = storage.redact_url(url)
+        self.fs, self.root = storage.resolve(url, storage_options)
+        self.retry = retry
+
+    def path(self, rel: str) -> str:
+        return storage.join(self.root, rel)
+
+    def write(self, rel: str, data: bytes) -> None:
+        storage.write_atomic(self.fs, self.path(rel), data, retry=self.retry)
+
+    def exists(self, rel: str) -> bool:
+        return self.retry.call(f"checking {self.name}/{rel}", self.fs.exists, self.path(rel))
+
+    def remove(self, rel: str, *, recursive: bool = False) -> None:
+        try:
+            self.retry.call(f"removing {self.name}/{rel}", self.fs.rm, self.path(rel), recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    def _list(self, folder: str, suffix: str) -> list[str]:
+        """Stems of the files in `folder` ending in `suffix` — one listing, temporary files skipped."""
+        path = self.path(folder)
+        self.fs.invalidate_cache(path)  # object-store listings are cached; another process may have written
+        try:
+            names = self.retry.call(f"listing {self.name}/{folder}", self.fs.ls, path, detail=False)
+        except FileNotFoundError:
+            return []
+        stems = []
+        for name in names:
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(suffix) and not base.startswith("."):
+                stems.append(base[: -len(suffix)])
+        return stems
+
+    def done_shards(self) -> set[str]:
+        """The shards whose metadata file exists — the whole resume scan."""
+        return {s for s in self._list("metadata", ".parquet") if is_shard_id(s)}
+
+    def read_job(self) -> dict | None:
+        try:
+            data = storage.read_bytes(self.fs, self.path(JOB_FILE), retry=self.retry)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise OutputError(f"{self.name}/{JOB_FILE} is not valid JSON ({e}); fix or remove it") from None
+
+    def success(self) -> dict | None:
+        try:
+            return json.loads(storage.read_bytes(self.fs, self.path(SUCCESS_FILE), retry=self.retry))
+        except FileNotFoundError:
+            return None
+
+    def prepare(self, job: JobSpec, *, mode: str = "auto") -> set[str]:
+        """Make OUT ready for `job`; returns the shards already done.
+
+        auto: start a new dataset in a missing or empty folder, or continue the same job.
+        resume: continue the same job; refuse if there is none.
+        overwrite: delete an earlier sdbatch dataset here (never anything else), start anew.
+        """
+        if mode not in ("auto", "resume", "overwrite"):
+            raise ValueError(f"mode must be auto, resume or overwrite, got {mode!r}")
+        try:
+            existing = self.read_job()
+            if existing is None and mode == "resume":
+                raise OutputError(f"{self.name}: nothing to resume (no {JOB_FILE})")
+            if existing is None or mode == "overwrite":
+                if existing is None:
+                    self._require_empty()
+                else:
+                    self._delete_dataset()
+                self.write(JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
+                return set()
+            differs = [k for k in sorted({*existing.get("identity", {}), *job.identity()})
+                       if existing.get("identity", {}).get(k) != job.identity().get(k)]
+            if differs:
+                detail = "; ".join(f"{k}: {_brief(existing.get('identity', {}).get(k))} there, "
+                                   f"{_brief(job.identity().get(k))} now" for k in differs)
+                raise OutputError(f"{self.name} holds a different job ({detail}); "
+                                  "use --overwrite to replace it, or choose another output")
+            return self.done_shards()
+        except PermissionError as e:
+            raise OutputError(f"{self.name}: permission denied ({e})") from None
+        except FileNotFoundError as e:
+            raise OutputError(f"{self.name}: cannot write here ({e})") from None
+
+    def _require_empty(self) -> None:
+        if self.fs.isfile(self.root):
+            raise OutputError(f"{self.name} is a file, not a folder")
+        try:
+            entries = self.retry.call(f"listing {self.name}", self.fs.ls, self.root, detail=False)
+        except FileNotFoundError:
+            return
+        if entries:
+            raise OutputError(f"{self.name} is not empty and is not an sdbatch dataset (no {JOB_FILE}); "
+                              "refusing to write into it or delete it — choose an empty or new folder")
+
+    def _delete_dataset(self) -> None:
+        # Commit markers first, so a crash half-way leaves no shard looking done, and job.json last,
+        # so the folder stays recognisable as ours until the end.
+        self.remove(SUCCESS_FILE)
+        for folder in ("metadata", "failures", "images"):
+            self.remove(folder, recursive=True)
+        self.remove(JOB_FILE)
+        self.fs.invalidate_cache(self.root)
+
+    def finish(self, summary: dict) -> bool:
+        """Write `_SUCCESS` (the summary plus counts) iff every shard of the job is done."""
+        job = self.read_job()
+        if job is None:
+            raise OutputError(f"{self.name}: not an sdbatch dataset (no {JOB_FILE})")
+        done = self.done_shards()
+        total = count_shards(job["rows"], job["identity"]["shard_size"])
+        if any(shard_id(i) not in done for i in range(total)):
+            return False
+        self.write(SUCCESS_FILE, json.dumps({"shards": total, **summary}, indent=2).encode())
+        return True
+
+    def status(self) -> OutputStatus:
+        job = self.read_job()
+        if job is None:
+            raise OutputError(f"{self.name}: not an sdbatch dataset (no {JOB_FILE})")
+        rows, size = job["rows"], job["identity"]["shard_size"]
+        total = count_shards(rows, size)
+        done = {s for s in self.done_shards() if shard_index(s) < total}
+        failed = set(self._list("failures", ".parquet")) & done
+        return OutputStatus(
+            url=self.name, job=job, shards=total, shards_done=len(done), rows=rows,
+            rows_done=sum(shard_at(shard_index(s), rows, size).rows for s in done), images=job["images"],
+            images_done=sum(self._row_counts([metadata_path(s) for s in sorted(done)])),
+            failures=sum(self._row_counts([failures_path(s) for s in sorted(failed)])), success=self.success(),
+        )
+
+    def _row_counts(self, rels: list[str]) -> Iterator[int]:
+        """Row counts from Parquet footers, many at once (object stores answer slowly but in parallel)."""
+        def count(rel: str) -> int:
+            with storage.open_for_arrow(self.fs, self.path(rel)) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+
+        with ThreadPoolExecutor(16) as pool:
+            yield from pool.map(lambda rel: self.retry.call(f"reading {self.name}/{rel}", count, rel), rels)
+
+
+def _brief(value) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class ImageWriter:
+    """Encodes and writes PNGs on background threads, so encoding and upload overlap denoising.
+
+    At most `max_pending` images are queued or in flight; `submit` blocks beyond that, so a slow
+    store slows the producer down instead of filling memory with images.
+    """
+
+    def __init__(self, out: Output, *, threads: int = 4, max_pending: int = 16):
+        self.out = out
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-writer")
+        self._slots = threading.BoundedSemaphore(max_pending)
+
+    def submit(self, rel_path: str, image, params: dict) -> Future:
+        """Queue one image; the future gives the PNG's sha256 once it is durably written."""
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(self._write, rel_path, image, params)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
+
+    def _write(self, rel_path: str, image, params: dict) -> str:
+        data = encode_png(image, params)
+        self.out.write(rel_path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    images: int
+    failures: int
+
+
+@dataclass
+class _Done:
+    item: WorkItem
+    future: Future
+    scheduler_config: str
+    seconds: float
+
+
+@dataclass
+class _Failed:
+    item: WorkItem
+    error: str
+    attempts: int
+
+
+class ShardWriter:
+    """Collects one shard's images and failures, then commits the shard.
+
+    Each image id is recorded once; recording it again (a retried batch) replaces the earlier
+    outcome. `commit` waits until every image is written, then writes failures and metadata.
+    """
+
+    def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, model: str, model_fingerprint: str):
+        self.out, self.writer, self.rows = out, writer, rows
+        self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
+        self.shard = rows.shard.id
+        self._records: dict[str, _Done | _Failed] = {}
+
+    def add(self, item: WorkItem, image, *, scheduler_config: dict, seconds: float) -> None:
+        """Hand one generated image to the writer (blocks only while the writer's queue is full)."""
+        params = generation_params(item, scheduler_config=scheduler_config, model=self.model,
+                                   model_fingerprint=self.model_fingerprint)
+        future = self.writer.submit(image_path(self.shard, item.id), image, params)
+        self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds)
+
+    def fail(self, item: WorkItem, error: str, attempts: int) -> None:
+        self._records[item.id] = _Failed(item, error, attempts)
+
+    def commit(self) -> ShardResult:
+        """Wait for the images, then write failures (if any) and the metadata file — the commit point.
+
+        Every image of the shard must have been added or failed: a shard is all its rows, once.
+        """
+        expected = {item.id for item in self.rows.items}
+        if expected != self._records.keys():
+            missing, foreign = sorted(expected - self._records.keys()), sorted(self._records.keys() - expected)
+            raise ValueError(f"{self.shard}: cannot commit; no outcome for {missing[:5]}, not in this shard: {foreign[:5]}")
+        records = sorted(self._records.values(), key=lambda r: (r.item.row, r.item.k))
+        done = [r for r in records if isinstance(r, _Done)]
+        failed = [r for r in records if isinstance(r, _Failed)]
+        hashes, errors = [], []
+        for r in done:
+            try:
+                hashes.append(r.future.result())
+            except Exception as e:  # wait for every write before giving up, so none lands after
+                errors.append(e)
+        if errors:
+            raise storage.StorageError(f"{self.shard}: {len(errors)} of {len(done)} images could not be written; "
+                                       f"the shard is not committed. First error: {errors[0]}") from errors[0]
+        passthrough = self.rows.passthrough
+        if failed:
+            for r in failed:  # an earlier attempt may have written it; the dataset must not show it
+                self.out.remove(image_path(self.shard, r.item.id))
+            self.out.write(failures_path(self.shard), self._parquet(failures_schema(passthrough.schema), failed, {
+                "error": [r.error for r in failed], "attempts": [r.attempts for r in failed],
+            }))
+        elif self.out.exists(failures_path(self.shard)):  # left by an attempt that did not commit
+            self.out.remove(failures_path(self.shard))
+        self.out.write(metadata_path(self.shard), self._parquet(metadata_schema(passthrough.schema), done, {
+            "scheduler_config": [r.scheduler_config for r in done],
+            "model": [self.model] * len(done),
+            "model_fingerprint": [self.model_fingerprint] * len(done),
+            "image_path": [image_path(self.shard, r.item.id) for r in done],
+            "image_sha256": hashes,
+            "generation_seconds": [r.seconds for r in done],
+        }))
+        return ShardResult(self.shard, len(done), len(failed))
+
+    def _parquet(self, schema: pa.Schema, records: list, extra: dict[str, list]) -> bytes:
+        items = [r.item for r in records]
+        values = {
+            "id": [i.id for i in items], "manifest_row": [i.row for i in items],
+            **{f.name: [getattr(i, f.name) for i in items] for f in PARAM_FIELDS},
+            **extra, VERSION_FIELD.name: [SDBATCH_VERSION] * len(items),
+        }
+        passthrough = self.rows.passthrough.take(pa.array([i.row - self.rows.shard.start for i in items], pa.int64()))
+        columns = [values[f.name] if f.name in values else passthrough.column(f.name) for f in schema]
+        table = pa.Table.from_arrays(
+            [c if isinstance(c, pa.ChunkedArray) else pa.array(c, f.type) for c, f in zip(columns, schema)], schema=schema)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()

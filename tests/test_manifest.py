@@ -1,0 +1,284 @@
+"""Manifest schema and validation: one test per violation, each checking that the message names
+the column and the offending rows; streaming with bounded memory; defaults and seeds."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.manifest import MAX_SEED, Defaults, ManifestError, derive_seed, open_manifest, typo_of, validate
+
+try:
+    from sdcore.schedulers import NAMES
+except ImportError:  # written concurrently; the names the contract promises
+    NAMES = ("ddpm", "ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms")
+
+
+def write(tmp_path, columns: dict | pa.Table, name="manifest.parquet", **kwargs) -> str:
+    path = str(tmp_path / name)
+    pq.write_table(columns if isinstance(columns, pa.Table) else pa.table(columns), path, **kwargs)
+    return path
+
+
+def check(path, defaults=None):
+    with open_manifest(path) as m:
+        return validate(m, defaults or Defaults())
+
+
+def error(path, defaults=None) -> str:
+    with pytest.raises(ManifestError) as e:
+        check(path, defaults)
+    return str(e.value)
+
+
+def prompts(n):
+    return [f"a photo of thing {i}" for i in range(n)]
+
+
+def test_message_names_column_rows_and_values(tmp_path):
+    steps = [20] * 20
+    steps[4], steps[9], steps[17] = 0, 0, 1500
+    path = write(tmp_path, {"prompt": prompts(20), "steps": steps})
+    assert error(path) == f"{path}: column 'steps': 3 rows out of range 1..1000 (rows 4, 9, 17: 0, 0, 1500)"
+
+
+def test_message_names_ids_when_the_manifest_has_them(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(3), "id": ["cat", "dog", "owl"], "steps": [20, 0, 20]})
+    assert error(path).endswith("column 'steps': 1 row out of range 1..1000 (row 1: 0; ids 'dog')")
+
+
+def test_only_the_first_rows_are_quoted_but_all_are_counted(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(30), "width": [100] * 30})
+    msg = error(path)
+    assert "column 'width': 30 rows not a multiple of 8 in 64..2048 (rows 0, 1, 2, 3, 4, …: 100, 100, 100, 100, 100)" in msg
+
+
+def test_every_violation_is_reported_one_line_each(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(3), "steps": [0, 20, 20], "height": [64, 64, 70]})
+    lines = error(path).splitlines()
+    assert len(lines) == 2
+    assert "column 'steps'" in lines[0] and "row 0: 0" in lines[0]
+    assert "column 'height'" in lines[1] and "row 2: 70" in lines[1]
+
+
+def test_missing_file(tmp_path):
+    assert "no such file" in error(str(tmp_path / "nope.parquet"))
+
+
+def test_not_a_parquet_file(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("prompt\na cat\n")
+    assert error(str(path)).startswith(f"{path}: not a Parquet file (")
+
+
+def test_empty_manifest(tmp_path):
+    path = write(tmp_path, pa.table({"prompt": pa.array([], pa.string())}))
+    assert error(path) == f"{path}: the manifest has no rows"
+
+
+def test_missing_prompt_column(tmp_path):
+    path = write(tmp_path, {"caption": ["a cat"]})
+    assert error(path) == f"{path}: missing required column 'prompt' (columns: caption)"
+
+
+def test_null_prompt(tmp_path):
+    path = write(tmp_path, {"prompt": ["a cat", None, "x", None]})
+    assert "column 'prompt': 2 rows with null values (rows 1, 3)" in error(path)
+
+
+def test_empty_prompt_is_allowed(tmp_path):
+    assert check(write(tmp_path, {"prompt": ["", "a cat"]})).rows == 2
+
+
+@pytest.mark.parametrize("column, values, expected", [
+    ("prompt", [1, 2], "column 'prompt' has type int64; expected strings"),
+    ("steps", ["20", "30"], "column 'steps' has type string; expected integers"),
+    ("guidance_scale", ["high", "low"], "column 'guidance_scale' has type string; expected numbers"),
+    ("id", [1.5, 2.5], "column 'id' has type double; expected strings or integers"),
+    ("scheduler", [1, 2], "column 'scheduler' has type int64; expected strings"),
+    ("seed", [True, False], "column 'seed' has type bool; expected integers"),
+])
+def test_wrong_column_type(tmp_path, column, values, expected):
+    table = {"prompt": ["a", "b"], column: values}
+    assert expected in error(write(tmp_path, table))
+
+
+def test_fractional_values_in_an_integer_column(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(3), "steps": [20.0, 20.5, float("nan")]})
+    assert "column 'steps': 2 rows with non-integer values (rows 1, 2: 20.5, nan)" in error(path)
+
+
+def test_integral_floats_and_nulls_are_fine(tmp_path):
+    # what pandas writes for an integer column with gaps
+    path = write(tmp_path, {"prompt": prompts(3), "steps": [20.0, None, 30.0]})
+    assert check(path, Defaults(steps=10)).steps_total == 60
+
+
+@pytest.mark.parametrize("seeds, expected", [
+    (pa.array([5, -1], pa.int64()), "column 'seed': 1 row out of range 0..2^63-1 (row 1: -1)"),
+    (pa.array([2**63, 0], pa.uint64()), "column 'seed': 1 row out of range 0..2^63-1 (row 0: 9223372036854775808)"),
+    (pa.array([1.0, 2.0**60]), "column 'seed': 1 row stored as floating point beyond 2^53"),
+])
+def test_seed_out_of_range(tmp_path, seeds, expected):
+    assert expected in error(write(tmp_path, {"prompt": ["a", "b"], "seed": seeds}))
+
+
+def test_largest_seed_is_fine(tmp_path):
+    assert check(write(tmp_path, {"prompt": ["a"], "seed": pa.array([MAX_SEED - 1], pa.uint64())})).rows == 1
+
+
+@pytest.mark.parametrize("column, values, expected", [
+    ("guidance_scale", [7.5, -1.0, float("inf")], "column 'guidance_scale': 2 rows negative or not finite (rows 1, 2: -1.0, inf)"),
+    ("width", [512, 60, 2056], "column 'width': 2 rows not a multiple of 8 in 64..2048 (rows 1, 2: 60, 2056)"),
+    ("height", [512, 513, 64], "column 'height': 1 row not a multiple of 8 in 64..2048 (row 1: 513)"),
+    ("num_images", [1, 0, 2], "column 'num_images': 1 row out of range 1..10000 (row 1: 0)"),
+    ("scheduler", ["ddim", "euler_b", None], "column 'scheduler': 1 row with an unknown scheduler (row 1: 'euler_b'); known: "),
+])
+def test_out_of_range_values(tmp_path, column, values, expected):
+    assert expected in error(write(tmp_path, {"prompt": prompts(3), column: values}))
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("promt", "prompt"), ("negative_promt", "negative_prompt"), ("guidance", "guidance_scale"), ("sampler", "scheduler"),
+    ("Steps", "steps"), ("widht", "width"), ("seeds", "seed"), ("num_image", "num_images"), ("cfg_scale", "guidance_scale"),
+])
+def test_typo_columns_are_errors_with_a_suggestion(tmp_path, name, suggestion):
+    path = write(tmp_path, {"prompt": ["a"], name: [1]} if name != "promt" else {"prompt": ["a"], "promt": ["b"]})
+    assert error(path) == f"{path}: unknown column {name!r}: did you mean {suggestion!r}? (rename it, or it would be ignored)"
+
+
+@pytest.mark.parametrize("name", ["prompt_id", "label", "caption", "idx", "class", "style", "prompt_2", "size"])
+def test_other_columns_pass_through(tmp_path, name):
+    assert typo_of(name) is None
+    summary = check(write(tmp_path, {"prompt": ["a"], name: [1]}))
+    assert summary.passthrough == [name]
+
+
+def test_reserved_output_column_names(tmp_path):
+    path = write(tmp_path, {"prompt": ["a"], "model": ["x"]})
+    assert error(path) == f"{path}: column 'model' is a name the output metadata uses; rename it"
+
+
+def test_null_ids(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(3), "id": ["a", None, "c"]})
+    assert "column 'id': 1 row with null values (row 1; ids None)" in error(path)
+
+
+def test_duplicate_string_ids(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(5), "id": ["a", "b", "a", "c", "b"]})
+    assert error(path) == f"{path}: column 'id': 2 duplicate ids ('a' at rows 0, 2; 'b' at rows 1, 4)"
+
+
+def test_duplicate_integer_ids_across_batches_and_row_groups(tmp_path):
+    ids = np.arange(200_000, dtype=np.int64)
+    ids[150_000] = 7
+    path = write(tmp_path, {"prompt": pa.array(["x"] * len(ids)), "id": ids}, row_group_size=50_000)
+    assert error(path) == f"{path}: column 'id': 1 duplicate id (7 at rows 7, 150000)"
+
+
+def test_ids_that_collide_after_num_images_expansion(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(3), "id": ["a", "b", "a-1"], "num_images": [2, 1, 1]})
+    assert "column 'id': 1 image id made more than once ('a-1' at rows 0, 2)" in error(path)
+
+
+def test_integer_ids_never_collide_after_expansion(tmp_path):
+    summary = check(write(tmp_path, {"prompt": prompts(3), "id": [1, -1, 10], "num_images": [11, 2, 1]}))
+    assert summary.images == 14
+
+
+@pytest.mark.parametrize("bad", ["a/b", "..", "", ".hidden", "x\ny", "what?"])
+def test_ids_must_be_usable_as_file_names(tmp_path, bad):
+    path = write(tmp_path, {"prompt": ["a", "b"], "id": ["fine id ü", bad]})
+    assert f"column 'id': 1 row not usable as file names (row 1: {bad!r}; ids {bad!r})" in error(path)
+
+
+def test_defaults_are_validated():
+    with pytest.raises(ManifestError, match=r"--steps 0 is out of range 1..1000"):
+        Defaults(steps=0)
+    with pytest.raises(ManifestError, match=r"--width 100 must be a multiple of 8"):
+        Defaults(width=100)
+    with pytest.raises(ManifestError, match=r"--scheduler 'nope' is not one of ddpm"):
+        Defaults(scheduler="nope")
+    with pytest.raises(ManifestError, match=r"--guidance-scale nan"):
+        Defaults(guidance_scale=float("nan"))
+    with pytest.raises(ManifestError, match=r"--seed -1"):
+        Defaults(seed=-1)
+
+
+def test_summary(tmp_path):
+    path = write(tmp_path, {
+        "prompt": prompts(4), "width": [512, None, 768, 512], "steps": [10, 20, None, 10],
+        "scheduler": ["ddim", None, "euler", "ddim"], "num_images": [1, 2, 1, None], "label": ["a", "b", "c", "d"],
+    })
+    s = check(path, Defaults(steps=30, scheduler="pndm", width=256))
+    assert (s.rows, s.images) == (4, 5)
+    assert s.sizes == {(512, 512): 2, (256, 512): 2, (768, 512): 1}
+    assert s.schedulers == {"ddim": 2, "pndm": 2, "euler": 1}
+    assert s.steps_total == 10 + 2 * 20 + 30 + 10
+    assert s.passthrough == ["label"]
+    assert "rows             4" in s.format()
+
+
+def test_string_variants_and_dictionary_columns_are_accepted(tmp_path):
+    table = pa.table({
+        "prompt": pa.array(["a", "b"], pa.large_string()),
+        "scheduler": pa.array(["ddim", "ddim"]).dictionary_encode(),
+        "id": pa.array(["x", "y"]).dictionary_encode(),
+    })
+    assert check(write(tmp_path, table)).schedulers == {"ddim": 2}
+
+
+def test_fingerprint_follows_content_not_the_file(tmp_path):
+    a = write(tmp_path, {"prompt": ["a cat", "a dog"]}, name="a.parquet")
+    b = write(tmp_path, {"prompt": ["a cat", "a dog"]}, name="b.parquet")
+    c = write(tmp_path, {"prompt": ["a cat", "a cow"]}, name="c.parquet")
+    fp = {p: open_manifest(p).fingerprint() for p in (a, b, c)}
+    assert fp[a] == fp[b] != fp[c]
+
+
+def test_read_rows_across_row_groups(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(100), "n": list(range(100))}, row_group_size=7)
+    with open_manifest(path) as m:
+        assert m.read(5, 23).column("n").to_pylist() == list(range(5, 23))
+        assert m.read(98, 100).column("prompt").to_pylist() == prompts(100)[98:]
+        assert m.read(14, 14).num_rows == 0
+
+
+def test_derived_seeds():
+    assert derive_seed(0, "cat") == derive_seed(0, "cat")
+    assert len({derive_seed(0, "cat"), derive_seed(1, "cat"), derive_seed(0, "dog")}) == 3
+    assert all(0 <= derive_seed(s, str(i)) < MAX_SEED for s in range(5) for i in range(200))
+
+
+def test_streaming_a_large_manifest_keeps_memory_flat(tmp_path):
+    """200k rows with a wide pass-through column: validation decodes one batch at a time and never
+    reads pass-through columns, so the Arrow peak stays well below even the validated columns."""
+    n = 200_000
+    table = pa.table({
+        "id": pa.array([f"row-{i}" for i in range(n)]),
+        "prompt": pa.array([f"a photo of a cat number {i} " + "x" * 60 for i in range(n)]),
+        "steps": pa.array(np.full(n, 20, dtype=np.int64)),
+        "blob": pa.array([b"\x00" * 400] * n),  # pass-through payload, ~80 MB decoded
+    })
+    path = write(tmp_path, table, row_group_size=16_384)
+    validated = table.select(["id", "prompt", "steps"]).nbytes  # what validation has to look at
+    del table
+    script = textwrap.dedent(f"""
+        import json, tracemalloc, pyarrow as pa
+        from jobs.manifest import Defaults, open_manifest, scheduler_names, validate
+        scheduler_names()  # its imports are not the manifest's memory
+        tracemalloc.start()
+        with open_manifest({path!r}) as m:
+            s = validate(m, Defaults())
+        print(json.dumps({{"rows": s.rows, "arrow_peak": pa.default_memory_pool().max_memory(),
+                           "python_peak": tracemalloc.get_traced_memory()[1]}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    stats = json.loads(out.stdout)
+    assert stats["rows"] == n
+    assert stats["arrow_peak"] < validated / 2, stats
+    assert stats["python_peak"] < 40e6, stats

@@ -1,0 +1,119 @@
+"""Shards, work items and batches: deterministic, lazy, and independent of how rows are cut."""
+import itertools
+import tracemalloc
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.manifest import MAX_SEED, Defaults, derive_seed, open_manifest
+from jobs.plan import (Shard, WorkItem, batches, count_shards, is_shard_id, read_shard, shard_at, shard_id,
+                       shard_index, shards, work_items)
+
+
+def test_shards_cover_the_rows_once_in_order():
+    got = list(shards(23, 5))
+    assert [(s.id, s.start, s.stop) for s in got] == [
+        ("shard-000000", 0, 5), ("shard-000001", 5, 10), ("shard-000002", 10, 15),
+        ("shard-000003", 15, 20), ("shard-000004", 20, 23),
+    ]
+    assert count_shards(23, 5) == 5 and count_shards(25, 5) == 5 and count_shards(1, 100) == 1
+    assert shard_at(4, 23, 5) == Shard(4, 20, 23)
+    with pytest.raises(IndexError):
+        shard_at(5, 23, 5)
+
+
+def test_skip_leaves_out_done_shards():
+    assert [s.index for s in shards(10, 3, skip={"shard-000001", "shard-000003"})] == [0, 2]
+
+
+def test_shard_ids():
+    assert shard_id(42) == "shard-000042" and shard_index("shard-000042") == 42
+    assert shard_id(1_234_567) == "shard-1234567" and shard_index("shard-1234567") == 1_234_567
+    assert not is_shard_id("shard-00001x") and not is_shard_id(".shard-000001") and not is_shard_id("shard-")
+    with pytest.raises(ValueError):
+        shard_index("part-0")
+
+
+def test_ten_million_rows_are_planned_lazily_with_flat_memory():
+    assert [s.index for s in itertools.islice(shards(10_000_000, 1), 3)] == [0, 1, 2]
+    tracemalloc.start()
+    n = sum(1 for _ in shards(10_000_000, 100))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 100_000 and peak < 100_000
+
+
+def table(**columns):
+    n = len(next(iter(columns.values())))
+    return pa.table({"prompt": [f"p{i}" for i in range(n)], **columns})
+
+
+def test_work_items_fill_in_defaults_for_missing_and_null_values():
+    defaults = Defaults(seed=3, steps=25, guidance_scale=5.0, width=256, height=320, scheduler="ddim", negative_prompt="blurry")
+    t = table(steps=[10, None], negative_prompt=[None, "ugly"], seed=pa.array([None, 99], pa.int64()), scheduler=["euler", None])
+    a, b = work_items(t, 40, defaults)
+    assert a == WorkItem(id="40", row=40, k=0, prompt="p0", negative_prompt="blurry", seed=derive_seed(3, "40"),
+                         steps=10, guidance_scale=5.0, width=256, height=320, scheduler="euler")
+    assert b == WorkItem(id="41", row=41, k=0, prompt="p1", negative_prompt="ugly", seed=99,
+                         steps=25, guidance_scale=5.0, width=256, height=320, scheduler="ddim")
+
+
+def test_integral_float_columns_become_ints():
+    (item,) = work_items(table(steps=[20.0], width=[512.0], seed=[7.0]), 0, Defaults())
+    assert (item.steps, item.width, item.seed) == (20, 512, 7)
+    assert type(item.steps) is int and type(item.seed) is int
+
+
+def test_num_images_expands_ids_and_seeds():
+    t = table(id=["cat", "dog", "owl"], num_images=[3, 1, 2], seed=pa.array([10, 5, MAX_SEED - 1], pa.uint64()))
+    items = work_items(t, 0, Defaults())
+    assert [(i.id, i.row, i.k, i.seed) for i in items] == [
+        ("cat-0", 0, 0, 10), ("cat-1", 0, 1, 11), ("cat-2", 0, 2, 12),
+        ("dog", 1, 0, 5),  # one image: the row id itself, no suffix
+        ("owl-0", 2, 0, MAX_SEED - 1), ("owl-1", 2, 1, 0),  # seed + k wraps modulo 2^63
+    ]
+
+
+def test_seeds_do_not_depend_on_how_rows_are_sharded(tmp_path):
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(table(id=[f"r{i}" for i in range(17)], num_images=[1, 2] * 8 + [1]), path, row_group_size=4)
+    defaults = Defaults(seed=1234)
+    with open_manifest(path) as m:
+        whole = read_shard(m, Shard(0, 0, 17), defaults).items
+        for k in (1, 3, 7):
+            assert [i for s in shards(m.num_rows, k) for i in read_shard(m, s, defaults).items] == whole
+    assert whole[0].seed == derive_seed(1234, "r0")
+    assert len({i.seed for i in whole}) == len(whole)
+
+
+def test_read_shard_keeps_pass_through_rows_aligned(tmp_path):
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(table(label=[f"L{i}" for i in range(10)], steps=list(range(1, 11))), path, row_group_size=3)
+    with open_manifest(path) as m:
+        rows = read_shard(m, shard_at(1, 10, 4), Defaults())
+    assert rows.passthrough.column_names == ["label"]
+    assert [(i.row, i.steps, rows.passthrough["label"][i.row - rows.shard.start].as_py()) for i in rows.items] == [
+        (4, 5, "L4"), (5, 6, "L5"), (6, 7, "L6"), (7, 8, "L7"),
+    ]
+
+
+def test_batches_group_by_shape_steps_scheduler_and_guidance():
+    t = table(
+        width=[512, 768, 512, 512, 512, 768, 512],
+        steps=[20, 20, 20, 30, 20, 20, 20],
+        scheduler=["ddim", "ddim", "ddim", "ddim", "ddim", "ddim", "euler"],
+        guidance_scale=[7.5, 7.5, 7.5, 7.5, 1.0, 7.5, 7.5],
+    )
+    got = [[i.row for i in b] for b in batches(work_items(t, 0, Defaults()), batch_size=2)]
+    assert got == [[0, 2], [1, 5], [3], [4], [6]]
+    for b in batches(work_items(t, 0, Defaults()), 2):
+        assert len({i.batch_key for i in b}) == 1
+
+
+def test_batches_respect_the_size_and_keep_manifest_order():
+    items = work_items(table(num_images=[5, 2]), 0, Defaults())
+    assert [[i.id for i in b] for b in batches(items, 3)] == [["0-0", "0-1", "0-2"], ["0-3", "0-4", "1-0"], ["1-1"]]
+    assert [[i.id for i in b] for b in batches(items, 100)] == [[i.id for i in items]]
+    with pytest.raises(ValueError):
+        batches(items, 0)

@@ -1,0 +1,336 @@
+"""The output dataset: layout, PNG text chunk, shard commit, resume scan, job identity, backpressure."""
+import hashlib
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+
+from jobs import sink, storage
+from jobs.manifest import Defaults, open_manifest
+from jobs.plan import read_shard, shards
+from jobs.sink import ImageWriter, JobSpec, Output, OutputError, ShardWriter
+
+MODEL, FINGERPRINT = "builtin:tiny", "f" * 16
+SCHED_CONFIG = {"beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    path = str(tmp_path / "manifest.parquet")
+    pq.write_table(pa.table({
+        "id": [f"img{i}" for i in range(7)],
+        "prompt": [f"a photo of a cat, ünïcode {i}" for i in range(7)],
+        "num_images": [1, 2, 1, 1, 1, 1, 1],
+        "label": pa.array([i % 3 for i in range(7)], pa.int16()),
+        "tags": pa.array([["a", "b"], [], None, ["c"], ["d"], ["e"], ["f"]], pa.list_(pa.string())),
+    }), path)
+    return path
+
+
+def pixels(seed, size=16) -> np.ndarray:
+    """Pixels that depend on the seed only, like a deterministic generator's."""
+    rng = np.random.default_rng(seed % 2**32)
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def job(manifest_path, shard_size=3, **changes) -> JobSpec:
+    with open_manifest(manifest_path) as m:
+        fields = dict(manifest=manifest_path, manifest_fingerprint=m.fingerprint(), model=MODEL,
+                      model_fingerprint=FINGERPRINT, rows=m.num_rows, images=8, shard_size=shard_size,
+                      defaults=Defaults(steps=4, width=64, height=64), dtype="fp32",
+                      settings={"batch_size": 2, "storage_options": {"key": "AKIA", "secret": "hunter2"}})
+    return JobSpec(**{**fields, **changes})
+
+
+def run_shards(out, manifest_path, spec, *, only=None, fail=(), writer_kwargs=None) -> list:
+    """What an actor does: read the shard, make images, hand them to the writer, commit."""
+    results = []
+    with open_manifest(manifest_path) as m, ImageWriter(out, **(writer_kwargs or {})) as writer:
+        for shard in shards(m.num_rows, spec.shard_size):
+            if only is not None and shard.id not in only:
+                continue
+            rows = read_shard(m, shard, spec.defaults)
+            w = ShardWriter(out, writer, rows, model=MODEL, model_fingerprint=FINGERPRINT)
+            for item in rows.items:
+                if item.id in fail:
+                    w.fail(item, "NonFiniteOutputError: NaN", attempts=2)
+                else:
+                    w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.5)
+            results.append(w.commit())
+    return results
+
+
+def test_layout_metadata_and_png_chunk(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest)
+    assert out.prepare(spec) == set()
+    results = run_shards(out, manifest, spec)
+    assert [(r.shard, r.images, r.failures) for r in results] == [
+        ("shard-000000", 4, 0), ("shard-000001", 3, 0), ("shard-000002", 1, 0)]
+    root = tmp_path / "out"
+    assert sorted(os.listdir(root / "images" / "shard-000000")) == ["img0.png", "img1-0.png", "img1-1.png", "img2.png"]
+    assert sorted(os.listdir(root / "metadata")) == [f"shard-00000{i}.parquet" for i in range(3)]
+    assert not (root / "failures").exists()
+
+    meta = pq.read_table(root / "metadata" / "shard-000000.parquet")
+    assert meta.schema == sink.metadata_schema(pa.schema([pa.field("label", pa.int16()), pa.field("tags", pa.list_(pa.string()))]))
+    assert meta.column_names[:3] == ["id", "manifest_row", "prompt"] and meta.column_names[-1] == "sdbatch_version"
+    rows = meta.to_pylist()
+    assert [(r["id"], r["manifest_row"], r["label"], r["tags"]) for r in rows] == [
+        ("img0", 0, 0, ["a", "b"]), ("img1-0", 1, 1, []), ("img1-1", 1, 1, []), ("img2", 2, 2, None)]
+    for r in rows:
+        data = (root / r["image_path"]).read_bytes()
+        assert r["image_sha256"] == hashlib.sha256(data).hexdigest()
+        params = sink.read_png_params(data)
+        for key in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
+                    "model", "model_fingerprint", "sdbatch_version"):
+            assert params[key] == r[key], key
+        assert params["scheduler_config"] == json.loads(r["scheduler_config"]) == SCHED_CONFIG
+        assert params["prompt"].endswith("ünïcode " + str(r["manifest_row"]))
+        assert np.array_equal(np.asarray(Image.open(root / r["image_path"])), pixels(r["seed"]))
+    # all shards read as one dataset with one schema
+    table = ds.dataset(str(root / "metadata"), format="parquet").to_table()
+    assert sorted(table.column("id").to_pylist()) == sorted(["img0", "img1-0", "img1-1"] + [f"img{i}" for i in range(2, 7)])
+
+
+def test_png_is_byte_deterministic():
+    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    params = {"prompt": "a cat", "seed": 1}
+    a = sink.encode_png(img, params)
+    assert a == sink.encode_png(img.copy(), dict(reversed(list(params.items()))))
+    assert a == sink.encode_png(Image.fromarray(img), params)
+    assert a != sink.encode_png(img, {**params, "seed": 2})
+    assert sink.read_png_params(a) == params
+    assert b"tIME" not in a
+
+
+def test_images_and_metadata_are_identical_across_writer_settings(tmp_path, manifest):
+    outputs = []
+    for name, kwargs in (("a", {"threads": 1, "max_pending": 1}), ("b", {"threads": 4, "max_pending": 16})):
+        out = Output(str(tmp_path / name))
+        spec = job(manifest)
+        out.prepare(spec)
+        run_shards(out, manifest, spec, writer_kwargs=kwargs)
+        outputs.append(tmp_path / name)
+    a, b = outputs
+    for shard in sorted(os.listdir(a / "images")):
+        for f in sorted(os.listdir(a / "images" / shard)):
+            assert (a / "images" / shard / f).read_bytes() == (b / "images" / shard / f).read_bytes()
+    for f in sorted(os.listdir(a / "metadata")):
+        assert pq.read_table(a / "metadata" / f).equals(pq.read_table(b / "metadata" / f))
+
+
+def test_failures_are_recorded_and_the_shard_still_commits(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest)
+    out.prepare(spec)
+    run_shards(out, manifest, spec, only={"shard-000000"})  # an earlier attempt wrote img1-1.png
+    out.remove(sink.metadata_path("shard-000000"))  # ...but did not commit
+    run_shards(out, manifest, spec, only={"shard-000000"}, fail={"img1-1"})
+    failures = pq.read_table(tmp_path / "out" / "failures" / "shard-000000.parquet").to_pylist()
+    assert [(f["id"], f["manifest_row"], f["error"], f["attempts"], f["label"]) for f in failures] == [
+        ("img1-1", 1, "NonFiniteOutputError: NaN", 2, 1)]
+    assert failures[0]["seed"] == pq.read_table(tmp_path / "out" / "metadata" / "shard-000000.parquet").column("seed")[1].as_py() + 1
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "shard-000000.parquet")
+    assert meta.column("id").to_pylist() == ["img0", "img1-0", "img2"]
+    assert not (tmp_path / "out" / "images" / "shard-000000" / "img1-1.png").exists()
+    # a later attempt without failures removes the stale failures file in the same commit
+    out.remove(sink.metadata_path("shard-000000"))
+    run_shards(out, manifest, spec, only={"shard-000000"})
+    assert not (tmp_path / "out" / "failures" / "shard-000000.parquet").exists()
+
+
+def test_a_shard_with_only_failures_is_done_with_an_empty_metadata_file(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest)
+    out.prepare(spec)
+    run_shards(out, manifest, spec, only={"shard-000002"}, fail={"img6"})
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "shard-000002.parquet")
+    assert meta.num_rows == 0 and meta.schema.names[0] == "id"
+    assert out.done_shards() == {"shard-000002"}
+    status = out.status()
+    assert (status.shards_done, status.rows_done, status.images_done, status.failures) == (1, 1, 0, 1)
+
+
+class BrokenUploads(MemoryFileSystem):
+    protocol = "brokenmem"
+
+    def pipe_file(self, path, value, **kwargs):
+        if path.endswith("img2.png"):
+            raise PermissionError("access denied")
+        return super().pipe_file(path, value, **kwargs)
+
+
+def test_a_failed_image_write_leaves_the_shard_uncommitted(tmp_path):
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["img0", "img1", "img2", "img3"], "prompt": ["a"] * 4}), path)
+    out = Output("memory://broken-out")
+    out.fs = BrokenUploads()
+    with pytest.raises(storage.StorageError, match="shard-000000: 1 of 4 images could not be written; the shard is not committed"):
+        run_shards(out, path, job(path, shard_size=4))
+    assert out.done_shards() == set()
+    assert out.fs.exists("/broken-out/images/shard-000000/img3.png")
+    assert not out.fs.exists("/broken-out/metadata/shard-000000.parquet")
+
+
+def test_resume_scan_is_one_listing_and_ignores_temporary_files(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest)
+    out.prepare(spec)
+    run_shards(out, manifest, spec, only={"shard-000001"})
+    (tmp_path / "out" / "metadata" / ".shard-000002.parquet.tmp-123").write_bytes(b"partial")
+    (tmp_path / "out" / "metadata" / "notes.txt").write_text("x")
+    calls = []
+    original = out.fs.ls
+    out.fs.ls = lambda *a, **k: (calls.append(a), original(*a, **k))[-1]
+    assert out.done_shards() == {"shard-000001"}
+    assert len(calls) == 1
+    assert out.prepare(spec) == {"shard-000001"}
+
+
+def test_resume_on_memory_store(manifest):
+    out = Output("memory://resume-out")
+    spec = job(manifest)
+    out.prepare(spec, mode="overwrite")
+    run_shards(out, manifest, spec, only={"shard-000000", "shard-000002"})
+    assert Output("memory://resume-out").prepare(spec, mode="resume") == {"shard-000000", "shard-000002"}
+    assert not out.finish({"images": 5})
+    run_shards(out, manifest, spec, only={"shard-000001"})
+    assert out.finish({"images": 8})
+    assert out.success() == {"shards": 3, "images": 8}
+    status = out.status()
+    assert (status.shards, status.shards_done, status.rows_done, status.images_done, status.failures) == (3, 3, 7, 8, 0)
+    assert "_SUCCESS  yes" in status.format()
+    out.prepare(spec, mode="overwrite")
+    assert out.fs.find("/resume-out") == ["/resume-out/_sdbatch/job.json"]
+
+
+def test_job_json_has_identity_and_no_credentials(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    out.prepare(job(manifest))
+    text = (tmp_path / "out" / "_sdbatch" / "job.json").read_text()
+    assert "hunter2" not in text and "AKIA" not in text
+    saved = json.loads(text)
+    assert saved["identity"]["model_fingerprint"] == FINGERPRINT
+    assert saved["identity"]["defaults"]["steps"] == 4
+    assert saved["settings"]["storage_options"] == {"key": "***", "secret": "***"}
+    assert (saved["rows"], saved["shards"]) == (7, 3)
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"model_fingerprint": "0" * 16}, "model_fingerprint"),
+    ({"manifest_fingerprint": "0" * 32}, "manifest_fingerprint"),
+    ({"shard_size": 5}, "shard_size"),
+    ({"defaults": {"steps": 5, "width": 64, "height": 64}}, "defaults"),
+    ({"dtype": "fp16"}, "dtype"),
+])
+def test_a_different_job_is_refused_unless_overwriting(tmp_path, manifest, change, what):
+    if "defaults" in change:
+        change = {"defaults": Defaults(**change["defaults"])}
+    out = Output(str(tmp_path / "out"))
+    out.prepare(job(manifest))
+    run_shards(out, manifest, job(manifest), only={"shard-000000"})
+    with pytest.raises(OutputError, match=f"holds a different job \\({what}: .* there, .* now\\); use --overwrite"):
+        out.prepare(job(manifest, **change))
+    assert out.done_shards() == {"shard-000000"}
+    # same job but other settings (batch size, ...) continue it
+    assert out.prepare(job(manifest, settings={"batch_size": 64})) == {"shard-000000"}
+    assert out.prepare(job(manifest, **change), mode="overwrite") == set()
+    assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "metadata").exists()
+    assert json.loads((tmp_path / "out" / "_sdbatch" / "job.json").read_text())["identity"][what] != (
+        job(manifest).identity()[what])
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_an_sdbatch_dataset(tmp_path, manifest):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for mode in ("auto", "overwrite"):
+        with pytest.raises(OutputError, match="not empty and is not an sdbatch dataset"):
+            Output(str(precious)).prepare(job(manifest), mode=mode)
+    assert os.listdir(precious) == ["thesis.tex"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        Output(str(tmp_path / "afile")).prepare(job(manifest))
+    with pytest.raises(OutputError, match="nothing to resume"):
+        Output(str(tmp_path / "new")).prepare(job(manifest), mode="resume")
+    # an existing empty folder is fine
+    (tmp_path / "empty").mkdir()
+    assert Output(str(tmp_path / "empty")).prepare(job(manifest)) == set()
+
+
+def test_overwrite_keeps_files_sdbatch_did_not_write(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    out.prepare(job(manifest))
+    run_shards(out, manifest, job(manifest))
+    (tmp_path / "out" / "README.md").write_text("my notes")
+    out.prepare(job(manifest, dtype="bf16"), mode="overwrite")
+    assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "_sdbatch"]
+
+
+def test_status_of_something_that_is_not_a_dataset(tmp_path):
+    with pytest.raises(OutputError, match="not an sdbatch dataset"):
+        Output(str(tmp_path)).status()
+
+
+class SlowStore(MemoryFileSystem):
+    """Uploads take `delay` seconds; records how many images are in memory, waiting or uploading."""
+
+    protocol = "slowmem"
+    delay = 0.1
+
+    def pipe_file(self, path, value, **kwargs):
+        time.sleep(self.delay)
+        return super().pipe_file(path, value, **kwargs)
+
+
+def test_writer_applies_backpressure_with_a_slow_store():
+    out = Output("memory://slow-out")
+    out.fs = SlowStore()
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    def done(_):
+        with lock:
+            live[0] -= 1
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    submit_times = []
+    with ImageWriter(out, threads=2, max_pending=3) as writer:
+        start = time.monotonic()
+        for i in range(12):
+            future = writer.submit(f"images/s/{i}.png", image, {"i": i})
+            with lock:
+                live[0] += 1
+                peak[0] = max(peak[0], live[0])
+            future.add_done_callback(done)
+            submit_times.append(time.monotonic() - start)
+    total = time.monotonic() - start
+    assert peak[0] <= 3 + 1  # the bound, plus one whose slot is freed just before its callback ran
+    assert submit_times[2] < SlowStore.delay  # the first ones queue without waiting: denoising goes on
+    assert submit_times[-1] > 3 * SlowStore.delay  # later ones wait for uploads: no unbounded queue
+    assert total >= 12 / 2 * SlowStore.delay * 0.9
+    assert len(out.fs.find("/slow-out/images/s")) == 12
+
+
+def test_commit_requires_an_outcome_for_every_image(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest)
+    out.prepare(spec)
+    with open_manifest(manifest) as m, ImageWriter(out) as writer:
+        rows = read_shard(m, next(shards(m.num_rows, spec.shard_size)), spec.defaults)
+        w = ShardWriter(out, writer, rows, model=MODEL, model_fingerprint=FINGERPRINT)
+        for item in rows.items[:-1]:
+            w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.1)
+        with pytest.raises(ValueError, match=r"shard-000000: cannot commit; no outcome for \['img2'\]"):
+            w.commit()
+        w.fail(rows.items[-1], "boom", 1)
+        w.add(rows.items[-1], pixels(rows.items[-1].seed), scheduler_config=SCHED_CONFIG, seconds=0.1)  # a retry succeeded
+        assert (w.commit().images, out.done_shards()) == (4, {"shard-000000"})
