@@ -4,17 +4,19 @@ Bad input (a manifest that breaks the schema, an unusable output folder, storage
 us) exits with code 2 and the message on stderr, without a traceback; a traceback means a bug.
 """
 import functools
+import os
 from typing import Annotated
 
 import typer
 
 from jobs import manifest as manifests
-from jobs import sink, storage
+from jobs import devices, sink, storage
 from jobs.manifest import Defaults
+from sdcore.errors import NonFiniteOutputError, SdcoreError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Stable Diffusion 1.x batch generation on Ray.")
 
-USER_ERRORS = (manifests.ManifestError, storage.StorageError, sink.OutputError, PermissionError, FileNotFoundError)
+USER_ERRORS = (manifests.ManifestError, storage.StorageError, sink.OutputError, SdcoreError, PermissionError, FileNotFoundError)
 
 # Job-wide defaults, shared by every command that reads a manifest.
 SeedOption = Annotated[int, typer.Option("--seed", help="Job seed; a row without `seed` gets one derived from this and its id.")]
@@ -78,3 +80,57 @@ def status_command(
     """Show done and remaining shards and rows, failures, and whether the job finished."""
     status = sink.Output(output, storage.parse_storage_options(storage_option or [])).status()
     typer.echo(status.format())
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    model: Annotated[str, typer.Option("--model", help="A diffusers folder, a single .safetensors/.ckpt file, or builtin:tiny.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Where to write the PNG (path or fsspec URL).")] = "out.png",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initial noise and of every stochastic step.")] = Defaults.seed,
+    steps: StepsOption = Defaults.steps,
+    guidance_scale: GuidanceOption = Defaults.guidance_scale,
+    width: WidthOption = Defaults.width,
+    height: HeightOption = Defaults.height,
+    scheduler: SchedulerOption = Defaults.scheduler,
+    negative_prompt: NegativeOption = Defaults.negative_prompt,
+    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
+    storage_option: StorageOptions = None,
+) -> None:
+    """Generate one image; its PNG text chunk records every generation parameter."""
+    # Everything the user typed is checked before the (slow) model load.
+    params = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
+                      scheduler=scheduler, negative_prompt=negative_prompt)
+    try:
+        torch_device, torch_dtype = devices.resolve_device(device), devices.resolve_dtype(dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if not model.startswith("builtin:") and not os.path.exists(model):
+        raise FileNotFoundError(f"--model {model}: no such file or directory")
+    fs, path = storage.resolve(output, storage.parse_storage_options(storage_option or []))
+
+    from sdcore import load_pipeline
+
+    pipe = load_pipeline(model, device=torch_device, dtype=torch_dtype)
+
+    def show_step(step: int, total: int) -> None:
+        typer.echo(f"\rstep {step}/{total}", err=True, nl=step == total)
+
+    sched_config = pipe.make_scheduler(params.scheduler).config
+    try:
+        image = pipe.generate([prompt], seeds=[seed], negative_prompts=[negative_prompt], steps=steps,
+                              guidance_scale=guidance_scale, height=height, width=width, scheduler=params.scheduler,
+                              output="np", progress=show_step)[0]
+    except NonFiniteOutputError as e:
+        typer.echo(f"sdbatch: error: {e}; try --dtype fp32", err=True)
+        raise typer.Exit(1) from None
+    record = {
+        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
+        "guidance_scale": guidance_scale, "width": width, "height": height, "scheduler": params.scheduler,
+        "scheduler_config": sched_config, "model": pipe.source, "model_fingerprint": pipe.fingerprint,
+        "sdbatch_version": sink.SDBATCH_VERSION,
+    }
+    storage.write_atomic(fs, path, sink.encode_png(image, record))
+    typer.echo(f"wrote {output}")

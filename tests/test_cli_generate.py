@@ -1,0 +1,60 @@
+"""`sdbatch generate`: one PNG with its parameters, and bad arguments refused before any model load."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdcore
+from jobs import sink
+
+SDBATCH = str(Path(sys.executable).parent / "sdbatch")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SDBATCH, "generate", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
+    out = tmp_path / "fox.png"
+    result = run("a red fox in snow", "--model", "builtin:tiny", "--seed", "7", "--steps", "3", "--scheduler", "dpmpp_2m",
+                 "--guidance-scale", "5", "--width", "64", "--height", "72", "--negative-prompt", "blurry", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "step 3/3" in result.stderr
+    params = sink.read_png_params(out.read_bytes())
+    assert params | {"scheduler_config": None} == {
+        "prompt": "a red fox in snow", "negative_prompt": "blurry", "seed": 7, "steps": 3, "guidance_scale": 5.0,
+        "width": 64, "height": 72, "scheduler": "dpmpp_2m", "scheduler_config": None, "model": "builtin:tiny",
+        "model_fingerprint": "builtin:tiny/v1", "sdbatch_version": sink.SDBATCH_VERSION,
+    }
+    assert params["scheduler_config"]["name"] == "dpmpp_2m" and params["scheduler_config"]["beta_schedule"] == "scaled_linear"
+    expected = sdcore.load_pipeline("builtin:tiny").generate(
+        ["a red fox in snow"], seeds=[7], negative_prompts=["blurry"], steps=3, guidance_scale=5, height=72, width=64,
+        scheduler="dpmpp_2m", output="np")[0]
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--width", "65"], "--width 65 must be a multiple of 8"),
+    (["--steps", "0"], "--steps 0 is out of range 1..1000"),
+    (["--scheduler", "heun"], "--scheduler 'heun' is not one of ddpm, ddim"),
+    (["--model", "/no/such/model"], "--model /no/such/model: no such file or directory"),
+    (["--dtype", "fp8"], "--dtype must be one of fp32, fp16, bf16"),
+])
+def test_bad_arguments_exit_2_before_loading(tmp_path, args, message):
+    out = tmp_path / "x.png"
+    result = run("a fox", "--model", "builtin:tiny", "-o", str(out), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "step 1/" not in result.stderr
+    assert not out.exists()
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    result = run("a fox", "--model", str(folder), "-o", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert "sdbatch: error:" in result.stderr and "Traceback" not in result.stderr
