@@ -12,6 +12,8 @@ import typer
 from jobs import manifest as manifests
 from jobs import devices, sink, storage
 from jobs.manifest import Defaults
+from jobs.manifest_build import manifest_app
+from jobs.preview import preview_command
 from sdcore.errors import NonFiniteOutputError, SdcoreError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Stable Diffusion 1.x batch generation on Ray.")
@@ -134,3 +136,7 @@ def generate_command(
     }
     storage.write_atomic(fs, path, sink.encode_png(image, record))
     typer.echo(f"wrote {output}")
+
+
+app.add_typer(manifest_app, name="manifest")
+app.command("preview")(preview_command)
