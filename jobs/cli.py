@@ -140,3 +140,47 @@ def generate_command(
 
 app.add_typer(manifest_app, name="manifest")
 app.command("preview")(preview_command)
+
+
+@app.command("run")
+@user_errors
+def run_command(
+    manifest: Annotated[str, typer.Argument(help="Parquet manifest: a path or fsspec URL.")],
+    model: Annotated[str, typer.Option("--model", help="A diffusers folder, a single .safetensors/.ckpt file, or builtin:tiny.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Output dataset folder: a path or fsspec URL.")],
+    actors: Annotated[int | None, typer.Option("--actors", help="Actors (default: one per GPU, or 1 without GPUs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (same size, steps, scheduler, guidance).")] = 4,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Manifest rows per shard, the unit of work, commit and resume.")] = 200,
+    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu (resolved on each actor).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else start a local one).")] = None,
+    seed: SeedOption = Defaults.seed,
+    steps: StepsOption = Defaults.steps,
+    scheduler: SchedulerOption = Defaults.scheduler,
+    guidance_scale: GuidanceOption = Defaults.guidance_scale,
+    width: WidthOption = Defaults.width,
+    height: HeightOption = Defaults.height,
+    negative_prompt: NegativeOption = Defaults.negative_prompt,
+    storage_option: StorageOptions = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT; refuse if there is none.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier sdbatch dataset in OUTPUT.")] = False,
+) -> None:
+    """Generate every image of a manifest into a dataset, on Ray actors; a re-run continues an interrupted job."""
+    from jobs import driver  # imports Ray: only this command pays for it
+
+    defaults = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
+                        scheduler=scheduler, negative_prompt=negative_prompt)
+    opts = driver.RunOptions(
+        manifest=manifest, model=model, output=output, defaults=defaults, actors=actors, batch_size=batch_size,
+        shard_size=shard_size, device=device, dtype=dtype, ray_address=ray_address,
+        storage_options=storage.parse_storage_options(storage_option or []),
+        mode="resume" if resume else "overwrite" if overwrite else "auto",
+    )
+    try:
+        if resume and overwrite:
+            raise driver.RunError("--resume and --overwrite exclude each other", 2)
+        result = driver.run(opts)
+    except driver.RunError as e:
+        typer.echo(f"sdbatch: error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    typer.echo(driver.format_summary(result))

@@ -17,6 +17,7 @@ A folder holds one job: `Output.prepare` refuses to mix a different model, manif
 size, dtype or defaults into it, and deletes an old dataset (only one it recognises by
 `_sdbatch/job.json`) only when asked to overwrite.
 """
+import contextlib
 import datetime
 import hashlib
 import importlib.metadata
@@ -141,7 +142,7 @@ class JobSpec:
     manifest: str
     manifest_fingerprint: str
     model: str
-    model_fingerprint: str
+    model_fingerprint: str | None  # None only while checking OUT before the model is loaded
     rows: int
     images: int
     shard_size: int
@@ -257,6 +258,30 @@ class Output:
         except FileNotFoundError:
             return None
 
+    def check(self, job: JobSpec, *, mode: str = "auto") -> dict | None:
+        """What `prepare` would decide, without writing anything: the job already here (None for a
+        new dataset), or OutputError if `job` may not go here.
+
+        Identity values that are None are not compared: the driver checks OUT before any actor has
+        loaded the model, i.e. before the model's fingerprint is known.
+        """
+        if mode not in ("auto", "resume", "overwrite"):
+            raise ValueError(f"mode must be auto, resume or overwrite, got {mode!r}")
+        with self._errors():
+            existing = self.read_job()
+            if existing is None and mode == "resume":
+                raise OutputError(f"{self.name}: nothing to resume (no {JOB_FILE})")
+            if existing is None:
+                self._require_empty()
+            elif mode != "overwrite":
+                there, now = existing.get("identity", {}), job.identity()
+                differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
+                if differs:
+                    detail = "; ".join(f"{k}: {_brief(there.get(k))} there, {_brief(now.get(k))} now" for k in differs)
+                    raise OutputError(f"{self.name} holds a different job ({detail}); "
+                                      "use --overwrite to replace it, or choose another output")
+            return existing
+
     def prepare(self, job: JobSpec, *, mode: str = "auto") -> set[str]:
         """Make OUT ready for `job`; returns the shards already done.
 
@@ -264,27 +289,19 @@ class Output:
         resume: continue the same job; refuse if there is none.
         overwrite: delete an earlier sdbatch dataset here (never anything else), start anew.
         """
-        if mode not in ("auto", "resume", "overwrite"):
-            raise ValueError(f"mode must be auto, resume or overwrite, got {mode!r}")
-        try:
-            existing = self.read_job()
-            if existing is None and mode == "resume":
-                raise OutputError(f"{self.name}: nothing to resume (no {JOB_FILE})")
+        existing = self.check(job, mode=mode)
+        with self._errors():
             if existing is None or mode == "overwrite":
-                if existing is None:
-                    self._require_empty()
-                else:
+                if existing is not None:
                     self._delete_dataset()
                 self.write(JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
                 return set()
-            differs = [k for k in sorted({*existing.get("identity", {}), *job.identity()})
-                       if existing.get("identity", {}).get(k) != job.identity().get(k)]
-            if differs:
-                detail = "; ".join(f"{k}: {_brief(existing.get('identity', {}).get(k))} there, "
-                                   f"{_brief(job.identity().get(k))} now" for k in differs)
-                raise OutputError(f"{self.name} holds a different job ({detail}); "
-                                  "use --overwrite to replace it, or choose another output")
             return self.done_shards()
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
         except PermissionError as e:
             raise OutputError(f"{self.name}: permission denied ({e})") from None
         except FileNotFoundError as e:

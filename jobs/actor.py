@@ -1,0 +1,191 @@
+"""The worker side of `sdbatch run`: one pipeline, loaded once, turning shards into committed output.
+
+`ShardRunner` is the whole of it, in plain Python (tests drive it without Ray); `ShardActor` is
+the Ray actor around it, one per GPU (or per CPU core). For each shard the driver hands over,
+the runner reads the shard's rows from the manifest itself (the driver never holds prompts or
+images), batches images of equal (size, steps, scheduler, guidance), generates, and passes each
+image to the `ImageWriter`, whose threads encode and store PNGs while the next batch denoises.
+Then it commits the shard (metadata written last; see jobs.sink).
+
+Failures are per image, never per shard:
+- a row whose image comes out NaN/inf is recorded as a failure at once (the same seed would fail
+  the same way again);
+- any other error in a batch runs the batch again one row at a time, so only the rows that fail
+  alone are recorded as failures (an out-of-memory batch thus still finishes, row by row);
+- if every image of a shard failed with an error, the fault is more likely the actor (a broken
+  device, say) than the rows: the shard raises, and the driver retries it on a fresh actor.
+"""
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import ray
+import torch
+
+from jobs import devices, storage
+from jobs.manifest import Defaults, open_manifest
+from jobs.plan import Shard, WorkItem, batches, read_shard
+from jobs.sink import ImageWriter, Output, ShardWriter
+from sdcore import load_pipeline
+from sdcore.errors import NonFiniteOutputError
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """Everything an actor needs, small enough to send to every node."""
+
+    manifest: str
+    output: str
+    model: str
+    defaults: Defaults
+    device: str = "auto"  # resolved on the actor's node
+    dtype: str = "fp32"
+    batch_size: int = 4
+    storage_options: dict = field(default_factory=dict)
+    cpu_threads: int | None = None  # torch threads on the CPU (None: leave the process setting)
+    writer_threads: int = 4
+    writer_queue: int = 16  # images waiting for the writer before generation blocks
+
+
+class ShardFailed(Exception):
+    """Every image of a shard failed with an error: probably the actor, not the rows."""
+
+
+class ShardRunner:
+    def __init__(self, config: ActorConfig):
+        self.config = config
+        self.pipe = load_pipeline(config.model, device=devices.resolve_device(config.device),
+                                  dtype=devices.resolve_dtype(config.dtype))
+        self.manifest = open_manifest(config.manifest, config.storage_options)
+        self.out = Output(config.output, config.storage_options)
+        self.writer = ImageWriter(self.out, threads=config.writer_threads, max_pending=config.writer_queue)
+        self._scheduler_configs: dict[str, dict] = {}
+        self._shard, self._images_done = "", 0  # read by `progress` from another thread
+
+    def info(self) -> dict:
+        return {
+            "model": self.pipe.source, "fingerprint": self.pipe.fingerprint, "device": str(self.pipe.device),
+            "dtype": str(self.pipe.dtype).removeprefix("torch."), "node": ray_node(), "pid": os.getpid(),
+        }
+
+    def progress(self) -> tuple[str, int]:
+        """(current shard, images of it with an outcome so far)."""
+        return self._shard, self._images_done
+
+    def run_shard(self, shard: Shard) -> dict:
+        start = time.perf_counter()
+        self._shard, self._images_done = shard.id, 0
+        if self.pipe.device.type == "cpu" and self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)  # here: Ray runs each call on one of its threads
+        rows = storage.DEFAULT_RETRY.call(f"reading the rows of {shard.id}", read_shard, self.manifest, shard,
+                                          self.config.defaults)
+        shard_writer = ShardWriter(self.out, self.writer, rows, model=self.pipe.source,
+                                   model_fingerprint=self.pipe.fingerprint)
+        generating, errors = 0.0, []
+        for batch in batches(rows.items, self.config.batch_size):
+            t = time.perf_counter()
+            errors += self._run_batch(shard_writer, batch)
+            generating += time.perf_counter() - t
+        if rows.items and len(errors) == len(rows.items):
+            raise ShardFailed(f"{shard.id}: all {len(errors)} images failed; the first error: {errors[0]}")
+        result = shard_writer.commit()
+        return {"shard": shard.id, "images": result.images, "failures": result.failures,
+                "generating_seconds": generating, "seconds": time.perf_counter() - start}
+
+    def _run_batch(self, shard_writer: ShardWriter, batch: list[WorkItem]) -> list[str]:
+        """Generate one batch and record every image's outcome; returns the errors (not NaNs) recorded."""
+        start = time.perf_counter()
+        try:
+            images = self._generate(batch)
+        except NonFiniteOutputError as e:
+            images = e.images
+        except Exception as e:
+            if self.pipe.device.type == "cuda":
+                torch.cuda.empty_cache()  # an out-of-memory batch leaves its blocks cached
+            return self._run_alone(shard_writer, batch, _describe(e))
+        self._record(shard_writer, batch, images, (time.perf_counter() - start) / len(batch), attempts=1)
+        return []
+
+    def _run_alone(self, shard_writer: ShardWriter, batch: list[WorkItem], batch_error: str) -> list[str]:
+        """After a batch failed: each of its rows once more on its own, to find the rows at fault."""
+        errors = []
+        for item in batch:
+            start = time.perf_counter()
+            try:
+                images = self._generate([item])
+            except NonFiniteOutputError:
+                images = [None]
+            except Exception as e:
+                error = _describe(e)
+                shard_writer.fail(item, error if len(batch) == 1 else f"{error} (its batch failed with: {batch_error})",
+                                  attempts=2)
+                self._images_done += 1
+                errors.append(error)
+                continue
+            self._record(shard_writer, [item], images, time.perf_counter() - start, attempts=2)
+        return errors
+
+    def _record(self, shard_writer: ShardWriter, items: list[WorkItem], images: list, seconds: float, attempts: int):
+        for item, image in zip(items, images):
+            if image is None:  # NaN/inf: the same seed would fail the same way, so no retry
+                shard_writer.fail(item, f"NonFiniteOutputError: the image came out NaN/inf (dtype {self.config.dtype}; "
+                                        "fp32 or a smaller guidance_scale may help)", attempts=attempts)
+            else:
+                shard_writer.add(item, image, scheduler_config=self._scheduler_config(item.scheduler), seconds=seconds)
+            self._images_done += 1
+
+    def _generate(self, batch: list[WorkItem]) -> list:
+        first = batch[0]  # a batch shares everything but prompts and seeds (see plan.WorkItem.batch_key)
+        return self.pipe.generate(
+            [i.prompt for i in batch], seeds=[i.seed for i in batch], negative_prompts=[i.negative_prompt for i in batch],
+            steps=first.steps, guidance_scale=first.guidance_scale, height=first.height, width=first.width,
+            scheduler=first.scheduler, output="np",
+        )
+
+    def _scheduler_config(self, name: str) -> dict:
+        if name not in self._scheduler_configs:
+            self._scheduler_configs[name] = self.pipe.make_scheduler(name).config
+        return self._scheduler_configs[name]
+
+    def close(self) -> None:
+        self.writer.close()
+        self.manifest.close()
+
+
+def _describe(error: BaseException) -> str:
+    """`Type: message` plus where it was raised — enough to act on from failures/ alone."""
+    frame = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
+    where = f" (at {os.path.basename(frame[0].filename)}:{frame[0].lineno})" if frame else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def ray_node() -> str:
+    if not ray.is_initialized():  # a runner outside Ray (asking Ray would start it)
+        return "local"
+    return ray.get_runtime_context().get_node_id()[:8]
+
+
+@ray.remote(max_concurrency=2)  # two threads: `progress` answers while `run_shard` works
+class ShardActor:
+    """A ShardRunner in a Ray actor. `start` loads the model (errors come back as themselves,
+    which a failing constructor's would not); the driver never runs two shards on one actor at once."""
+
+    def __init__(self, config: ActorConfig):
+        self.config = config
+        self.runner: ShardRunner | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> dict:
+        with self._lock:
+            if self.runner is None:
+                self.runner = ShardRunner(self.config)
+            return self.runner.info()
+
+    def run_shard(self, shard: Shard) -> dict:
+        with self._lock:
+            return self.runner.run_shard(shard)
+
+    def progress(self) -> tuple[str, int]:
+        return ("", 0) if self.runner is None else self.runner.progress()

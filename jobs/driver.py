@@ -1,0 +1,592 @@
+"""`sdbatch run`: check everything, start or join Ray, hand shards to actors, finish the dataset.
+
+1. Check, with nothing written and no Ray: options, job defaults, every manifest row, the model
+   source, and OUT (empty, or the same job). Bad input stops here (exit code 2).
+2. Ray: start a local cluster, or join one (`--ray-address`, or RAY_ADDRESS as set inside
+   `ray job submit`).
+3. Actors: one per GPU (`num_gpus=1`); without GPUs, CPU actors of one core each. Each loads
+   the model and reports its fingerprint. The first report completes the job's identity, and
+   OUT is prepared: `_sdbatch/job.json` written, or, on a re-run, the done shards listed.
+4. Dispatch: the next shard goes to whichever actor is free (`ray.wait`), so a slow GPU only
+   slows itself. A shard whose actor dies (or raises) is retried on a fresh actor up to
+   SHARD_ATTEMPTS times, then its rows go to failures/; dead actors are replaced up to a budget.
+   A storage failure stops the job: retrying elsewhere would fail the same way.
+5. Finish: `_SUCCESS` with the summary, once every shard is done.
+
+The driver holds shard numbers and counters, never prompts or images: actors read their rows
+from the manifest and write their outputs themselves.
+"""
+import datetime
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import ray
+import torch
+
+from jobs import devices, storage
+from jobs.actor import ActorConfig, ShardActor
+from jobs.manifest import Defaults, open_manifest, validate
+from jobs.plan import Shard, read_shard, shards
+from jobs.sink import ImageWriter, JobSpec, Output, ShardWriter
+from sdcore.errors import SdcoreError
+
+MODES = ("auto", "resume", "overwrite")
+SHARD_ATTEMPTS = 3  # tries of one shard before its rows are recorded as failures
+START_TIMEOUT = 600.0  # seconds without any working actor (loading, waiting for a GPU node) before giving up
+TICK = 0.5  # seconds between progress updates
+GET_TIMEOUT = 60.0  # for ray.get of results that ray.wait already reported ready
+
+
+class RunError(Exception):
+    """The job cannot run or cannot finish. exit_code 2: the input is at fault; 1: something else."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RunOptions:
+    manifest: str
+    model: str
+    output: str
+    defaults: Defaults = field(default_factory=Defaults)
+    actors: int | None = None  # default: one per GPU, or 1 without GPUs
+    batch_size: int = 4
+    shard_size: int = 200
+    device: str = "auto"
+    dtype: str = "fp32"
+    ray_address: str | None = None
+    storage_options: dict = field(default_factory=dict)
+    mode: str = "auto"  # see sink.Output.prepare
+
+
+@dataclass
+class ActorStats:
+    """One actor slot over the job (a replacement continues its slot)."""
+
+    slot: int
+    device: str = "?"
+    node: str = "?"
+    images: int = 0
+    failures: int = 0
+    shards: int = 0
+    busy_seconds: float = 0.0
+    restarts: int = 0
+
+    def as_dict(self) -> dict:
+        rate = self.images / self.busy_seconds if self.busy_seconds else 0.0
+        return {"actor": self.slot, "device": self.device, "node": self.node, "images": self.images,
+                "failures": self.failures, "shards": self.shards, "busy_seconds": round(self.busy_seconds, 3),
+                "images_per_second": round(rate, 3), "restarts": self.restarts}
+
+
+@dataclass
+class RunResult:
+    output: str
+    images: int  # in the whole dataset
+    failures: int
+    run_images: int  # made by this run
+    run_failures: int
+    shards_run: int
+    shards_skipped: int  # done before this run
+    wall_seconds: float
+    actors: list[ActorStats]
+    actor_restarts: int
+
+
+# --- 1. checks before anything happens -----------------------------------------------------------
+
+def check_options(opts: RunOptions) -> None:
+    problems = []
+    for name, value in (("--actors", opts.actors), ("--batch-size", opts.batch_size), ("--shard-size", opts.shard_size)):
+        if value is not None and value < 1:
+            problems.append(f"{name} must be at least 1, got {value}")
+    if opts.device not in devices.DEVICES:
+        problems.append(f"--device must be one of {', '.join(devices.DEVICES)}, got {opts.device!r}")
+    if opts.dtype not in devices.DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(devices.DTYPES)}, got {opts.dtype!r}")
+    if opts.mode not in MODES:
+        problems.append(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
+    if (problem := check_model(opts.model)) is not None:
+        problems.append(problem)
+    if opts.device == "cuda" and not joins_cluster(opts) and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is visible here, and the local Ray cluster would have none; "
+                        "use --device auto or cpu, or --ray-address of a cluster with GPUs")
+    if problems:
+        raise RunError("; ".join(problems), 2)
+
+
+def check_model(model: str) -> str | None:
+    """Why `model` cannot be a model source, judged without loading it (that happens on the actors)."""
+    from sdcore import builtin, weights
+
+    if model.startswith("builtin:"):
+        return None if model == builtin.NAME else f"--model {model}: unknown built-in model; the only one is {builtin.NAME}"
+    path = Path(model)
+    if not path.exists():
+        return f"--model {model}: no such file or directory"
+    if path.is_dir():
+        missing = [f"{c}/" for c in weights.COMPONENTS if not (path / c).is_dir()]
+        if missing:
+            return f"--model {model}: not a diffusers model folder (no {', '.join(missing)})"
+    elif path.suffix not in weights.SINGLE_FILE_SUFFIXES:
+        return f"--model {model}: expected a diffusers folder or a {' / '.join(weights.SINGLE_FILE_SUFFIXES)} file"
+    return None
+
+
+def joins_cluster(opts: RunOptions) -> bool:
+    return bool(opts.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
+    """Validate the whole manifest and check OUT, writing nothing. The model's fingerprint stays
+    None until an actor has loaded the model."""
+    check_options(opts)
+    with open_manifest(opts.manifest, opts.storage_options) as m:
+        summary = validate(m, opts.defaults)
+    out = Output(opts.output, opts.storage_options)
+    job = JobSpec(
+        manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
+        rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults, dtype=opts.dtype,
+        settings={"batch_size": opts.batch_size, "actors": opts.actors, "device": opts.device,
+                  "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options},
+    )
+    out.check(job, mode=opts.mode)
+    return job, out
+
+
+# --- 2. Ray and the actors' resources -------------------------------------------------------------
+
+def connect_ray(opts: RunOptions) -> bool:
+    """Start or join Ray; True if this call started it (and so must shut it down)."""
+    if ray.is_initialized():  # an embedding program (or a test) already did
+        return False
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if joins_cluster(opts):
+        ray.init(address=opts.ray_address, **quiet)
+    else:
+        # A CPU actor takes one core; make room for as many as were asked for.
+        cpus = max(os.cpu_count() or 1, opts.actors or 1)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    return True
+
+
+@dataclass
+class ActorPlan:
+    count: int
+    resources: dict  # ray .options(): num_gpus / num_cpus
+    device: str  # what the actors resolve
+    cpu_threads: int | None
+    note: str | None = None  # a warning worth printing
+
+
+def plan_actors(opts: RunOptions, cluster: dict) -> ActorPlan:
+    gpus = int(cluster.get("GPU", 0))
+    if opts.device == "cuda" or (opts.device == "auto" and gpus > 0):
+        count = opts.actors or max(gpus, 1)
+        note = None
+        if gpus and count > gpus:
+            note = f"--actors {count}, but the cluster has {gpus} GPU(s) now: the others wait for a GPU"
+        elif not gpus:
+            note = "the cluster has no GPU yet: the actors wait for one (an autoscaler may add GPU nodes)"
+        return ActorPlan(count, {"num_gpus": 1, "num_cpus": 1}, opts.device, None, note)
+    # One core and one torch thread per CPU actor, whatever the machine: the number of threads
+    # changes the low bits of CPU results, and images must not depend on how many actors ran.
+    count = opts.actors or 1
+    cpus = int(cluster.get("CPU", 1))
+    note = f"--actors {count}, but the cluster has {cpus} CPU(s): the others wait" if count > cpus else None
+    return ActorPlan(count, {"num_cpus": 1}, "cpu", 1, note)
+
+
+# --- 3-5. the run ---------------------------------------------------------------------------------
+
+@dataclass
+class _Slot:
+    stats: ActorStats
+    handle: object = None
+    ready: object = None  # ObjectRef of start() while the actor loads
+    task: object = None  # ObjectRef of run_shard()
+    shard: Shard | None = None
+    progress_ref: object = None
+    partial: int = 0  # images of the current shard so far
+
+    @property
+    def alive(self) -> bool:
+        return self.handle is not None
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, printed every `every` seconds elsewhere
+    (logs of `ray job logs`, CI)."""
+
+    def __init__(self, stream: TextIO, total: int, done_before: int, *, every: float = 10.0):
+        self.stream, self.total, self.done_before = stream, total, done_before
+        self.interactive = stream.isatty()
+        self.every = every
+        self.start = time.monotonic()
+        self._last_print = 0.0
+        self._shown = ""
+
+    def line(self, done: int, failed: int, actors: int) -> str:
+        elapsed = time.monotonic() - self.start
+        made = done - self.done_before
+        rate = made / elapsed if elapsed > 0 else 0.0
+        remaining = self.total - done
+        eta = _duration(remaining / rate) if rate > 0 else "?"
+        pct = 100.0 * done / self.total if self.total else 100.0
+        return (f"images {done:,}/{self.total:,} ({pct:.0f}%) | {rate:.2f} images/s | ETA {eta} | "
+                f"failed {failed:,} | actors {actors}")
+
+    def show(self, done: int, failed: int, actors: int, *, force: bool = False) -> None:
+        text = self.line(done, failed, actors)
+        now = time.monotonic()
+        if self.interactive:
+            if text != self._shown:
+                self.stream.write("\r" + text.ljust(len(self._shown)))
+                self.stream.flush()
+                self._shown = text
+        elif force or now - self._last_print >= self.every:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._last_print = now
+
+    def message(self, text: str) -> None:
+        if self.interactive and self._shown:
+            self.stream.write("\r" + " " * len(self._shown) + "\r")
+            self._shown = ""
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.interactive and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class _Run:
+    def __init__(self, opts: RunOptions, job: JobSpec, out: Output, plan: ActorPlan, stream: TextIO,
+                 on_dispatch: Callable | None):
+        self.opts, self.job, self.out, self.plan = opts, job, out, plan
+        self.stream, self.on_dispatch = stream, on_dispatch
+        self.config = ActorConfig(
+            manifest=opts.manifest, output=opts.output, model=opts.model, defaults=opts.defaults, device=plan.device,
+            dtype=opts.dtype, batch_size=opts.batch_size, storage_options=opts.storage_options,
+            cpu_threads=plan.cpu_threads,
+        )
+        job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
+        self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
+        self.restarts_left = 2 * plan.count + 1
+        self.retry_queue: deque[Shard] = deque()
+        self.todo: Iterator[Shard] | None = None  # set once OUT is prepared
+        self.exhausted = False
+        self.attempts: Counter[str] = Counter()
+        self.done_before = self.failed_before = 0
+        self.images = self.failures = self.shards_run = self.shards_skipped = 0
+        self.progress: Progress | None = None
+        self.last_working = time.monotonic()  # for START_TIMEOUT
+        self._driver_writer: ImageWriter | None = None
+
+    # actors
+
+    def start_actor(self, slot: _Slot) -> None:
+        # SPREAD: CPU actors use every node rather than packing the first (GPU actors spread anyway).
+        slot.handle = ShardActor.options(**self.plan.resources, scheduling_strategy="SPREAD").remote(self.config)
+        slot.ready = slot.handle.start.remote()
+
+    def lose_actor(self, slot: _Slot, why: str) -> None:
+        """The actor died or misbehaved: kill it and start a replacement while the budget lasts."""
+        try:
+            ray.kill(slot.handle)
+        except Exception:
+            pass
+        slot.handle = slot.ready = slot.task = slot.shard = slot.progress_ref = None
+        slot.partial = 0
+        if self.restarts_left > 0:
+            self.restarts_left -= 1
+            slot.stats.restarts += 1
+            self.say(f"actor {slot.stats.slot}: {why}; starting a replacement")
+            self.start_actor(slot)
+        else:
+            self.say(f"actor {slot.stats.slot}: {why}; no replacement (too many actors lost already)")
+
+    def on_started(self, slot: _Slot) -> None:
+        ref, slot.ready = slot.ready, None
+        try:
+            info = ray.get(ref, timeout=GET_TIMEOUT)
+        except ray.exceptions.RayTaskError as e:  # the model (or the manifest, or OUT) failed to load there
+            cause = e.cause
+            user = isinstance(cause, (SdcoreError, ValueError, storage.StorageError, PermissionError, FileNotFoundError))
+            raise RunError(f"an actor could not start: {type(cause).__name__}: {cause}", 2 if user else 1) from None
+        except ray.exceptions.RayError as e:
+            self.lose_actor(slot, f"died while loading the model ({_first_line(e)})")
+            return
+        slot.stats.device, slot.stats.node = info["device"], info["node"]
+        if self.job.model_fingerprint is None:
+            self.job.model_fingerprint = info["fingerprint"]
+            self.prepare_output()
+        elif info["fingerprint"] != self.job.model_fingerprint:
+            raise RunError(f"actor {slot.stats.slot} on node {info['node']} loaded a different model "
+                           f"({info['fingerprint']}, not {self.job.model_fingerprint}): is {self.opts.model} "
+                           "the same on every node?", 2)
+        self.last_working = time.monotonic()
+
+    # shards
+
+    def prepare_output(self) -> None:
+        done = self.out.prepare(self.job, mode=self.opts.mode)
+        self.shards_skipped = len(done)
+        if done:
+            status = self.out.status()
+            self.done_before, self.failed_before = status.images_done + status.failures, status.failures
+            self.say(f"resuming: {len(done):,} of {self.job.shards:,} shards already done")
+        self.todo = shards(self.job.rows, self.job.shard_size, skip=done)
+        self.progress = Progress(self.stream, self.job.images, self.done_before)
+
+    def next_shard(self) -> Shard | None:
+        if self.retry_queue:
+            return self.retry_queue.popleft()
+        shard = next(self.todo, None)
+        self.exhausted = shard is None
+        return shard
+
+    def dispatch(self) -> None:
+        for slot in self.slots:
+            if slot.alive and slot.ready is None and slot.task is None:
+                shard = self.next_shard()
+                if shard is None:
+                    return
+                slot.shard, slot.partial = shard, 0
+                slot.task = slot.handle.run_shard.remote(shard)
+                if self.on_dispatch is not None:
+                    self.on_dispatch(slot.handle, shard)
+
+    def on_shard_done(self, slot: _Slot) -> None:
+        ref, shard = slot.task, slot.shard
+        slot.task = slot.shard = slot.progress_ref = None
+        slot.partial = 0
+        try:
+            result = ray.get(ref, timeout=GET_TIMEOUT)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause
+            if isinstance(cause, storage.StorageError):
+                raise RunError(f"{shard.id}: {cause}. The job stopped; no shard is half-committed: "
+                               "re-run the same command to continue.") from None
+            # Whatever went wrong may have broken the actor (a CUDA error poisons its device): use a fresh one.
+            self.shard_failed(shard, f"{type(cause).__name__}: {cause}")
+            self.lose_actor(slot, f"{shard.id} failed ({type(cause).__name__})")
+            return
+        except ray.exceptions.RayError as e:
+            self.shard_failed(shard, f"the actor died ({_first_line(e)})")
+            self.lose_actor(slot, f"died during {shard.id}")
+            return
+        self.last_working = time.monotonic()
+        self.images += result["images"]
+        self.failures += result["failures"]
+        self.shards_run += 1
+        slot.stats.images += result["images"]
+        slot.stats.failures += result["failures"]
+        slot.stats.shards += 1
+        slot.stats.busy_seconds += result["generating_seconds"]
+
+    def shard_failed(self, shard: Shard, error: str) -> None:
+        """Queue the shard again (first in line), or give up on it after SHARD_ATTEMPTS."""
+        self.attempts[shard.id] += 1
+        if self.attempts[shard.id] < SHARD_ATTEMPTS:
+            self.retry_queue.appendleft(shard)
+        else:
+            self.give_up(shard, error)
+
+    def give_up(self, shard: Shard, error: str) -> None:
+        """Commit the shard with every image recorded as a failure (here: no actor is needed for that)."""
+        self.say(f"{shard.id}: gave up after {SHARD_ATTEMPTS} attempts; its rows go to failures/ ({error})")
+        with open_manifest(self.opts.manifest, self.opts.storage_options) as m:
+            rows = read_shard(m, shard, self.opts.defaults)
+        if self._driver_writer is None:
+            self._driver_writer = ImageWriter(self.out, threads=1)
+        writer = ShardWriter(self.out, self._driver_writer, rows, model=self.opts.model,
+                             model_fingerprint=self.job.model_fingerprint)
+        for item in rows.items:
+            writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard; the last: {error}",
+                        attempts=SHARD_ATTEMPTS)
+        result = writer.commit()
+        self.failures += result.failures
+        self.shards_run += 1
+
+    # the loop
+
+    def poll_progress(self) -> None:
+        for slot in self.slots:
+            if slot.task is None:
+                continue
+            if slot.progress_ref is not None:
+                ready, _ = ray.wait([slot.progress_ref], timeout=0)
+                if not ready:
+                    continue
+                try:
+                    shard_id, count = ray.get(slot.progress_ref, timeout=GET_TIMEOUT)
+                    if shard_id == slot.shard.id:
+                        slot.partial = count
+                except ray.exceptions.RayError:
+                    pass  # a dead actor shows up through its task
+            slot.progress_ref = slot.handle.progress.remote()
+
+    def done_count(self) -> int:
+        return self.done_before + self.images + self.failures + sum(s.partial for s in self.slots)
+
+    def show(self, force: bool = False) -> None:
+        if self.progress is not None:
+            self.progress.show(self.done_count(), self.failed_before + self.failures,
+                               sum(s.alive and s.ready is None for s in self.slots), force=force)
+
+    def say(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.message(text)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def loop(self) -> None:
+        for slot in self.slots:
+            self.start_actor(slot)
+        while True:
+            if self.todo is not None:
+                self.dispatch()
+                if self.exhausted and not self.retry_queue and not any(s.task for s in self.slots):
+                    break
+            waiting = {s.ready: (s, self.on_started) for s in self.slots if s.ready is not None}
+            waiting |= {s.task: (s, self.on_shard_done) for s in self.slots if s.task is not None}
+            if not waiting:
+                raise RunError("every actor was lost and no replacement is left; re-run the same command to continue")
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=TICK)
+            for ref in ready:
+                slot, handle = waiting[ref]
+                handle(slot)
+            if any(s.task is not None for s in self.slots):
+                self.last_working = time.monotonic()
+            elif time.monotonic() - self.last_working > START_TIMEOUT:
+                have = ray.available_resources()
+                raise RunError(f"no actor could start within {START_TIMEOUT:.0f} s (asked for {self.plan.resources} "
+                               f"each; free now: CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g})")
+            self.poll_progress()
+            self.show()
+        self.show(force=True)
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            if slot.handle is not None:
+                try:
+                    ray.kill(slot.handle)
+                except Exception:
+                    pass
+                slot.handle = None
+        if self._driver_writer is not None:
+            self._driver_writer.close()
+        if self.progress is not None:
+            self.progress.close()
+
+
+def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable | None = None) -> RunResult:
+    """Run the whole job. `on_dispatch(actor_handle, shard)` is called as each shard is handed out
+    (tests use it to kill actors mid-shard). Raises RunError; manifest/storage/output errors as themselves."""
+    stream = stream or sys.stderr
+    wall = time.monotonic()
+    job, out = plan_job(opts)
+    started_ray = connect_ray(opts)
+    job_run = None
+    try:
+        plan = plan_actors(opts, ray.cluster_resources())
+        job_run = _Run(opts, job, out, plan, stream, on_dispatch)
+        kind = "GPU" if "num_gpus" in plan.resources else "CPU"
+        job_run.say(f"{job.rows:,} rows, {job.images:,} images in {job.shards:,} shards; "
+                    f"starting {plan.count} {kind} actor(s)")
+        if plan.note:
+            job_run.say(f"warning: {plan.note}")
+        with _sigterm_as_interrupt():
+            job_run.loop()
+    except KeyboardInterrupt:
+        raise RunError("interrupted; re-run the same command to continue where it stopped", 130) from None
+    finally:
+        if job_run is not None:
+            job_run.shutdown()
+        if started_ray:
+            ray.shutdown()
+    wall = time.monotonic() - wall
+    return finish(out, job_run, wall)
+
+
+def finish(out: Output, r: _Run, wall: float) -> RunResult:
+    status = out.status()
+    actors = [s.stats for s in r.slots]
+    summary = {
+        "images": status.images_done, "failures": status.failures, "rows": status.rows,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "last_run": {
+            "images": r.images, "failures": r.failures, "shards": r.shards_run, "shards_skipped": r.shards_skipped,
+            "wall_seconds": round(wall, 3), "images_per_second": round(r.images / wall, 3) if wall else 0.0,
+            "actor_restarts": sum(a.restarts for a in actors), "actors": [a.as_dict() for a in actors],
+        },
+    }
+    # A re-run of a finished job did nothing: keep the _SUCCESS of the run that made the dataset.
+    if not (r.shards_run == 0 and status.success is not None) and not out.finish(summary):
+        raise RunError(f"{out.name}: the dispatch loop ended but not every shard is done; re-run to finish")
+    return RunResult(output=out.name, images=status.images_done, failures=status.failures,
+                     run_images=r.images, run_failures=r.failures, shards_run=r.shards_run,
+                     shards_skipped=r.shards_skipped, wall_seconds=wall, actors=actors,
+                     actor_restarts=sum(a.restarts for a in actors))
+
+
+def format_summary(result: RunResult) -> str:
+    rate = result.run_images / result.wall_seconds if result.wall_seconds else 0.0
+    lines = [f"done: {result.images:,} images, {result.failures:,} failed in {result.output}"
+             + (f" ({result.shards_skipped:,} shards were already done)" if result.shards_skipped else ""),
+             f"  this run: {result.run_images:,} images, {result.run_failures:,} failed, {result.shards_run:,} shards "
+             f"in {_duration(result.wall_seconds)} ({rate:.2f} images/s)"
+             + (f", {result.actor_restarts} actor(s) replaced" if result.actor_restarts else "")]
+    for a in result.actors:
+        d = a.as_dict()
+        lines.append(f"  actor {a.slot} ({a.device}, node {a.node}): {a.images:,} images, {d['images_per_second']:.2f} "
+                     f"images/s while generating")
+    if result.failures:
+        lines.append(f"  failed images are listed with their errors in {result.output}/failures/")
+    return "\n".join(lines)
+
+
+class _sigterm_as_interrupt:
+    """`ray job stop` and schedulers send SIGTERM: stop like Ctrl-C (actors killed, Ray shut down)."""
+
+    def __enter__(self):
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,0 +1,76 @@
+"""Helpers for the job tests: small manifests, and reading a finished dataset back."""
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jobs import sink
+from jobs.manifest import Defaults, derive_seed
+
+MODEL = "builtin:tiny"
+# Tiny and quick: 64×64 images, 2 denoising steps of builtin:tiny take ~0.05 s on one core.
+DEFAULTS = Defaults(steps=2, width=64, height=64, scheduler="ddim")
+TIMING = ("generation_seconds",)
+
+
+def write_manifest(path: Path, **columns) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def start_local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def read_dataset(out: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(metadata rows by image id, failure rows by image id); asserts that no id appears twice."""
+    def rows(folder: str) -> list[dict]:
+        files = sorted((out / folder).glob("shard-*.parquet")) if (out / folder).is_dir() else []
+        return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+    meta, failures = rows("metadata"), rows("failures")
+    ids = [r["id"] for r in meta + failures]
+    assert len(ids) == len(set(ids)), f"ids recorded more than once: {sorted(i for i in set(ids) if ids.count(i) > 1)}"
+    return {r["id"]: r for r in meta}, {r["id"]: r for r in failures}
+
+
+def check_images(out: Path, meta: dict[str, dict]) -> dict[str, bytes]:
+    """Every metadata row's PNG exists, decodes, has the row's hash and the row's parameters in its
+    text chunk; returns the PNG bytes by id."""
+    pngs = {}
+    for image_id, row in meta.items():
+        data = (out / row["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size == (row["width"], row["height"]) and im.mode == "RGB"
+            im.load()
+        params = sink.read_png_params(data)
+        for key in ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height",
+                    "scheduler", "model", "model_fingerprint", "sdbatch_version"):
+            assert params[key] == row[key], (image_id, key)
+        assert params["scheduler_config"] == json.loads(row["scheduler_config"])
+        pngs[image_id] = data
+    return pngs
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def seed_of(row_id: str, k: int = 0, job_seed: int = 0) -> int:
+    return (derive_seed(job_seed, row_id) + k) % 2**63
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `folder` with its mtime and bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}

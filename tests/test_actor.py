@@ -1,0 +1,280 @@
+"""Actors: the shard runner on its own (failures per image, never per shard), then actors on a
+local Ray under the driver: byte-identical output whatever the actor / batch / shard counts, an
+actor killed mid-shard, a shard that keeps killing its actors, a model that changed."""
+import io
+import json
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from safetensors.torch import save_file
+
+import sdcore
+from jobs import driver
+from jobs.actor import ActorConfig, ShardFailed, ShardRunner
+from jobs.plan import shards
+from jobs.sink import Output, OutputError
+from sdcore import builtin
+from sdcore.errors import NonFiniteOutputError
+from tests.jobdata import (DEFAULTS, MODEL, TIMING, check_images, pixels, read_dataset, seed_of, snapshot,
+                           start_local_ray, write_manifest)
+
+# --- the runner, without Ray ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Actors on the CPU run one torch thread (the thread count changes low bits); so do the
+    references here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdcore.load_pipeline(MODEL)
+
+
+def make_runner(manifest, out, **config) -> ShardRunner:
+    return ShardRunner(ActorConfig(manifest=str(manifest), output=str(out), model=MODEL, defaults=DEFAULTS,
+                                   device="cpu", **config))
+
+
+def run_all(runner: ShardRunner, rows: int, shard_size: int) -> list[dict]:
+    try:
+        return [runner.run_shard(s) for s in shards(rows, shard_size)]
+    finally:
+        runner.close()
+
+
+def reference(pipe, prompt: str, seed: int, **params):
+    """The image an in-process pipeline call makes for one row."""
+    settings = {"steps": DEFAULTS.steps, "guidance_scale": DEFAULTS.guidance_scale, "width": DEFAULTS.width,
+                "height": DEFAULTS.height, "scheduler": DEFAULTS.scheduler, **params}
+    return pipe.generate([prompt], seeds=[seed], output="np", **settings)[0]
+
+
+def test_runner_makes_every_image_of_its_shards(tmp_path, pipe):
+    manifest = write_manifest(
+        tmp_path / "m.parquet", id=["a", "b", "c", "d", "e"], prompt=["a cat", "a dog", "ünïcode owl", "", "a fox"],
+        num_images=[1, 2, 1, 1, 1], scheduler=["ddim", "euler_a", "ddim", "ddpm", "ddim"], label=[1, 2, 3, 4, 5])
+    runner = make_runner(manifest, tmp_path / "out", batch_size=3)
+    assert runner.info()["fingerprint"] == "builtin:tiny/v1" and runner.info()["device"] == "cpu"
+    results = run_all(runner, 5, 3)
+    assert [(r["shard"], r["images"], r["failures"]) for r in results] == [("shard-000000", 4, 0), ("shard-000001", 2, 0)]
+    assert runner.progress() == ("shard-000001", 2)
+    meta, failures = read_dataset(tmp_path / "out")
+    assert sorted(meta) == ["a", "b-0", "b-1", "c", "d", "e"] and not failures
+    pngs = check_images(tmp_path / "out", meta)
+    assert meta["b-1"]["seed"] == seed_of("b", 1) and meta["b-1"]["label"] == 2 and meta["b-1"]["manifest_row"] == 1
+    assert json.loads(meta["b-0"]["scheduler_config"]) == pipe.make_scheduler("euler_a").config
+    for image_id, row in meta.items():  # the same pixels as a plain pipeline call per image
+        expected = reference(pipe, row["prompt"], row["seed"], scheduler=row["scheduler"])
+        assert (pixels(pngs[image_id]) == expected).all(), image_id
+
+
+def test_nan_image_is_a_failure_and_the_rest_of_the_shard_succeeds(tmp_path):
+    # A huge guidance scale overflows float32: builtin:tiny really produces NaN there.
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a", "b", "c", "d"], guidance_scale=[7.5, 1e30, 7.5, 7.5])
+    results = run_all(make_runner(manifest, tmp_path / "out"), 4, 4)
+    assert [(r["images"], r["failures"]) for r in results] == [(3, 1)]
+    meta, failures = read_dataset(tmp_path / "out")
+    assert sorted(meta) == ["0", "2", "3"] and list(failures) == ["1"]
+    assert "NaN" in failures["1"]["error"] and failures["1"]["attempts"] == 1 and failures["1"]["guidance_scale"] == 1e30
+    assert not (tmp_path / "out/images/shard-000000/1.png").exists()
+
+
+def test_nan_rows_inside_a_batch_keep_their_batch_mates(tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["fine", "NaN here", "fine too"])
+    runner = make_runner(manifest, tmp_path / "out", batch_size=3)
+    real = runner.pipe.generate
+
+    def generate(prompts, **kw):
+        images = real(prompts, **kw)
+        bad = [i for i, p in enumerate(prompts) if "NaN" in p]
+        if bad:
+            raise NonFiniteOutputError(bad, [None if i in bad else im for i, im in enumerate(images)])
+        return images
+
+    monkeypatch.setattr(runner.pipe, "generate", generate)
+    assert [(r["images"], r["failures"]) for r in run_all(runner, 3, 3)] == [(2, 1)]
+    meta, failures = read_dataset(tmp_path / "out")
+    assert sorted(meta) == ["0", "2"] and failures["1"]["attempts"] == 1
+
+
+def test_a_failing_batch_is_retried_row_by_row_to_isolate_the_bad_row(tmp_path, pipe, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["one", "boom", "three", "four"])
+    runner = make_runner(manifest, tmp_path / "out", batch_size=3)
+    real, calls = runner.pipe.generate, []
+
+    def generate(prompts, **kw):
+        calls.append(list(prompts))
+        if "boom" in prompts:
+            raise RuntimeError("this prompt breaks the model")
+        return real(prompts, **kw)
+
+    monkeypatch.setattr(runner.pipe, "generate", generate)
+    assert [(r["images"], r["failures"]) for r in run_all(runner, 4, 4)] == [(3, 1)]
+    assert calls == [["one", "boom", "three"], ["one"], ["boom"], ["three"], ["four"]]
+    meta, failures = read_dataset(tmp_path / "out")
+    assert sorted(meta) == ["0", "2", "3"]
+    assert failures["1"]["attempts"] == 2 and failures["1"]["error"].startswith("RuntimeError: this prompt breaks the model")
+    pngs = check_images(tmp_path / "out", meta)
+    assert (pixels(pngs["2"]) == reference(pipe, "three", seed_of("2"))).all()  # made alone, same pixels
+
+
+def test_a_shard_where_every_image_fails_raises_and_commits_nothing(tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a", "b"])
+    runner = make_runner(manifest, tmp_path / "out")
+
+    def broken(prompts, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner.pipe, "generate", broken)
+    with pytest.raises(ShardFailed, match="all 2 images failed.*illegal memory access"):
+        run_all(runner, 2, 2)
+    assert not (tmp_path / "out" / "metadata").exists()
+
+
+# --- actors under the driver, on a local Ray --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    start_local_ray()  # 2 CPUs: room for two 1-core actors
+    yield
+    ray.shutdown()
+
+
+def run_driver(manifest, out, *, on_dispatch=None, **options) -> tuple[driver.RunResult, str]:
+    opts = driver.RunOptions(manifest=str(manifest), model=options.pop("model", MODEL), output=str(out),
+                             defaults=DEFAULTS, device="cpu", **options)
+    stream = io.StringIO()  # stands in for stderr (not a terminal: one progress line per update)
+    return driver.run(opts, stream=stream, on_dispatch=on_dispatch), stream.getvalue()
+
+
+@pytest.fixture
+def varied_manifest(tmp_path):
+    """Rows that differ in every way that changes batching: sizes, steps, schedulers (also the
+    stochastic ones), guidance, negative prompts, several images per row."""
+    n = 11
+    return write_manifest(
+        tmp_path / "varied.parquet",
+        id=[f"r{i}" for i in range(n)],
+        prompt=[f"a photo of thing {i}" for i in range(n)],
+        scheduler=["ddim", "euler_a", "ddpm", "ddim", "dpmpp_2m", "euler_a", "ddim", "lms", "ddim", "ddpm", "pndm"],
+        height=[64, 64, 72, 64, 64, 72, 64, 64, 64, 64, 64],
+        steps=[2, 2, 2, 3, 2, 2, 2, 2, 3, 2, 2],
+        guidance_scale=[7.5, 7.5, 7.5, 1.0, 7.5, 7.5, 7.5, 7.5, 7.5, 7.5, 7.5],
+        negative_prompt=[None, "blurry", None, None, None, None, "ugly", None, None, None, None],
+        num_images=[1, 2, 1, 1, 1, 1, 3, 1, 1, 1, 1],
+        label=[f"L{i}" for i in range(n)],
+    )
+
+
+def test_output_does_not_depend_on_actors_batches_or_shards(tmp_path, local_ray, varied_manifest):
+    a, _ = run_driver(varied_manifest, tmp_path / "a", actors=1, batch_size=1, shard_size=3)
+    b, log = run_driver(varied_manifest, tmp_path / "b", actors=2, batch_size=4, shard_size=7)
+    assert (a.images, a.failures, a.shards_run) == (14, 0, 4) and (b.images, b.failures, b.shards_run) == (14, 0, 2)
+    assert sum(s.images for s in b.actors) == 14
+    meta_a, _ = read_dataset(tmp_path / "a")
+    meta_b, _ = read_dataset(tmp_path / "b")
+    assert sorted(meta_a) == sorted(meta_b) and len(meta_a) == 14
+    pngs_a, pngs_b = check_images(tmp_path / "a", meta_a), check_images(tmp_path / "b", meta_b)
+    for image_id in meta_a:
+        assert pngs_a[image_id] == pngs_b[image_id], image_id
+        differs = {k for k in meta_a[image_id] if meta_a[image_id][k] != meta_b[image_id][k]}
+        assert differs <= {*TIMING, "image_path"}, (image_id, differs)
+    assert "images 14/14 (100%)" in log
+    for out in ("a", "b"):
+        success = json.loads((tmp_path / out / "_SUCCESS").read_text())
+        assert success["images"] == 14 and success["failures"] == 0
+
+
+def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path, local_ray, pipe):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(8)], steps=[8] * 8)
+    out = tmp_path / "out"
+    killed = {}
+
+    def on_dispatch(actor, shard):
+        if shard.id != "shard-000001" or killed:
+            return
+        killed["shard"] = shard.id
+
+        def kill_when_it_has_started():
+            folder, deadline = out / "images" / shard.id, time.monotonic() + 60
+            while time.monotonic() < deadline and not (folder.is_dir() and any(folder.glob("*.png"))):
+                time.sleep(0.005)
+            killed["was_done"] = (out / "metadata" / f"{shard.id}.parquet").exists()
+            ray.kill(actor)
+
+        threading.Thread(target=kill_when_it_has_started, daemon=True).start()
+
+    result, log = run_driver(manifest, out, actors=2, batch_size=2, shard_size=4, on_dispatch=on_dispatch)
+    assert killed == {"shard": "shard-000001", "was_done": False}
+    assert result.actor_restarts == 1 and "starting a replacement" in log
+    meta, failures = read_dataset(out)
+    assert sorted(meta, key=int) == [str(i) for i in range(8)] and not failures
+    pngs = check_images(out, meta)
+    for image_id in ("4", "7"):  # the redone shard's images are the right ones
+        assert (pixels(pngs[image_id]) == reference(pipe, f"p{image_id}", seed_of(image_id), steps=8)).all()
+    assert (out / "_SUCCESS").exists()
+
+
+def test_a_shard_that_keeps_killing_its_actor_goes_to_failures(tmp_path, local_ray, monkeypatch):
+    monkeypatch.setattr(driver, "SHARD_ATTEMPTS", 2)
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(6)])
+    out = tmp_path / "out"
+
+    def on_dispatch(actor, shard):
+        if shard.id == "shard-000001":
+            ray.kill(actor)
+
+    result, log = run_driver(manifest, out, actors=1, shard_size=2, on_dispatch=on_dispatch)
+    assert result.actor_restarts == 2 and (result.images, result.failures) == (4, 2)
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == ["0", "1", "4", "5"] and sorted(failures) == ["2", "3"]
+    assert failures["2"]["attempts"] == 2 and "gave up after 2 attempts" in failures["2"]["error"]
+    assert failures["2"]["prompt"] == "p2" and failures["2"]["seed"] == seed_of("2")
+    assert not (out / "images" / "shard-000001").exists() or not any((out / "images" / "shard-000001").iterdir())
+    assert json.loads((out / "_SUCCESS").read_text())["failures"] == 2
+    assert "shard-000001: gave up" in log
+
+
+def write_tiny_folder(root):
+    """builtin:tiny's weights as a diffusers folder: the same images, but another model to sdbatch
+    (its fingerprint comes from the files)."""
+    tensors = builtin.random_weights(builtin.configs())
+    for component, config in (("unet", builtin.TINY_UNET), ("vae", builtin.TINY_VAE), ("text_encoder", builtin.TINY_CLIP)):
+        (root / component).mkdir(parents=True)
+        (root / component / "config.json").write_text(json.dumps(config))
+        prefix = "text_model." if component == "text_encoder" else ""
+        name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        save_file({prefix + k: v.contiguous() for k, v in tensors[component].items()}, str(root / component / name))
+    return root
+
+
+def test_a_rerun_of_a_finished_job_changes_nothing_and_another_model_needs_overwrite(tmp_path, local_ray):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a", "b"])
+    out = tmp_path / "out"
+    run_driver(manifest, out)
+    before = snapshot(out)
+    again, _ = run_driver(manifest, out)
+    assert (again.shards_run, again.shards_skipped, again.images) == (0, 1, 2) and snapshot(out) == before
+    folder = write_tiny_folder(tmp_path / "tiny-folder")
+    with pytest.raises(OutputError, match="holds a different job .*model_fingerprint: builtin:tiny/v1 there, sha256:"):
+        run_driver(manifest, out, model=str(folder))
+    assert snapshot(out) == before
+    result, _ = run_driver(manifest, out, model=str(folder), mode="overwrite")
+    assert result.images == 2
+    job = json.loads((out / "_sdbatch" / "job.json").read_text())
+    assert job["model"] == str(folder) and job["identity"]["model_fingerprint"].startswith("sha256:")
+    meta, _ = read_dataset(out)
+    assert {r["model"] for r in meta.values()} == {str(folder)}
+    assert torch.equal(torch.tensor(pixels(check_images(out, meta)["0"])),
+                       torch.tensor(pixels(before["images/shard-000000/0.png"][1])))  # same weights, same image
+    assert Output(str(out)).status().success is not None

@@ -1,0 +1,218 @@
+"""`sdbatch run` as a user runs it: manifest in, dataset out, every row exactly once; a driver
+killed with SIGKILL and run again; bad input stopped before Ray starts and before anything is written."""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from jobs import driver
+from jobs.cli import app
+from tests.jobdata import MODEL, check_images, read_dataset, seed_of, snapshot, write_manifest
+
+SDBATCH = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "sdbatch")
+TINY = ["--model", MODEL, "--width", "64", "--height", "64", "--steps", "2", "--scheduler", "ddim"]
+
+
+def sdbatch(*args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([SDBATCH, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(result, *fragments):
+    """Exit code 2 and one line `sdbatch: error: ...` naming the problem, no traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith("sdbatch: error: ") and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    return write_manifest(
+        tmp_path / "manifest.parquet",
+        id=["cat", "dog", "owl", "fox", "nan", "emu", "yak"],
+        prompt=["a cat", "a dog, ünïcode", "an owl", "a fox", "overflows", "an emu", ""],
+        num_images=[1, 3, 1, 1, 1, 1, 1],
+        seed=pa.array([7, None, None, 2**63 - 1, None, None, None], pa.int64()),
+        scheduler=[None, "euler_a", None, "ddpm", None, None, "pndm"],
+        guidance_scale=[None, None, 1.0, None, 1e30, None, None],  # 1e30 overflows to NaN: a failure
+        label=["c", "d", "o", "f", "n", "e", "y"],
+    )
+
+
+def test_manifest_to_dataset(tmp_path, manifest):
+    out = tmp_path / "out"
+    r = sdbatch("run", manifest, "--output", out, "--shard-size", 3, "--batch-size", 2, "--actors", 1, *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "done: 8 images, 1 failed in" in r.stdout and "actor 0 (cpu" in r.stdout
+    assert "images 9/9 (100%)" in r.stderr and "failed 1" in r.stderr
+
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == sorted(["cat", "dog-0", "dog-1", "dog-2", "owl", "fox", "emu", "yak"])
+    assert list(failures) == ["nan"] and "NaN" in failures["nan"]["error"] and failures["nan"]["label"] == "n"
+    check_images(out, meta)
+    rows = pq.read_table(manifest).to_pylist()
+    for row_number, row in enumerate(rows):
+        ids = [row["id"]] if row["num_images"] == 1 else [f"{row['id']}-{k}" for k in range(row["num_images"])]
+        for k, image_id in enumerate(ids):
+            got = meta.get(image_id) or failures[image_id]
+            assert got["manifest_row"] == row_number and got["prompt"] == row["prompt"] and got["label"] == row["label"]
+            base = row["seed"] if row["seed"] is not None else seed_of(row["id"])
+            assert got["seed"] == (base + k) % 2**63
+            assert got["scheduler"] == (row["scheduler"] or "ddim")
+            assert got["guidance_scale"] == (row["guidance_scale"] or 7.5)
+            assert (got["steps"], got["width"], got["height"], got["negative_prompt"]) == (2, 64, 64, "")
+    assert meta["fox"]["seed"] == 2**63 - 1 and meta["cat"]["seed"] == 7
+    assert {r["model"] for r in meta.values()} == {MODEL} and {r["model_fingerprint"] for r in meta.values()} == {"builtin:tiny/v1"}
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == ["shard-000000.parquet", "shard-000001.parquet",
+                                                                     "shard-000002.parquet"]
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert (success["images"], success["failures"], success["rows"], success["shards"]) == (8, 1, 7, 3)
+    job = json.loads((out / "_sdbatch" / "job.json").read_text())
+    assert job["settings"]["batch_size"] == 2 and job["identity"]["shard_size"] == 3
+
+    status = sdbatch("status", out)
+    assert status.returncode == 0
+    for line in ("shards    3/3 done (0 remaining)", "rows      7/7 done", "images    8/9 written", "failures  1",
+                 "_SUCCESS  yes"):
+        assert line in status.stdout
+
+    # A different manifest into the same folder is refused before Ray starts; the dataset is untouched.
+    before = snapshot(out)
+    other = write_manifest(tmp_path / "other.parquet", prompt=["something else"])
+    assert_user_error(sdbatch("run", other, "--output", out, "--shard-size", 3, *TINY),
+                      "holds a different job (manifest_fingerprint:", "use --overwrite")
+    assert_user_error(sdbatch("run", manifest, "--output", out, "--shard-size", 4, *TINY), "shard_size: 3 there, 4 now")
+    assert snapshot(out) == before
+
+
+def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(24)], steps=[10] * 24)
+    out = tmp_path / "out"
+    args = [SDBATCH, "run", manifest, "--output", out, "--shard-size", 3, *TINY]
+    first = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list((out / "metadata").glob("*.parquet"))) < 2:
+            assert first.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # The actor dies with its driver's Ray, but may still commit the shard it had: wait for quiet.
+    done_before, quiet_since, deadline = snapshot(out / "metadata"), time.monotonic(), time.monotonic() + 30
+    while time.monotonic() - quiet_since < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (now := snapshot(out / "metadata")) != done_before:
+            done_before, quiet_since = now, time.monotonic()
+    assert 2 <= len(done_before) < 8, sorted(done_before)
+    assert not (out / "_SUCCESS").exists()
+
+    r = sdbatch("run", manifest, "--output", out, "--shard-size", 3, *TINY)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {len(done_before)} of 8 shards already done" in r.stderr
+    assert f"({len(done_before)} shards were already done)" in r.stdout
+    assert f"this run: {24 - 3 * len(done_before)} images" in r.stdout
+    after = snapshot(out / "metadata")
+    assert {name: after[name] for name in done_before} == done_before  # not redone: same bytes, same mtime
+    meta, failures = read_dataset(out)
+    assert sorted(meta, key=int) == [str(i) for i in range(24)] and not failures
+    check_images(out, meta)
+    pngs = list((out / "images").rglob("*.png"))
+    assert len(pngs) == 24
+    assert json.loads((out / "_SUCCESS").read_text())["images"] == 24
+
+
+# --- bad input: exit 2, nothing written, Ray never started ---------------------------------------------
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(opts):
+        raise AssertionError("Ray was started for input that should have been refused")
+
+    monkeypatch.setattr(driver, "connect_ray", refuse)
+
+
+def invoke(*args):
+    """`sdbatch ...` in this process (a subprocess costs seconds of imports); same exit codes and streams."""
+    result = CliRunner().invoke(app, list(map(str, args)))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"text": ["a cat"]}, "missing required column 'prompt'"),
+    ({"prompt": ["a", "b", "c"], "steps": [20, 0, 2000]}, "column 'steps': 2 rows out of range 1..1000 (rows 1, 2: 0, 2000)"),
+    ({"prompt": ["a", "b"], "id": ["x", "x"]}, "column 'id': 1 duplicate id ('x' at rows 0, 1)"),
+    ({"prompt": ["a"], "widht": [64]}, "unknown column 'widht': did you mean 'width'?"),
+    ({"prompt": ["a"], "scheduler": ["karras"]}, "column 'scheduler': 1 row with an unknown scheduler"),
+])
+def test_bad_manifest(tmp_path, no_ray, columns, message):
+    manifest = write_manifest(tmp_path / "m.parquet", **columns)
+    assert_user_error(invoke("run", manifest, "--output", tmp_path / "out", *TINY), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_manifest(tmp_path, no_ray):
+    text = tmp_path / "prompts.txt"
+    text.write_text("a cat\n")
+    assert_user_error(invoke("run", text, "--output", tmp_path / "out", *TINY), "prompts.txt: not a Parquet file")
+    assert_user_error(invoke("run", tmp_path / "nope.parquet", "--output", tmp_path / "out", *TINY), "no such file")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "--model /no/such/model: no such file or directory"),
+    (["--model", "builtin:huge"], "unknown built-in model; the only one is builtin:tiny"),
+    (["--model", "{manifest}"], "expected a diffusers folder or a .safetensors / .ckpt file"),
+    (["--model", "{tmp}"], "not a diffusers model folder (no unet/, vae/, text_encoder/)"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--actors", "0", "--shard-size", "-1"], "--actors must be at least 1, got 0; --shard-size must be at least 1"),
+    (["--dtype", "fp8"], "--dtype must be one of fp32, fp16, bf16"),
+    (["--device", "tpu"], "--device must be one of auto, cuda, cpu"),
+    (["--steps", "0"], "--steps 0 is out of range 1..1000"),
+    (["--width", "100"], "--width 100 must be a multiple of 8"),
+    (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["--resume"], "nothing to resume"),
+    (["--storage-option", "anon"], "--storage-option 'anon': expected key=value"),
+])
+def test_bad_options(tmp_path, no_ray, manifest, args, message):
+    args = [a.format(manifest=manifest, tmp=tmp_path) for a in args]
+    r = invoke("run", manifest, "--output", tmp_path / "out", *TINY, *args)
+    assert_user_error(r, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu(tmp_path, no_ray, manifest):
+    assert_user_error(invoke("run", manifest, "--output", tmp_path / "out", *TINY, "--device", "cuda"),
+                      "--device cuda: no CUDA device is visible here")
+
+
+def test_output_that_is_not_a_dataset_is_never_touched(tmp_path, no_ray, manifest):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for mode in ([], ["--overwrite"]):
+        assert_user_error(invoke("run", manifest, "--output", precious, *TINY, *mode), "is not empty and is not an sdbatch dataset")
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_user_error(invoke("run", manifest, "--output", afile, *TINY), "is a file, not a folder")
+
+
+def test_bad_model_exits_2_quickly_through_the_real_command(tmp_path, manifest):
+    start = time.monotonic()
+    r = sdbatch("run", manifest, "--output", tmp_path / "out", "--model", tmp_path / "missing.safetensors")
+    assert_user_error(r, "missing.safetensors: no such file or directory")
+    assert time.monotonic() - start < 30  # no Ray start, no model load
+    assert not (tmp_path / "out").exists() and not os.path.exists(tmp_path / "out")
