@@ -47,6 +47,7 @@ class ActorConfig:
     cpu_threads: int | None = None  # torch threads on the CPU (None: leave the process setting)
     writer_threads: int = 4
     writer_queue: int = 16  # images waiting for the writer before generation blocks
+    embed_images: bool = False  # also put each PNG into the metadata's `image` column
 
 
 class ShardFailed(Exception):
@@ -82,7 +83,7 @@ class ShardRunner:
         rows = storage.DEFAULT_RETRY.call(f"reading the rows of {shard.id}", read_shard, self.manifest, shard,
                                           self.config.defaults)
         shard_writer = ShardWriter(self.out, self.writer, rows, model=self.pipe.source,
-                                   model_fingerprint=self.pipe.fingerprint)
+                                   model_fingerprint=self.pipe.fingerprint, embed_images=self.config.embed_images)
         generating, errors = 0.0, []
         for batch in batches(rows.items, self.config.batch_size):
             t = time.perf_counter()

@@ -78,10 +78,11 @@ def validate_command(
 def status_command(
     output: Annotated[str, typer.Argument(help="Output dataset: a path or fsspec URL.")],
     storage_option: StorageOptions = None,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Lines of the per-shard timing and failures tables.")] = 10,
 ) -> None:
-    """Show done and remaining shards and rows, failures, and whether the job finished."""
-    status = sink.Output(output, storage.parse_storage_options(storage_option or [])).status()
-    typer.echo(status.format())
+    """Show done and remaining shards and rows, per-shard timing, failures, and whether the job finished."""
+    status = sink.Output(output, storage.parse_storage_options(storage_option or [])).status(failures=limit)
+    typer.echo(status.format(limit=limit))
 
 
 @app.command("generate")
@@ -164,6 +165,8 @@ def run_command(
     storage_option: StorageOptions = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT; refuse if there is none.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier sdbatch dataset in OUTPUT.")] = False,
+    embed_images: Annotated[bool, typer.Option(
+        "--embed-images", help="Also store each PNG in the metadata's `image` column (Hugging Face `datasets` Image feature).")] = False,
 ) -> None:
     """Generate every image of a manifest into a dataset, on Ray actors; a re-run continues an interrupted job."""
     from jobs import driver  # imports Ray: only this command pays for it
@@ -174,7 +177,7 @@ def run_command(
         manifest=manifest, model=model, output=output, defaults=defaults, actors=actors, batch_size=batch_size,
         shard_size=shard_size, device=device, dtype=dtype, ray_address=ray_address,
         storage_options=storage.parse_storage_options(storage_option or []),
-        mode="resume" if resume else "overwrite" if overwrite else "auto",
+        mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,
     )
     try:
         if resume and overwrite:

@@ -69,6 +69,7 @@ class RunOptions:
     ray_address: str | None = None
     storage_options: dict = field(default_factory=dict)
     mode: str = "auto"  # see sink.Output.prepare
+    embed_images: bool = False
 
 
 @dataclass
@@ -159,6 +160,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     job = JobSpec(
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
         rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults, dtype=opts.dtype,
+        embed_images=opts.embed_images,
         settings={"batch_size": opts.batch_size, "actors": opts.actors, "device": opts.device,
                   "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options},
     )
@@ -291,7 +293,7 @@ class _Run:
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, defaults=opts.defaults, device=plan.device,
             dtype=opts.dtype, batch_size=opts.batch_size, storage_options=opts.storage_options,
-            cpu_threads=plan.cpu_threads,
+            cpu_threads=plan.cpu_threads, embed_images=opts.embed_images,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
         self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
@@ -424,7 +426,7 @@ class _Run:
         if self._driver_writer is None:
             self._driver_writer = ImageWriter(self.out, threads=1)
         writer = ShardWriter(self.out, self._driver_writer, rows, model=self.opts.model,
-                             model_fingerprint=self.job.model_fingerprint)
+                             model_fingerprint=self.job.model_fingerprint, embed_images=self.opts.embed_images)
         for item in rows.items:
             writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard; the last: {error}",
                         attempts=SHARD_ATTEMPTS)

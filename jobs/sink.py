@@ -1,7 +1,8 @@
 """The output dataset: its layout, PNG and Parquet writing, the shard commit, and resume.
 
     OUT/images/<shard>/<id>.png      PNG; iTXt chunk `sdbatch` = JSON of the generation parameters
-    OUT/metadata/<shard>.parquet     one row per image (METADATA_FIELDS + pass-through + version)
+    OUT/metadata/<shard>.parquet     one row per image (METADATA_FIELDS + pass-through + version,
+                                     + with --embed-images the PNG itself in an `image` column)
     OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
     OUT/_sdbatch/job.json            settings and the job's identity (fingerprints); no credentials
     OUT/_SUCCESS                     summary JSON, written last, once every shard is done
@@ -23,6 +24,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import posixpath
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,15 +78,21 @@ FAILURE_FIELDS = [
     *PARAM_FIELDS,
 ]
 VERSION_FIELD = pa.field("sdbatch_version", pa.string())
+# --embed-images: the PNG's bytes in the metadata, in the layout of the Hugging Face `datasets`
+# Image feature, which the schema metadata names, so `load_dataset("parquet", ...)` shows images.
+IMAGE_FIELD = pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())]))
+HF_SCHEMA_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 
 
 class OutputError(Exception):
     """OUT cannot be used for this job (a different job, not an sdbatch folder, ...)."""
 
 
-def metadata_schema(passthrough: pa.Schema) -> pa.Schema:
+def metadata_schema(passthrough: pa.Schema, *, embed_images: bool = False) -> pa.Schema:
     """The schema of every metadata file of a job: the fixed columns, the manifest's pass-through
-    columns with their own types, then the version."""
+    columns with their own types, then the version (and the embedded image)."""
+    if embed_images:
+        return pa.schema([*METADATA_FIELDS, *passthrough, VERSION_FIELD, IMAGE_FIELD], metadata=HF_SCHEMA_METADATA)
     return pa.schema([*METADATA_FIELDS, *passthrough, VERSION_FIELD])
 
 
@@ -149,6 +157,7 @@ class JobSpec:
     defaults: Defaults
     dtype: str
     settings: dict = field(default_factory=dict)  # informational (batch size, actors, device, storage options, ...)
+    embed_images: bool = False  # part of the identity: every metadata file of a dataset has one schema
 
     @property
     def shards(self) -> int:
@@ -158,6 +167,7 @@ class JobSpec:
         return {
             "manifest_fingerprint": self.manifest_fingerprint, "model_fingerprint": self.model_fingerprint,
             "shard_size": self.shard_size, "defaults": asdict(self.defaults), "dtype": self.dtype,
+            "embed_images": self.embed_images,
         }
 
     def to_json(self) -> dict:
@@ -187,16 +197,44 @@ class OutputStatus:
     images_done: int  # rows in done shards' metadata
     failures: int  # rows in done shards' failure files
     success: dict | None  # the _SUCCESS summary, if the job finished
+    # (shard, images, generation seconds) of every done shard, in shard order
+    shard_timing: list[tuple[str, int, float]] = field(default_factory=list)
+    first_failures: list[dict] = field(default_factory=list)  # id, error, attempts of the first few
 
-    def format(self) -> str:
-        return "\n".join([
+    def format(self, *, limit: int = 10) -> str:
+        """The counts, then up to `limit` lines each of per-shard timing and of failures."""
+        lines = [
             f"{self.url}: sdbatch dataset of {self.job.get('manifest')} with {self.job.get('model')}",
             f"  shards    {self.shards_done:,}/{self.shards:,} done ({self.shards - self.shards_done:,} remaining)",
             f"  rows      {self.rows_done:,}/{self.rows:,} done",
             f"  images    {self.images_done:,}/{self.images:,} written",
             f"  failures  {self.failures:,}",
             f"  _SUCCESS  {'yes' if self.success is not None else 'no'}",
-        ])
+        ]
+        if self.shard_timing:
+            # generation_seconds is each image's share of its batch's time: the sum is the time an
+            # actor spent generating the shard, without reading rows and committing.
+            lines += ["", f"  {'shard':<14}{'images':>8}{'seconds':>10}{'images/s':>10}"]
+            images, seconds = sum(t[1] for t in self.shard_timing), sum(t[2] for t in self.shard_timing)
+            for shard, n, s in [*self.shard_timing[:limit], ("all", images, seconds)]:
+                lines.append(f"  {shard:<14}{n:>8,}{s:>10.1f}{_rate(n, s):>10}")
+            if len(self.shard_timing) > limit:
+                lines.insert(-1, f"  ... {len(self.shard_timing) - limit:,} more shards")
+        if self.first_failures:
+            lines += ["", f"  {'failed id':<20}{'attempts':>8}  error"]
+            lines += [f"  {_cut(f['id'], 20):<20}{f['attempts']:>8}  {_cut(f['error'], 100)}" for f in self.first_failures[:limit]]
+            if self.failures > limit:
+                lines.append(f"  ... {self.failures - min(limit, len(self.first_failures)):,} more in failures/")
+        return "\n".join(lines)
+
+
+def _rate(images: int, seconds: float) -> str:
+    return f"{images / seconds:.2f}" if seconds > 0 else "-"
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(str(text).split())  # errors can span lines
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class Output:
@@ -215,7 +253,10 @@ class Output:
         storage.write_atomic(self.fs, self.path(rel), data, retry=self.retry)
 
     def exists(self, rel: str) -> bool:
-        return self.retry.call(f"checking {self.name}/{rel}", self.fs.exists, self.path(rel))
+        path = self.path(rel)
+        # s3fs answers from its cached listing of the parent when it has one; another process may have written since.
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        return self.retry.call(f"checking {self.name}/{rel}", self.fs.exists, path)
 
     def remove(self, rel: str, *, recursive: bool = False) -> None:
         try:
@@ -339,23 +380,45 @@ class Output:
         self.write(SUCCESS_FILE, json.dumps({"shards": total, **summary}, indent=2).encode())
         return True
 
-    def status(self) -> OutputStatus:
+    def status(self, *, failures: int = 10) -> OutputStatus:
+        """Counts, per-shard timing, and the first `failures` failure records."""
         job = self.read_job()
         if job is None:
             raise OutputError(f"{self.name}: not an sdbatch dataset (no {JOB_FILE})")
         rows, size = job["rows"], job["identity"]["shard_size"]
         total = count_shards(rows, size)
         done = {s for s in self.done_shards() if shard_index(s) < total}
-        failed = set(self._list("failures", ".parquet")) & done
+        failed = sorted(set(self._list("failures", ".parquet")) & done)
+        done = sorted(done)
+        seconds = list(self._read_parallel([metadata_path(s) for s in done], ["generation_seconds"]))
+        timing = [(s, len(t), sum(t.column(0).to_pylist())) for s, t in zip(done, seconds)]
+        first_failures = []
+        for rel in (failures_path(s) for s in failed):
+            if len(first_failures) >= failures:
+                break
+            first_failures += self._read(rel, ["id", "error", "attempts"]).to_pylist()[:failures - len(first_failures)]
         return OutputStatus(
             url=self.name, job=job, shards=total, shards_done=len(done), rows=rows,
             rows_done=sum(shard_at(shard_index(s), rows, size).rows for s in done), images=job["images"],
-            images_done=sum(self._row_counts([metadata_path(s) for s in sorted(done)])),
-            failures=sum(self._row_counts([failures_path(s) for s in sorted(failed)])), success=self.success(),
+            images_done=sum(n for _, n, _ in timing),
+            failures=sum(self._row_counts([failures_path(s) for s in failed])), success=self.success(),
+            shard_timing=timing, first_failures=first_failures,
         )
 
+    def _read(self, rel: str, columns: list[str]) -> pa.Table:
+        def read() -> pa.Table:
+            with storage.open_for_arrow(self.fs, self.path(rel)) as f:
+                return pq.read_table(f, columns=columns)
+
+        return self.retry.call(f"reading {self.name}/{rel}", read)
+
+    def _read_parallel(self, rels: list[str], columns: list[str]) -> Iterator[pa.Table]:
+        """Some columns of many files at once (object stores answer slowly but in parallel)."""
+        with ThreadPoolExecutor(16) as pool:
+            yield from pool.map(lambda rel: self._read(rel, columns), rels)
+
     def _row_counts(self, rels: list[str]) -> Iterator[int]:
-        """Row counts from Parquet footers, many at once (object stores answer slowly but in parallel)."""
+        """Row counts from Parquet footers, many at once."""
         def count(rel: str) -> int:
             with storage.open_for_arrow(self.fs, self.path(rel)) as f:
                 return pq.ParquetFile(f).metadata.num_rows
@@ -381,21 +444,23 @@ class ImageWriter:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-writer")
         self._slots = threading.BoundedSemaphore(max_pending)
 
-    def submit(self, rel_path: str, image, params: dict) -> Future:
-        """Queue one image; the future gives the PNG's sha256 once it is durably written."""
+    def submit(self, rel_path: str, image, params: dict, *, keep: bool = False) -> Future:
+        """Queue one image; the future gives the PNG's sha256 once it is durably written, or with
+        `keep` (sha256, PNG bytes)."""
         self._slots.acquire()
         try:
-            future = self._pool.submit(self._write, rel_path, image, params)
+            future = self._pool.submit(self._write, rel_path, image, params, keep)
         except BaseException:
             self._slots.release()
             raise
         future.add_done_callback(lambda _: self._slots.release())
         return future
 
-    def _write(self, rel_path: str, image, params: dict) -> str:
+    def _write(self, rel_path: str, image, params: dict, keep: bool) -> str | tuple[str, bytes]:
         data = encode_png(image, params)
         self.out.write(rel_path, data)
-        return hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
+        return (digest, data) if keep else digest
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -436,8 +501,9 @@ class ShardWriter:
     outcome. `commit` waits until every image is written, then writes failures and metadata.
     """
 
-    def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, model: str, model_fingerprint: str):
-        self.out, self.writer, self.rows = out, writer, rows
+    def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, model: str, model_fingerprint: str,
+                 embed_images: bool = False):
+        self.out, self.writer, self.rows, self.embed_images = out, writer, rows, embed_images
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
         self.shard = rows.shard.id
         self._records: dict[str, _Done | _Failed] = {}
@@ -446,7 +512,7 @@ class ShardWriter:
         """Hand one generated image to the writer (blocks only while the writer's queue is full)."""
         params = generation_params(item, scheduler_config=scheduler_config, model=self.model,
                                    model_fingerprint=self.model_fingerprint)
-        future = self.writer.submit(image_path(self.shard, item.id), image, params)
+        future = self.writer.submit(image_path(self.shard, item.id), image, params, keep=self.embed_images)
         self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds)
 
     def fail(self, item: WorkItem, error: str, attempts: int) -> None:
@@ -464,10 +530,10 @@ class ShardWriter:
         records = sorted(self._records.values(), key=lambda r: (r.item.row, r.item.k))
         done = [r for r in records if isinstance(r, _Done)]
         failed = [r for r in records if isinstance(r, _Failed)]
-        hashes, errors = [], []
+        written, errors = [], []
         for r in done:
             try:
-                hashes.append(r.future.result())
+                written.append(r.future.result())
             except Exception as e:  # wait for every write before giving up, so none lands after
                 errors.append(e)
         if errors:
@@ -482,14 +548,19 @@ class ShardWriter:
             }))
         elif self.out.exists(failures_path(self.shard)):  # left by an attempt that did not commit
             self.out.remove(failures_path(self.shard))
-        self.out.write(metadata_path(self.shard), self._parquet(metadata_schema(passthrough.schema), done, {
+        paths = [image_path(self.shard, r.item.id) for r in done]
+        columns = {
             "scheduler_config": [r.scheduler_config for r in done],
             "model": [self.model] * len(done),
             "model_fingerprint": [self.model_fingerprint] * len(done),
-            "image_path": [image_path(self.shard, r.item.id) for r in done],
-            "image_sha256": hashes,
+            "image_path": paths,
+            "image_sha256": [w[0] for w in written] if self.embed_images else written,
             "generation_seconds": [r.seconds for r in done],
-        }))
+        }
+        if self.embed_images:
+            columns["image"] = [{"bytes": w[1], "path": p} for w, p in zip(written, paths)]
+        schema = metadata_schema(passthrough.schema, embed_images=self.embed_images)
+        self.out.write(metadata_path(self.shard), self._parquet(schema, done, columns))
         return ShardResult(self.shard, len(done), len(failed))
 
     def _parquet(self, schema: pa.Schema, records: list, extra: dict[str, list]) -> bytes:

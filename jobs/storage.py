@@ -8,7 +8,11 @@ Every read and write of the job goes through here, so the rules are in one place
   into place; on object stores one complete PUT (`pipe_file`) is already atomic.
 - Transient failures (network, timeouts, 5xx) are retried with exponential backoff for a bounded
   time, then `StorageError` says what failed; permanent ones (permission, not found) are not
-  retried.
+  retried. The bound is `RetryPolicy.total_seconds`, 120 s unless the environment variable
+  `SDBATCH_STORAGE_RETRY_SECONDS` says otherwise (read at import, so set it before the job starts;
+  Ray passes the driver's environment on to local actors). It is the only retry layer: s3fs's
+  botocore client is told to try once (see `s3_defaults`), or its own retries, 5-12 s per call
+  against a dead endpoint, would multiply ours.
 - Credentials never reach logs or `job.json`: `redact` / `redact_url` hide them.
 """
 import json
@@ -32,6 +36,15 @@ T = TypeVar("T")
 PERMANENT = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 SECRET_KEY = re.compile(r"key|secret|token|passw|credential|session|auth|signature", re.IGNORECASE)
 NOT_SECRET = {"endpoint_url", "region_name", "key_prefix"}  # look secret by name only
+RETRY_SECONDS_ENV = "SDBATCH_STORAGE_RETRY_SECONDS"
+S3_PROTOCOLS = {"s3", "s3a"}
+
+
+def s3_defaults() -> dict:
+    """s3fs: one botocore attempt per call, unless the user passes config_kwargs of their own.
+    A new dict each time: botocore rewrites the `retries` dict it is given (max_attempts becomes
+    total_max_attempts = 2), so a shared one would quietly allow two attempts from then on."""
+    return {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}}}
 
 
 class StorageError(Exception):
@@ -54,8 +67,11 @@ def parse_storage_options(pairs: Iterable[str]) -> dict:
 
 def resolve(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """An fsspec URL (or local path) → (file system, path inside it)."""
+    options = dict(storage_options or {})
+    if fsspec.utils.get_protocol(url) in S3_PROTOCOLS:
+        options = {**s3_defaults(), **options}
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         raise StorageError(f"{redact_url(url)}: this storage needs an extra package ({e}); e.g. pip install 'sdbatch[s3]'") from e
     except (ValueError, TypeError) as e:
@@ -109,7 +125,22 @@ class RetryPolicy:
         raise AssertionError("unreachable")
 
 
-DEFAULT_RETRY = RetryPolicy()
+def default_retry(environ=os.environ) -> RetryPolicy:
+    """The policy of every storage call: `RetryPolicy()`, with `total_seconds` from
+    SDBATCH_STORAGE_RETRY_SECONDS when set (e.g. small in tests, larger for a flaky store)."""
+    value = environ.get(RETRY_SECONDS_ENV)
+    if value is None or not value.strip():
+        return RetryPolicy()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:  # also rejects nan
+        raise StorageError(f"{RETRY_SECONDS_ENV}={value!r}: expected a number of seconds > 0")
+    return RetryPolicy(total_seconds=seconds)
+
+
+DEFAULT_RETRY = default_retry()
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, retry: RetryPolicy = DEFAULT_RETRY) -> None:

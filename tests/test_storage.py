@@ -151,3 +151,44 @@ def test_redaction():
     assert options["secret"] == "s3cr3t"
     assert storage.redact_url("s3://user:pw@bucket/x") == "s3://***@bucket/x"
     assert storage.redact_url("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_s3_urls_get_one_botocore_attempt_unless_the_user_configures_it():
+    pytest.importorskip("s3fs")
+    endpoint = {"endpoint_url": "http://127.0.0.1:9"}
+    fs, path = storage.resolve("s3://bucket/out", {"key": "k", "secret": "s", "client_kwargs": endpoint,
+                                                   "skip_instance_cache": True})
+    assert path == "bucket/out"
+    assert fs.config_kwargs == {"retries": {"mode": "standard", "max_attempts": 1}}
+    fs.connect()  # botocore rewrites the retries dict it is given: the next file system must still get one attempt
+    fs, _ = storage.resolve("s3://bucket/out", {"client_kwargs": endpoint, "skip_instance_cache": True})
+    assert fs.config_kwargs == {"retries": {"mode": "standard", "max_attempts": 1}}
+    mine = {"retries": {"max_attempts": 7}, "connect_timeout": 3}
+    fs, _ = storage.resolve("s3://bucket/out", {"config_kwargs": mine, "skip_instance_cache": True})
+    assert fs.config_kwargs == mine
+    fs, _ = storage.resolve("memory://x")  # other protocols get nothing added
+    assert not hasattr(fs, "config_kwargs")
+
+
+def test_one_s3_call_against_a_dead_endpoint_fails_fast_and_is_transient():
+    """botocore's own retries would take 5-12 s here; the RetryPolicy must be the only retry layer."""
+    pytest.importorskip("s3fs")
+    fs, path = storage.resolve("s3://bucket/x", {"key": "k", "secret": "s", "skip_instance_cache": True,
+                                                 "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}})
+    start = time.monotonic()
+    with pytest.raises(Exception) as caught:
+        fs.pipe_file(path, b"data")
+    assert time.monotonic() - start < 3
+    assert storage.is_transient(caught.value)
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=r"writing bucket/x failed after \d+ attempts"):
+        storage.write_atomic(fs, path, b"data", retry=RetryPolicy(base_delay=0.1, max_delay=0.2, total_seconds=1))
+    assert time.monotonic() - start < 4
+
+
+def test_retry_seconds_from_the_environment():
+    assert storage.default_retry({}) == RetryPolicy()
+    assert storage.default_retry({storage.RETRY_SECONDS_ENV: "2.5"}) == RetryPolicy(total_seconds=2.5)
+    for bad in ("0", "-1", "soon", "nan"):
+        with pytest.raises(StorageError, match=storage.RETRY_SECONDS_ENV):
+            storage.default_retry({storage.RETRY_SECONDS_ENV: bad})

@@ -1,0 +1,142 @@
+"""A finished `sdbatch run` dataset loads unchanged with the tools people train with: pyarrow,
+pandas, Ray Data and Hugging Face `datasets` — the recipes the README gives; `--embed-images`;
+`sdbatch status` with per-shard timing and failures."""
+import hashlib
+import io
+import logging
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+SDBATCH = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "sdbatch")
+IDS = ["cat", "dog-0", "dog-1", "owl", "fox"]  # "nan" fails: guidance 1e30 overflows to NaN
+LABELS = {"cat": "cat", "dog-0": "dog", "dog-1": "dog", "owl": "owl", "fox": "fox"}
+
+
+def sdbatch(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([SDBATCH, *map(str, args)], capture_output=True, text=True, timeout=180)
+
+
+def make_dataset(tmp: Path, *options: str) -> Path:
+    manifest = tmp / "manifest.parquet"
+    pq.write_table(pa.table({
+        "id": ["cat", "dog", "owl", "fox", "nan"],
+        "prompt": ["a cat", "a dog", "an owl", "a fox", "overflows"],
+        "num_images": [1, 2, 1, 1, 1],
+        "guidance_scale": [None, None, None, None, 1e30],
+        "label": ["cat", "dog", "owl", "fox", "nan"],
+    }), manifest)
+    out = tmp / "out"
+    r = sdbatch("run", manifest, "--model", "builtin:tiny", "--output", out, "--actors", 1,
+                "--width", 64, "--height", 64, "--steps", 2, "--shard-size", 3, *options)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("plain"))
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("embedded"), "--embed-images")
+
+
+def check_rows(ids, labels, paths) -> None:
+    assert sorted(ids) == sorted(IDS)
+    assert {i: l for i, l in zip(ids, labels)} == LABELS
+    assert all(p == f"images/shard-{'000000' if i != 'fox' else '000001'}/{i}.png" for i, p in zip(ids, paths))
+
+
+def test_pyarrow_dataset(out):
+    table = pads.dataset(out / "metadata", format="parquet").to_table()
+    check_rows(table["id"].to_pylist(), table["label"].to_pylist(), table["image_path"].to_pylist())
+    assert table.schema.field("seed").type == pa.int64() and table.schema.field("label").type == pa.string()
+
+
+def test_pandas(out):
+    import pandas as pd
+
+    df = pd.read_parquet(out / "metadata")
+    check_rows(list(df["id"]), list(df["label"]), list(df["image_path"]))
+    with Image.open(out / df.loc[df["id"] == "cat", "image_path"].item()) as im:
+        assert im.size == (64, 64)
+    failures = pd.read_parquet(out / "failures")
+    assert list(failures["id"]) == ["nan"] and "NaN" in failures["error"].item()
+
+
+def test_ray_data(out):
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        rows = ray.data.read_parquet(str(out / "metadata")).take_all()
+        check_rows([r["id"] for r in rows], [r["label"] for r in rows], [r["image_path"] for r in rows])
+        images = ray.data.read_images(str(out / "images"), include_paths=True).take_all()
+        assert sorted(Path(r["path"]).stem for r in images) == sorted(IDS)
+        assert all(r["image"].shape == (64, 64, 3) for r in images)
+    finally:
+        ray.shutdown()
+
+
+def test_huggingface_datasets(out, tmp_path):
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(out / "metadata" / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    check_rows(ds["id"], ds["label"], ds["image_path"])
+    # The image-folder view: resolve image_path against OUT and cast it to the Image feature.
+    ds = ds.map(lambda row: {"image": str(out / row["image_path"])}).cast_column("image", datasets.Image())
+    image = ds[0]["image"]
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    with Image.open(out / ds[0]["image_path"]) as im:
+        assert image.tobytes() == im.convert("RGB").tobytes()
+
+
+def test_embedded_images_load_as_images_in_huggingface_datasets(embedded, tmp_path):
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(embedded / "metadata" / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["image"], datasets.Image)
+    check_rows(ds["id"], ds["label"], ds["image_path"])
+    for row in ds:
+        png = (embedded / row["image_path"]).read_bytes()  # the PNG files are written as well
+        assert hashlib.sha256(png).hexdigest() == row["image_sha256"]
+        with Image.open(io.BytesIO(png)) as im:
+            assert isinstance(row["image"], Image.Image) and row["image"].tobytes() == im.tobytes()
+
+
+def test_embedded_images_are_plain_structs_elsewhere(embedded):
+    table = pads.dataset(embedded / "metadata", format="parquet").to_table()
+    assert table.schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for row in table.select(["image", "image_path", "image_sha256"]).to_pylist():
+        assert row["image"]["path"] == row["image_path"]
+        assert hashlib.sha256(row["image"]["bytes"]).hexdigest() == row["image_sha256"]
+    # a job with embedded images is a different job: it does not resume into a plain dataset
+    r = sdbatch("run", embedded.parent / "manifest.parquet", "--model", "builtin:tiny", "--output", embedded,
+                "--width", 64, "--height", 64, "--steps", 2, "--shard-size", 3, "--resume")
+    assert r.returncode == 2 and "embed_images: true there, false now" in r.stderr, r.stderr
+
+
+def test_status_shows_shard_timing_and_failures(out):
+    r = sdbatch("status", out)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "  failures  1" in lines and "  _SUCCESS  yes" in lines
+    timing = {l.split()[0]: l.split()[1:] for l in lines if l.startswith("  shard-") or l.startswith("  all ")}
+    assert sorted(timing) == ["all", "shard-000000", "shard-000001"]
+    assert [int(timing[s][0]) for s in ("shard-000000", "shard-000001", "all")] == [4, 1, 5]  # "nan" failed
+    assert all(float(t[1]) > 0 and float(t[2]) > 0 for t in timing.values())
+    (failure,) = [l for l in lines if l.startswith("  nan ")]
+    assert failure.split()[1] == "1" and "NonFiniteOutputError" in failure
+
+    r = sdbatch("status", out, "--limit", 1)
+    assert "... 1 more shards" in r.stdout and "shard-000001" not in r.stdout
