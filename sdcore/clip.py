@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdcore.errors import UnsupportedModelError
+from sdcore.layers import Linear
 
 
 @dataclass
@@ -47,10 +48,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.heads = cfg.num_attention_heads
         dim = cfg.hidden_size
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -64,8 +65,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
@@ -90,9 +91,14 @@ class CLIPTextEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         # ModuleDicts only to reproduce the checkpoint's `embeddings.*` / `encoder.layers.*` names.
+        # Tables start empty (weights are always loaded): Embedding's default normal_ init, run on
+        # the meta device as the loader builds modules, imports torch's Python reference ops, which
+        # cost about 3 s of every cold start.
         self.embeddings = nn.ModuleDict({
-            "token_embedding": nn.Embedding(cfg.vocab_size, cfg.hidden_size),
-            "position_embedding": nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size),
+            "token_embedding": nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)),
+            "position_embedding": nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                               _weight=torch.empty(cfg.max_position_embeddings, cfg.hidden_size)),
         })
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))})
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)

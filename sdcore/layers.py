@@ -1,4 +1,4 @@
-"""Building blocks shared by the UNet and the VAE.
+"""Building blocks shared by the UNet and the VAE (and, for `Linear`, the text encoder).
 
 Parameter names follow the published diffusers checkpoints (`to_q`, `to_out.0`, `conv_shortcut`, …)
 so that a diffusers folder loads with no renaming at all; the single-file layout is mapped onto
@@ -13,6 +13,58 @@ def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
 
 
+# On the CPU, F.linear runs MKL's float32 GEMM, which takes an AVX2 code path on AMD processors;
+# oneDNN's matmul (the kernel PyTorch's own CPU compiler emits for linear layers) uses AVX-512 there
+# and ran linear layers 2-3x faster on this project's machines (BENCHMARKS.md, "Levers"). Same
+# products, summed in another order: results differ by float rounding only. Inference only: the
+# op has no backward.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _use_onednn(x):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# Conv3x3 switches to the matmul for at most this many positions (batch x height x width) and
+# kernels of at least this many numbers (32 MiB in float32).
+MATMUL_MAX_POSITIONS = 256
+MATMUL_MIN_KERNEL = 1 << 23
+
+
+class Conv3x3(nn.Conv2d):
+    """A 3x3 convolution that runs as im2col + matmul where that is faster.
+
+    On the CPU, oneDNN's direct convolution re-lays out the whole kernel on every call. Once a kernel
+    outgrows the caches (the UNet's 1280-2560-channel ones, 56-113 MiB) that copy costs more than
+    the arithmetic on a few hundred positions, as at the UNet's two deepest levels; a matmul reads
+    the kernel as it is stored. Measured here: 1.6-5x faster per conv there, slower elsewhere.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
+        super().__init__(in_channels, out_channels, 3, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        (s,), (p,) = set(self.stride), set(self.padding)
+        Ho, Wo = (H + 2 * p - 3) // s + 1, (W + 2 * p - 3) // s + 1
+        if not (_use_onednn(x) and B * Ho * Wo <= MATMUL_MAX_POSITIONS and self.weight.numel() >= MATMUL_MIN_KERNEL):
+            return super().forward(x)
+        cols = F.unfold(x, 3, padding=p, stride=s).transpose(1, 2)  # [B, Ho*Wo, C*9], the 3x3 neighbourhoods
+        out = linear(cols, self.weight.reshape(self.out_channels, -1), self.bias)  # [B, Ho*Wo, out]
+        return out.transpose(1, 2).reshape(B, -1, Ho, Wo)
+
+
 class Attention(nn.Module):
     """Multi-head attention of a query sequence over itself or over a context sequence."""
 
@@ -21,11 +73,11 @@ class Attention(nn.Module):
         inner = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=bias)
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(context_dim, inner, bias=bias)
+        self.to_v = Linear(context_dim, inner, bias=bias)
         # A list (not a bare Linear) because the checkpoints name this weight `to_out.0.weight`.
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.to_out = nn.ModuleList([Linear(inner, query_dim)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, N, query_dim], context: [B, M, context_dim] (defaults to x)
@@ -44,10 +96,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float, temb_channels: int | None = None):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups, eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.conv1 = Conv3x3(in_channels, out_channels)
+        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = group_norm(out_channels, groups, eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,7 +117,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv3x3(channels, channels, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -81,7 +133,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdcore.errors import UnsupportedModelError
-from sdcore.layers import Attention, Downsample, ResnetBlock, Upsample, group_norm
+from sdcore.layers import Attention, Downsample, Linear, ResnetBlock, Upsample, group_norm
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -148,8 +148,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
 class TimestepMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -160,7 +160,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -171,7 +171,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # Keyed "0" and "2" because the checkpoints name these `net.0.proj` and `net.2` (`net.1` was dropout).
-        self.net = nn.ModuleDict({"0": GEGLU(dim, mult * dim), "2": nn.Linear(mult * dim, dim)})
+        self.net = nn.ModuleDict({"0": GEGLU(dim, mult * dim), "2": Linear(mult * dim, dim)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net["2"](self.net["0"](x))
@@ -327,6 +327,10 @@ class UNet(nn.Module):
                 context: torch.Tensor) -> torch.Tensor:
         # sample: [B, 4, h, w] (any h, w), timestep: a number or a 0-d / [B] tensor, context: [B, 77, D]
         B = sample.shape[0]
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and timestep.device.type == "cpu":
+            # Schedulers keep their timesteps on the host. Copying one to a GPU would wait for the GPU's
+            # queue to drain at every step; filling a tensor there with the number does not.
+            timestep = timestep.item()
         if isinstance(timestep, torch.Tensor):
             t = timestep.to(sample.device).expand(B)
         else:

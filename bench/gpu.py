@@ -1,0 +1,112 @@
+"""GPU section: images/s of sdcore and diffusers eager in bfloat16 and float16, 512x512, 50 steps.
+
+The fraction of peak divides the work an image takes by the time it took: FLOPs are counted by
+running the modules on the `meta` device under torch's FlopCounterMode (matmuls and convolutions;
+about 83 TFLOP for a 50-step CFG image at 512²), the peak is the card's dense bf16/fp16 tensor rate.
+"""
+import torch
+
+from bench.timing import interleaved, median
+
+SKIPPED = "GPU benchmarks skipped: no CUDA device"
+# Dense (no sparsity) bf16 / fp16 tensor-core peak, FLOP/s, first matching name wins.
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 50, batches=(1, 8, 16),
+            dtypes=(torch.bfloat16, torch.float16), reps: int = 3) -> dict:
+    """The GPU figures; with another `device` and small sizes it is a quick check of this code."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(SKIPPED, flush=True)
+        return {"skipped": SKIPPED}
+    import sdcore
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from sdcore.errors import NonFiniteOutputError
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else device
+    peak = next((flops for key, flops in PEAK_FLOPS if key in name), None)
+    flops = image_flops(size, steps)
+    out = {"device": name, "peak_flops": peak, "flops_per_image": flops, "size": size, "steps": steps, "rows": []}
+    prompts_all = ["a photograph of an astronaut riding a horse"] * max(batches)
+    for dtype in dtypes:
+        ours = sdcore.load_pipeline(folder, device=device, dtype=dtype)
+        ref = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
+                                                      local_files_only=True).to(device)
+        ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+        ref.set_progress_bar_config(disable=True)
+        for batch in batches:
+            prompts, seeds = prompts_all[:batch], list(range(batch))
+            non_finite = {}
+
+            def run_ours(n=steps):
+                try:
+                    ours.generate(prompts, seeds=seeds, steps=n, height=size, width=size, scheduler="ddim",
+                                  output="np")
+                except NonFiniteOutputError as e:  # random weights in half precision; the work was done
+                    non_finite["sdcore"] = len(e.rows)
+
+            def run_ref(n=steps):
+                gens = [torch.Generator().manual_seed(s) for s in seeds]
+                ref(prompts, num_inference_steps=n, height=size, width=size, generator=gens, output_type="np")
+
+            # Kernels, allocator and autotuning warmed up, at little cost.
+            run_ours(2)
+            run_ref(2)
+            log(f"GPU {str(dtype).removeprefix('torch.')} batch {batch}: whole image x{reps}")
+            times = interleaved({"sdcore": run_ours, "diffusers": run_ref}, reps, warmup=False, device=device,
+                                log=log)
+            row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                   "sdcore_s": median(times["sdcore"]), "diffusers_s": median(times["diffusers"]),
+                   "runs_s": times, "non_finite_rows": non_finite}
+            for lib in ("sdcore", "diffusers"):
+                row[f"{lib}_images_per_s"] = batch / row[f"{lib}_s"]
+                row[f"{lib}_peak_fraction"] = row[f"{lib}_images_per_s"] * flops / peak if peak else None
+            row["speedup_vs_diffusers"] = row["diffusers_s"] / row["sdcore_s"]
+            out["rows"].append(row)
+        del ours, ref
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def image_flops(size: int, steps: int) -> float:
+    """Matmul and convolution FLOPs of one CFG image: 2 prompt encodings, 2*steps UNet rows, a decode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdcore.clip import CLIPTextConfig, CLIPTextEncoder
+    from sdcore.unet import UNet, UNetConfig
+    from sdcore.vae import AutoencoderKL, VAEConfig
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    with torch.device("meta"):
+        unet, vae, text = UNet(UNetConfig()), AutoencoderKL(VAEConfig()), CLIPTextEncoder(CLIPTextConfig())
+        latent = torch.empty(1, 4, size // 8, size // 8)
+        context = torch.empty(1, 77, 768)
+        per_row = count(lambda: unet(latent, torch.tensor(500.0), context))
+        decode = count(lambda: vae.decode(latent))
+        encode = count(lambda: text(torch.zeros(1, 77, dtype=torch.long)))
+    return 2 * steps * per_row + decode + 2 * encode
+
+
+def render(g: dict) -> list[str]:
+    if "skipped" in g:
+        return [f"**{g['skipped']}.**"]
+    peak = f"{g['peak_flops'] / 1e12:.0f} TFLOP/s" if g["peak_flops"] else "unknown"
+    lines = [f"Device: {g['device']} (dense bf16/fp16 peak {peak}); one image = {g['flops_per_image'] / 1e12:.1f} "
+             "TFLOP (counted).", "",
+             "| dtype | batch | sdcore images/s | diffusers images/s | speedup | sdcore % of peak | diffusers % of peak |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in g["rows"]:
+        def pct(x):
+            return f"{100 * x:.0f} %" if x is not None else "—"
+        lines.append(f"| {row['dtype']} | {row['batch']} | {row['sdcore_images_per_s']:.2f} | "
+                     f"{row['diffusers_images_per_s']:.2f} | **{row['speedup_vs_diffusers']:.2f}** | "
+                     f"{pct(row['sdcore_peak_fraction'])} | {pct(row['diffusers_peak_fraction'])} |")
+    bad = [f"{row['dtype']} batch {row['batch']}" for row in g["rows"] if row["non_finite_rows"]]
+    if bad:
+        lines += ["", f"Non-finite images (random weights in half precision) at: {', '.join(bad)}."]
+    return lines

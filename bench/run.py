@@ -1,0 +1,304 @@
+"""`make bench` = `python -m bench.run`: sdcore against diffusers on the same random SD v1.5 weights.
+
+Writes BENCHMARKS.md (bench/intro.md, then the generated tables, then bench/levers.md) and
+BENCHMARKS.json (every run's seconds) at the top of the repository. `--help` lists the knobs; the
+defaults are what BENCHMARKS.md reports, sized to take about 15 minutes on 2 CPU cores.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+from bench import fixtures, gpu, levers
+from bench.timing import interleaved, keep_freed_memory, machine, median, versions
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dawn",
+           "a bowl of ramen, studio lighting", "an isometric city block at night"]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=256, help="CPU image side in pixels (default 256)")
+    p.add_argument("--steps", type=int, default=20, help="CPU denoising steps (default 20)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="CPU batch sizes (default 1 4)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions of text encoding and batch-1 UNet steps")
+    p.add_argument("--slow-reps", type=int, default=3, help="repetitions of larger UNet batches and VAE decodes")
+    p.add_argument("--image-reps", type=int, nargs="+", default=[3, 1],
+                   help="repetitions of the whole image, one number per batch size (default 3 1)")
+    p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
+    p.add_argument("--cold-reps", type=int, default=3, help="fresh processes per cold-start measurement")
+    p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the random weights are kept")
+    p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
+                   choices=["cold", "cpu", "levers", "jobs", "gpu"])
+    p.add_argument("--out", type=Path, default=REPO / "BENCHMARKS", help="output path without suffix (.md, .json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if len(args.image_reps) != len(args.batches):
+        raise SystemExit("--image-reps needs one number per --batches entry")
+    started = time.perf_counter()
+    allocator = keep_freed_memory()
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m bench.run " + " ".join(given) if given else "make bench (python -m bench.run)"
+    result = {"command": command, "machine": machine(), "versions": versions(), "allocator": allocator,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    log(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, torch threads "
+        f"{result['machine']['torch_threads']}, load average {result['machine']['load_average_at_start']}")
+    folder, single = fixtures.ensure_weights(args.cache, log=log)
+    result["weights_bytes"] = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+
+    # Fresh processes first, while this one is still small.
+    if "cold" in args.sections:
+        result["cold_start"] = cold_start(folder, single, args.cold_reps)
+    if {"cpu", "levers"} & set(args.sections):
+        ours, ref = load_both(folder)
+        if "cpu" in args.sections:
+            result["cpu"] = cpu_section(ours, ref, args)
+        if "levers" in args.sections:
+            result["levers"] = lever_section(ours, args)
+        del ours, ref
+    if "jobs" in args.sections:
+        result["jobs"] = job_section()
+    if "gpu" in args.sections:
+        result["gpu"] = gpu.section(folder, log)
+    result["total_s"] = time.perf_counter() - started
+
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(render(result))
+    log(f"wrote {args.out.with_suffix('.md')} and .json in {result['total_s'] / 60:.1f} min")
+    return result
+
+
+# --- cold start -----------------------------------------------------------------------------------
+
+def cold_start(folder: Path, single: Path, reps: int) -> list[dict]:
+    cases = [("diffusers folder", "sdcore", [folder]), ("diffusers folder", "diffusers", [folder]),
+             ("single .safetensors", "sdcore", [single]),
+             # diffusers reads the configs of a single file from a folder; it converts every tensor.
+             ("single .safetensors", "diffusers", [single, folder])]
+    rows = []
+    for layout, library, paths in cases:
+        runs = []
+        # diffusers' single-file load takes tens of seconds and twice the weights' memory: once is enough.
+        for _ in range(1 if (library, layout) == ("diffusers", "single .safetensors") else reps):
+            out = subprocess.run([sys.executable, "-m", "bench.coldstart", library, *map(str, paths)], cwd=REPO,
+                                 capture_output=True, text=True, timeout=900)
+            if out.returncode != 0:
+                raise RuntimeError(f"cold start {library} {layout} failed:\n{out.stderr[-3000:]}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            log(f"cold start {layout} {library}: load {runs[-1]['load_s']:.2f}s, "
+                f"peak RSS {runs[-1]['peak_rss_after_first_use'] / 2**30:.2f} GiB after first use")
+        row = {"layout": layout, "library": library, "runs": runs}
+        for key in runs[0]:
+            row[key] = median([run[key] for run in runs])
+        rows.append(row)
+    return rows
+
+
+# --- CPU: components and whole images ---------------------------------------------------------------
+
+def load_both(folder: Path):
+    import sdcore
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    ours = sdcore.load_pipeline(folder)
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return ours, ref
+
+
+def cpu_section(ours, ref, args) -> dict:
+    side = args.size // 8
+    rows, parity = [], {}
+    gen = torch.Generator().manual_seed(0)
+    for batch in args.batches:
+        prompts = (PROMPTS * batch)[:batch]
+        negatives = [""] * batch
+        cfg_batch = 2 * batch
+        x = torch.randn(cfg_batch, 4, side, side, generator=gen)
+        t = torch.tensor(500)
+        ctx = torch.randn(cfg_batch, 77, 768, generator=gen)
+        z = torch.randn(batch, 4, side, side, generator=gen)
+        with torch.inference_mode():
+            parity[f"unet_b{batch}"] = (ours.unet(x, t, ctx) - ref.unet(x, t, encoder_hidden_states=ctx).sample).abs().max().item()
+            parity[f"vae_b{batch}"] = (ours.vae.decode(z) - ref.vae.decode(z).sample).abs().max().item()
+        figures = [
+            ("text encoding (prompt + negative)", args.reps,
+             lambda: (ours.encode_prompts(negatives), ours.encode_prompts(prompts)),
+             lambda: ref.encode_prompt(prompts, "cpu", 1, True)),
+            (f"one UNet step (CFG batch {cfg_batch})", args.reps if batch == 1 else args.slow_reps,
+             lambda: ours.unet(x, t, ctx), lambda: ref.unet(x, t, encoder_hidden_states=ctx).sample),
+            ("VAE decode", args.slow_reps, lambda: ours.vae.decode(z), lambda: ref.vae.decode(z).sample),
+        ]
+        for name, reps, fn_ours, fn_ref in figures:
+            log(f"CPU batch {batch}: {name} x{reps}")
+            shares = {}
+            with torch.inference_mode():
+                times = interleaved({"sdcore": fn_ours, "diffusers": fn_ref}, reps, log=log, shares=shares)
+            rows.append(_row(name, batch, times, shares))
+
+    images = {}
+    for batch, reps in zip(args.batches, args.image_reps):
+        prompts = (PROMPTS * batch)[:batch]
+        seeds = list(range(batch))
+        settings = dict(height=args.size, width=args.size)
+
+        def run_ours():
+            images["sdcore"] = ours.generate(prompts, seeds=seeds, steps=args.steps, guidance_scale=7.5,
+                                             scheduler="ddim", output="pil", **settings)
+
+        def run_ref():
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            images["diffusers"] = ref(prompts, num_inference_steps=args.steps, guidance_scale=7.5, generator=gens,
+                                      output_type="pil", **settings).images
+
+        log(f"CPU batch {batch}: whole image ({args.steps} steps) x{reps}")
+        # No warm-up: the components above ran every kernel already.
+        shares = {}
+        times = interleaved({"sdcore": run_ours, "diffusers": run_ref}, reps, warmup=False, log=log, shares=shares)
+        rows.append(_row(f"whole image ({args.steps} steps + decode)", batch, times, shares))
+        parity[f"image_b{batch}_max_abs_uint8"] = max(
+            int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+            for a, b in zip(images["sdcore"], images["diffusers"]))
+    return {"rows": rows, "parity": parity, "threads": torch.get_num_threads()}
+
+
+def _row(name: str, batch: int, times: dict, shares: dict) -> dict:
+    ours, ref = median(times["sdcore"]), median(times["diffusers"])
+    return {"figure": name, "batch": batch, "sdcore_s": ours, "diffusers_s": ref, "ratio": ours / ref,
+            "ratio_fastest": min(times["sdcore"]) / min(times["diffusers"]), "reps": len(times["sdcore"]),
+            "sdcore_runs_s": times["sdcore"], "diffusers_runs_s": times["diffusers"],
+            "min_cpu_share": min(min(shares["sdcore"]), min(shares["diffusers"])),
+            "cpu_shares": shares}
+
+
+def lever_section(ours, args) -> list[dict]:
+    side = args.size // 8
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, side, side, generator=gen)
+    ctx = torch.randn(2, 77, 768, generator=gen)
+    ids = ours.tokenizer([PROMPTS[0]])
+    t = torch.tensor(500)
+    workloads = {
+        f"UNet step, CFG batch 2, {args.size}²": (ours.unet, lambda: ours.unet(x, t, ctx)),
+        "text encoder, 1 prompt": (ours.text_encoder, lambda: ours.text_encoder(ids)),
+    }
+    return levers.measure(workloads, args.lever_reps, log)
+
+
+# --- job system -------------------------------------------------------------------------------------
+
+def job_section() -> dict:
+    if importlib.util.find_spec("jobs.driver") is None:
+        return {"pending": "sdbatch run not yet built (no jobs.driver)"}
+    # TODO(lead): job efficiency vs an in-process loop (1 and 2 actors), framework cost per image with
+    # builtin:tiny, driver peak memory while planning a 10-million-row manifest.
+    return {"pending": "jobs.driver exists, but its benchmark is not written yet"}
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def render(r: dict) -> str:
+    m, v = r["machine"], r["versions"]
+    out = [(REPO / "bench" / "intro.md").read_text().rstrip(), ""]
+    out += [
+        "## This run", "",
+        f"- Command: `{r['command']}` (took {r['total_s'] / 60:.1f} min)",
+        f"- Date: {m['date']}",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, torch threads {m['torch_threads']}"
+        f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; load average at start {m['load_average_at_start']}"
+        " (the machine is shared: figures are medians of interleaved runs)",
+        f"- Versions: torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
+        f"sdbatch {v['sdbatch']} (commit {v['sdbatch_commit']}), Python {m['python']}",
+        f"- Memory allocator: {r['allocator']} (without it, page faults on freed activations made the same "
+        "figure swing by up to 25 % between runs; `bench/levers.md` below has the numbers)",
+        f"- Weights: random SD v1.5 (UNet, VAE, CLIP text encoder: {_gib(r['weights_bytes'])} of float32), "
+        "the same files for both libraries", "",
+    ]
+    if "cpu" in r:
+        s = r["settings"]
+        out += [f"## 1. Model, same weights — CPU, float32, {s['size']}×{s['size']}, {s['steps']} DDIM steps, "
+                "guidance 7.5", "",
+                "Seconds, median of the runs shown; ratio = sdcore / diffusers (below 1: sdcore is faster).", "",
+                "Lowest CPU share: of all the figure's runs, the least CPU time this process got per second "
+                "and thread; below about 0.8 other processes took the cores during that run.", "",
+                "| figure | batch | sdcore s | diffusers s | ratio | ratio of fastest runs | runs | lowest CPU share |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in r["cpu"]["rows"]:
+            out.append(f"| {row['figure']} | {row['batch']} | {row['sdcore_s']:.3f} | {row['diffusers_s']:.3f} | "
+                       f"**{row['ratio']:.2f}** | {row['ratio_fastest']:.2f} | {row['reps']} | "
+                       f"{row['min_cpu_share']:.2f} |")
+        whole = [row for row in r["cpu"]["rows"] if row["figure"].startswith("whole image")]
+        out += ["", "Whole image per image: " + ", ".join(
+            f"batch {w['batch']}: sdcore {w['sdcore_s'] / w['batch']:.1f} s, diffusers {w['diffusers_s'] / w['batch']:.1f} s"
+            for w in whole) + ".",
+            "Target (sdcore whole image ≤ 0.8 × diffusers): " + ", ".join(
+            f"batch {w['batch']} {'met' if w['ratio'] <= 0.8 else 'NOT met'} ({w['ratio']:.2f})" for w in whole) + "."]
+        few = [f"batch {w['batch']}" for w in whole if w["reps"] < 3]
+        if few:
+            out.append(f"Whole images at {', '.join(few)} ran fewer than 3 times each (time budget of `make bench`).")
+        p = r["cpu"]["parity"]
+        out += ["", "Same numbers, not just the same speed: largest difference sdcore − diffusers, " + ", ".join(
+            f"{k.replace('_', ' ')} {val:.1e}" if isinstance(val, float) else f"{k.replace('_', ' ')} {val}"
+            for k, val in p.items()) + ".", ""]
+    if "cold_start" in r:
+        out += ["## 2. Cold start — weights on disk → ready pipeline (fresh process each)", "",
+                f"Weights: {_gib(r['weights_bytes'])}. Load = the load call alone (median of the runs; the page "
+                "cache is warm, as on a second start); import = importing the library first. Peak RSS counts "
+                "memory-mapped pages as they are touched, so the column after a first use (one text encoding, "
+                "one small UNet call and VAE decode, which read every weight) is the honest one.", "",
+                "| layout | library | load s | import s | peak RSS ready | peak RSS after first use | × weights | runs |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for row in r["cold_start"]:
+            out.append(f"| {row['layout']} | {row['library']} | {row['load_s']:.2f} | {row['import_s']:.2f} | "
+                       f"{_gib(row['peak_rss_ready'])} | {_gib(row['peak_rss_after_first_use'])} | "
+                       f"{row['peak_rss_after_first_use'] / r['weights_bytes']:.2f} | {len(row['runs'])} |")
+        out += ["", "diffusers has no single-file loader that reads as fast as `from_pretrained`; its "
+                "`from_single_file` (configs from the folder) is shown for the same file.", ""]
+    if "jobs" in r:
+        out += ["## 3. Job system", ""]
+        out += [f"**pending: {r['jobs']['pending']}.**" if "pending" in r["jobs"] else json.dumps(r["jobs"]), ""]
+    if "gpu" in r:
+        out += ["## 4. GPU — bfloat16 / float16, 512×512, 50 steps", ""] + gpu.render(r["gpu"]) + [""]
+    if "levers" in r:
+        out += ["## Levers", "",
+                "Measured in this run: sdcore's modules with every lever, then with one lever switched back to "
+                "plain PyTorch, then with none (interleaved; seconds, median).", "",
+                "| workload | variant | s | × time of all levers | runs |", "|---|---|---:|---:|---:|"]
+        for row in r["levers"]:
+            out.append(f"| {row['workload']} | {row['variant']} | {row['median_s']:.3f} | "
+                       f"{row['slowdown_vs_all']:.2f} | {len(row['runs_s'])} |")
+        out += [""] + [f"- `{name}`: {what}" for name, (what, _, _) in levers.LEVERS.items()]
+        out += ["", (REPO / "bench" / "levers.md").read_text().rstrip(), ""]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

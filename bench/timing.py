@@ -1,0 +1,145 @@
+"""Timing helpers and machine facts.
+
+The machines this runs on are shared, so A and B are never timed in two separate blocks: their
+repetitions alternate (A B, B A, A B, ...), each figure is the median, and a ratio compares
+medians taken over the same stretch of time.
+"""
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: bool = True,
+                device: str = "cpu", log: Callable[[str], None] | None = None,
+                shares: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds of each of `reps` calls of every fn, the call order alternating between repetitions.
+
+    `shares`, if given, receives each call's CPU share: this process's CPU seconds over wall seconds
+    times torch's threads. Near 1 the run had the cores to itself; well below, other processes took
+    them, and its time says more about them than about the code.
+    """
+    names = list(fns)
+    if warmup:
+        for name in names:
+            fns[name]()
+        sync(device)
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[name]()
+            sync(device)
+            wall = time.perf_counter() - t0
+            times[name].append(wall)
+            if shares is not None:
+                shares.setdefault(name, []).append((time.process_time() - c0) / (wall * torch.get_num_threads()))
+        if log:
+            log("  rep %d/%d: %s" % (r + 1, reps, ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names)))
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gib": mem_gib,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "sdbatch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    try:
+        out["sdbatch_commit"] = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parents[1],
+            capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["sdbatch_commit"] = None
+    return out
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory in the process (no mmap for large blocks, no trimming).
+
+    By default glibc returns every large block (activations of tens of MB) to the kernel when it is
+    freed and faults it in again, zeroed, on the next step; how much depends on an adaptive
+    threshold, i.e. on what the process happened to allocate before. That swung the same figure by
+    up to 25 % from one run to the next. Set once for the whole process, so both libraries run
+    under the same allocator. Returns what was done, for the report.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return "default allocator (no glibc mallopt)"
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "default allocator (mallopt refused)"
+    return "glibc keeps freed memory in the process (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB), for both libraries"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), file-backed (memory-mapped) pages included."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
