@@ -175,7 +175,9 @@ class Manifest:
                 raise ManifestError(f"{self.name}: is a directory; give one Parquet file") from None
             raise ManifestError(f"{self.name}: cannot open: {e}") from None
         try:
-            self._pf = pq.ParquetFile(self._file, buffer_size=READ_BUFFER_BYTES)
+            # pre_buffer (pyarrow's default) would read every selected column chunk of the file into
+            # memory before the first batch: the whole manifest, for a validation pass.
+            self._pf = pq.ParquetFile(self._file, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
         except (pa.ArrowInvalid, OSError) as e:
             self._file.close()
             raise ManifestError(f"{self.name}: not a Parquet file ({e})") from None
@@ -516,7 +518,9 @@ def _find_duplicates(manifest: Manifest, id_keys: list[np.ndarray], string_ids: 
     """
     if not id_keys:
         return None
-    keys = np.sort(np.concatenate(id_keys))
+    keys = np.concatenate(id_keys)
+    id_keys.clear()  # copied into keys: free the pieces before sorting, and sort in place
+    keys.sort()
     suspects = set(np.unique(keys[1:][keys[1:] == keys[:-1]]).tolist())
     del keys
     if not suspects:
