@@ -102,6 +102,8 @@ class RunResult:
     shards_run: int
     shards_skipped: int  # done before this run
     wall_seconds: float
+    startup_seconds: float | None  # from the start of the run until the first actor had loaded the model
+    working_seconds: float | None  # from then until the last shard was committed (Ray's shutdown left out)
     actors: list[ActorStats]
     actor_restarts: int
 
@@ -287,7 +289,7 @@ def _duration(seconds: float) -> str:
 
 class _Run:
     def __init__(self, opts: RunOptions, job: JobSpec, out: Output, plan: ActorPlan, stream: TextIO,
-                 on_dispatch: Callable | None):
+                 on_dispatch: Callable | None, started_at: float):
         self.opts, self.job, self.out, self.plan = opts, job, out, plan
         self.stream, self.on_dispatch = stream, on_dispatch
         self.config = ActorConfig(
@@ -306,6 +308,9 @@ class _Run:
         self.images = self.failures = self.shards_run = self.shards_skipped = 0
         self.progress: Progress | None = None
         self.last_working = time.monotonic()  # for START_TIMEOUT
+        # time.monotonic() when the run began (checks and Ray start included), when the first actor
+        # was ready, and when the last shard was committed
+        self.started_at, self.first_ready, self.all_done = started_at, None, None
         self._driver_writer: ImageWriter | None = None
 
     # actors
@@ -343,6 +348,8 @@ class _Run:
             self.lose_actor(slot, f"died while loading the model ({_first_line(e)})")
             return
         slot.stats.device, slot.stats.node = info["device"], info["node"]
+        if self.first_ready is None:
+            self.first_ready = time.monotonic()
         if self.job.model_fingerprint is None:
             self.job.model_fingerprint = info["fingerprint"]
             self.prepare_output()
@@ -491,6 +498,7 @@ class _Run:
                                f"each; free now: CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g})")
             self.poll_progress()
             self.show()
+        self.all_done = time.monotonic()
         self.show(force=True)
 
     def shutdown(self) -> None:
@@ -517,7 +525,7 @@ def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable
     job_run = None
     try:
         plan = plan_actors(opts, ray.cluster_resources())
-        job_run = _Run(opts, job, out, plan, stream, on_dispatch)
+        job_run = _Run(opts, job, out, plan, stream, on_dispatch, started_at=wall)
         kind = "GPU" if "num_gpus" in plan.resources else "CPU"
         job_run.say(f"{job.rows:,} rows, {job.images:,} images in {job.shards:,} shards; "
                     f"starting {plan.count} {kind} actor(s)")
@@ -539,12 +547,18 @@ def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable
 def finish(out: Output, r: _Run, wall: float) -> RunResult:
     status = out.status()
     actors = [s.stats for s in r.slots]
+    startup = working = None
+    if r.first_ready is not None:
+        startup = r.first_ready - r.started_at
+        working = r.all_done - r.first_ready
     summary = {
         "images": status.images_done, "failures": status.failures, "rows": status.rows,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "last_run": {
             "images": r.images, "failures": r.failures, "shards": r.shards_run, "shards_skipped": r.shards_skipped,
             "wall_seconds": round(wall, 3), "images_per_second": round(r.images / wall, 3) if wall else 0.0,
+            "startup_seconds": None if startup is None else round(startup, 3),
+            "working_seconds": None if working is None else round(working, 3),
             "actor_restarts": sum(a.restarts for a in actors), "actors": [a.as_dict() for a in actors],
         },
     }
@@ -553,8 +567,8 @@ def finish(out: Output, r: _Run, wall: float) -> RunResult:
         raise RunError(f"{out.name}: the dispatch loop ended but not every shard is done; re-run to finish")
     return RunResult(output=out.name, images=status.images_done, failures=status.failures,
                      run_images=r.images, run_failures=r.failures, shards_run=r.shards_run,
-                     shards_skipped=r.shards_skipped, wall_seconds=wall, actors=actors,
-                     actor_restarts=sum(a.restarts for a in actors))
+                     shards_skipped=r.shards_skipped, wall_seconds=wall, startup_seconds=startup,
+                     working_seconds=working, actors=actors, actor_restarts=sum(a.restarts for a in actors))
 
 
 def format_summary(result: RunResult) -> str:
@@ -563,6 +577,8 @@ def format_summary(result: RunResult) -> str:
              + (f" ({result.shards_skipped:,} shards were already done)" if result.shards_skipped else ""),
              f"  this run: {result.run_images:,} images, {result.run_failures:,} failed, {result.shards_run:,} shards "
              f"in {_duration(result.wall_seconds)} ({rate:.2f} images/s)"
+             + (f", the first {_duration(result.startup_seconds)} checking, starting Ray and loading the model"
+                if result.startup_seconds is not None else "")
              + (f", {result.actor_restarts} actor(s) replaced" if result.actor_restarts else "")]
     for a in result.actors:
         d = a.as_dict()

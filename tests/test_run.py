@@ -76,6 +76,10 @@ def test_manifest_to_dataset(tmp_path, manifest):
                                                                      "shard-000002.parquet"]
     success = json.loads((out / "_SUCCESS").read_text())
     assert (success["images"], success["failures"], success["rows"], success["shards"]) == (8, 1, 7, 3)
+    last = success["last_run"]
+    assert 0 < last["startup_seconds"] and 0 < last["working_seconds"]
+    assert last["startup_seconds"] + last["working_seconds"] < last["wall_seconds"]
+    assert "s checking, starting Ray and loading the model" in r.stdout
     job = json.loads((out / "_sdbatch" / "job.json").read_text())
     assert job["settings"]["batch_size"] == 2 and job["identity"]["shard_size"] == 3
 
