@@ -398,7 +398,8 @@ class _Run:
         except ray.exceptions.RayTaskError as e:
             cause = e.cause
             if isinstance(cause, storage.StorageError):
-                raise RunError(f"{shard.id}: {cause}. The job stopped; no shard is half-committed: "
+                where = "" if shard.id in str(cause) else f"{shard.id}: "  # storage errors name their shard already
+                raise RunError(f"{where}{cause}. The job stopped; no shard is half-committed: "
                                "re-run the same command to continue.") from None
             # Whatever went wrong may have broken the actor (a CUDA error poisons its device): use a fresh one.
             self.shard_failed(shard, f"{type(cause).__name__}: {cause}")

@@ -4,6 +4,7 @@ stopped before any work, and the server stopped mid-job (bounded retries, nothin
 a re-run after the restart completes every row exactly once)."""
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -167,6 +168,7 @@ def test_server_stopped_mid_job_then_restarted(s3_server, bucket, tmp_path):
     assert gave_up_after < 60
     assert "sdbatch: error: " in stderr and "re-run the same command to continue" in stderr, stderr
     assert "failed after" in stderr and "Traceback" not in stderr, stderr
+    assert not re.search(r"(shard-\d+): \1", stderr), stderr  # the shard is named once
 
     # Nothing half-committed: every committed shard has all its PNGs; no _SUCCESS.
     fs = s3_server.filesystem()
