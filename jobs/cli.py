@@ -3,7 +3,6 @@
 Bad input (a manifest that breaks the schema, an unusable output folder, storage that refuses
 us) exits with code 2 and the message on stderr, without a traceback; a traceback means a bug.
 """
-import functools
 import os
 from typing import Annotated
 
@@ -11,14 +10,13 @@ import typer
 
 from jobs import manifest as manifests
 from jobs import devices, sink, storage
+from jobs.cli_common import StorageOptions, user_errors
 from jobs.manifest import Defaults
 from jobs.manifest_build import manifest_app
 from jobs.preview import preview_command
-from sdcore.errors import NonFiniteOutputError, SdcoreError
+from sdcore.errors import NonFiniteOutputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Stable Diffusion 1.x batch generation on Ray.")
-
-USER_ERRORS = (manifests.ManifestError, storage.StorageError, sink.OutputError, SdcoreError, PermissionError, FileNotFoundError)
 
 # Job-wide defaults, shared by every command that reads a manifest.
 SeedOption = Annotated[int, typer.Option("--seed", help="Job seed; a row without `seed` gets one derived from this and its id.")]
@@ -28,28 +26,11 @@ WidthOption = Annotated[int, typer.Option("--width", help="Image width for rows 
 HeightOption = Annotated[int, typer.Option("--height", help="Image height for rows without `height` (multiple of 8).")]
 SchedulerOption = Annotated[str, typer.Option("--scheduler", help="Scheduler for rows without `scheduler`.")]
 NegativeOption = Annotated[str, typer.Option("--negative-prompt", help="Negative prompt for rows without `negative_prompt`.")]
-StorageOptions = Annotated[list[str] | None, typer.Option(
-    "--storage-option", help="fsspec storage option key=value (repeatable; JSON values are decoded).")]
 
 
 @app.callback()
 def main() -> None:
     """Stable Diffusion 1.x batch generation on Ray."""
-
-
-def user_errors(command):
-    """Turn errors caused by the input into exit code 2 with a message on stderr."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except USER_ERRORS as e:
-            message = str(e)
-        typer.echo(f"sdbatch: error: {message}", err=True)
-        raise typer.Exit(2)  # outside the except block: no traceback chained to it or kept alive
-
-    return run
 
 
 @app.command("validate")

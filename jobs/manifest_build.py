@@ -59,6 +59,7 @@ import typer
 
 from jobs import manifest as manifests
 from jobs import storage
+from jobs.cli_common import StorageOptions, user_errors
 from jobs.manifest import ManifestError
 
 FORMATS = ("txt", "csv", "tsv", "jsonl")
@@ -470,6 +471,7 @@ manifest_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Bui
 
 
 @manifest_app.command("build")
+@user_errors
 def build_command(
     output: Annotated[str, typer.Option("-o", "--output", help="Where to write the Parquet manifest (path or fsspec URL).",
                                         show_default=False)],
@@ -494,17 +496,11 @@ def build_command(
     sets: Annotated[list[str] | None, typer.Option(
         "--set", help="KEY=VALUE: a column with VALUE in every row (e.g. steps=30, scheduler=ddim); repeatable.",
         show_default=False)] = None,
-    storage_option: Annotated[list[str] | None, typer.Option(
-        "--storage-option", help="fsspec storage option key=value (repeatable; JSON values are decoded).")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Build a validated Parquet manifest from a prompt list (txt, CSV, JSONL) or a template with value lists."""
-    from jobs.cli import user_errors  # here, not at import time: jobs.cli imports this module to register it
-
-    def run() -> None:
-        summary = build(output, source, fmt=fmt, prompt_column=prompt_column, template=template, values=values or [],
-                        num_images=num_images, seed=seed, sets=sets or [],
-                        storage_options=storage.parse_storage_options(storage_option or []))
-        typer.echo(f"wrote {summary.manifest}")
-        typer.echo(summary.format())
-
-    user_errors(run)()
+    summary = build(output, source, fmt=fmt, prompt_column=prompt_column, template=template, values=values or [],
+                    num_images=num_images, seed=seed, sets=sets or [],
+                    storage_options=storage.parse_storage_options(storage_option or []))
+    typer.echo(f"wrote {summary.manifest}")
+    typer.echo(summary.format())

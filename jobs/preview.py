@@ -33,6 +33,7 @@ import typer
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from jobs import sink, storage
+from jobs.cli_common import StorageOptions, user_errors
 
 PAD = 8
 CAPTION_LINES = 4  # id, seed, two lines of prompt
@@ -353,6 +354,7 @@ def preview(dataset: str, sheet: str, *, n: int = 64, where: str | None = None, 
     return len(images)
 
 
+@user_errors
 def preview_command(
     dataset: Annotated[str, typer.Argument(metavar="OUT", help="An sdbatch output dataset: a path or fsspec URL.", show_default=False)],
     output: Annotated[str, typer.Option("-o", "--output", help="Where to write the contact sheet (.png, .jpg, ...; path or fsspec URL).")] = "preview.png",
@@ -362,15 +364,9 @@ def preview_command(
                         "in (...), and, or, not, parentheses).", show_default=False)] = None,
     columns: Annotated[int, typer.Option("--columns", help="Thumbnails per row of the sheet.")] = 8,
     thumb_size: Annotated[int, typer.Option("--thumb-size", help="Thumbnail box size in pixels.")] = 160,
-    storage_option: Annotated[list[str] | None, typer.Option(
-        "--storage-option", help="fsspec storage option key=value (repeatable; JSON values are decoded).")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Draw a contact sheet of a dataset's first images with their id, seed and prompt."""
-    from jobs.cli import user_errors  # here, not at import time: jobs.cli imports this module to register it
-
-    def run() -> None:
-        shown = preview(dataset, output, n=n, where=where, columns=columns, thumb_size=thumb_size,
-                        storage_options=storage.parse_storage_options(storage_option or []))
-        typer.echo(f"wrote {storage.redact_url(output)}: {shown} image{'s' if shown != 1 else ''}")
-
-    user_errors(run)()
+    shown = preview(dataset, output, n=n, where=where, columns=columns, thumb_size=thumb_size,
+                    storage_options=storage.parse_storage_options(storage_option or []))
+    typer.echo(f"wrote {storage.redact_url(output)}: {shown} image{'s' if shown != 1 else ''}")
