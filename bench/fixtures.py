@@ -111,3 +111,17 @@ def _write_single_file(path: Path, cfgs: dict, tensors: dict) -> None:
     tmp = path.with_suffix(".partial")
     save_file(state, tmp)
     tmp.rename(path)
+
+
+def load_reference(folder: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """diffusers' StableDiffusionPipeline over `folder`, with the DDIM scheduler the benchmark uses."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    ref = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False, local_files_only=True).to(device)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return ref

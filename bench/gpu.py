@@ -1,11 +1,11 @@
 """GPU section: images/s of sdcore and diffusers eager in bfloat16 and float16, 512x512, 50 steps.
 
-The fraction of peak divides the work an image takes by the time it took: FLOPs are counted by
-running the modules on the `meta` device under torch's FlopCounterMode (matmuls and convolutions;
-about 83 TFLOP for a 50-step CFG image at 512²), the peak is the card's dense bf16/fp16 tensor rate.
+The fraction of peak divides the work an image takes (bench.flops: about 83 TFLOP for a 50-step
+CFG image at 512²) by the time it took; the peak is the card's dense bf16/fp16 tensor rate.
 """
 import torch
 
+from bench import fixtures, flops
 from bench.timing import interleaved, median
 
 SKIPPED = "GPU benchmarks skipped: no CUDA device"
@@ -20,20 +20,16 @@ def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 
         print(SKIPPED, flush=True)
         return {"skipped": SKIPPED}
     import sdcore
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from sdcore.errors import NonFiniteOutputError
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else device
-    peak = next((flops for key, flops in PEAK_FLOPS if key in name), None)
-    flops = image_flops(size, steps)
-    out = {"device": name, "peak_flops": peak, "flops_per_image": flops, "size": size, "steps": steps, "rows": []}
+    peak = next((rate for key, rate in PEAK_FLOPS if key in name), None)
+    per_image = flops.image(size, steps)
+    out = {"device": name, "peak_flops": peak, "flops_per_image": per_image, "size": size, "steps": steps, "rows": []}
     prompts_all = ["a photograph of an astronaut riding a horse"] * max(batches)
     for dtype in dtypes:
         ours = sdcore.load_pipeline(folder, device=device, dtype=dtype)
-        ref = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
-                                                      local_files_only=True).to(device)
-        ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
-        ref.set_progress_bar_config(disable=True)
+        ref = fixtures.load_reference(folder, device=device, dtype=dtype)
         for batch in batches:
             prompts, seeds = prompts_all[:batch], list(range(batch))
             non_finite = {}
@@ -60,36 +56,13 @@ def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 
                    "runs_s": times, "non_finite_rows": non_finite}
             for lib in ("sdcore", "diffusers"):
                 row[f"{lib}_images_per_s"] = batch / row[f"{lib}_s"]
-                row[f"{lib}_peak_fraction"] = row[f"{lib}_images_per_s"] * flops / peak if peak else None
+                row[f"{lib}_peak_fraction"] = row[f"{lib}_images_per_s"] * per_image / peak if peak else None
             row["speedup_vs_diffusers"] = row["diffusers_s"] / row["sdcore_s"]
             out["rows"].append(row)
         del ours, ref
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
-
-
-def image_flops(size: int, steps: int) -> float:
-    """Matmul and convolution FLOPs of one CFG image: 2 prompt encodings, 2*steps UNet rows, a decode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from sdcore.clip import CLIPTextConfig, CLIPTextEncoder
-    from sdcore.unet import UNet, UNetConfig
-    from sdcore.vae import AutoencoderKL, VAEConfig
-
-    def count(fn) -> int:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
-
-    with torch.device("meta"):
-        unet, vae, text = UNet(UNetConfig()), AutoencoderKL(VAEConfig()), CLIPTextEncoder(CLIPTextConfig())
-        latent = torch.empty(1, 4, size // 8, size // 8)
-        context = torch.empty(1, 77, 768)
-        per_row = count(lambda: unet(latent, torch.tensor(500.0), context))
-        decode = count(lambda: vae.decode(latent))
-        encode = count(lambda: text(torch.zeros(1, 77, dtype=torch.long)))
-    return 2 * steps * per_row + decode + 2 * encode
 
 
 def render(g: dict) -> list[str]:

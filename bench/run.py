@@ -5,10 +5,8 @@ BENCHMARKS.json (every run's seconds) at the top of the repository. `--help` lis
 defaults are what BENCHMARKS.md reports, sized to take about 15 minutes on 2 CPU cores.
 """
 import argparse
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,8 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
-from bench import fixtures, gpu, levers
-from bench.timing import interleaved, keep_freed_memory, machine, median, versions
+from bench import fixtures, flops, gpu, jobsystem, levers
+from bench.timing import child_json, interleaved, keep_freed_memory, machine, median, versions
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dawn",
@@ -48,11 +46,17 @@ def parse_args(argv):
     p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
                    choices=["cold", "cpu", "levers", "jobs", "gpu"])
     p.add_argument("--out", type=Path, default=REPO / "BENCHMARKS", help="output path without suffix (.md, .json)")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: write the .md again from the .json (after editing bench/*.md)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render_only:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(render(result))
+        return result
     if len(args.image_reps) != len(args.batches):
         raise SystemExit("--image-reps needs one number per --batches entry")
     started = time.perf_counter()
@@ -77,7 +81,7 @@ def main(argv=None) -> dict:
             result["levers"] = lever_section(ours, args)
         del ours, ref
     if "jobs" in args.sections:
-        result["jobs"] = job_section()
+        result["jobs"] = jobsystem.section(folder, args.cache.parent / "jobs", log)
     if "gpu" in args.sections:
         result["gpu"] = gpu.section(folder, log)
     result["total_s"] = time.perf_counter() - started
@@ -100,11 +104,9 @@ def cold_start(folder: Path, single: Path, reps: int) -> list[dict]:
         runs = []
         # diffusers' single-file load takes tens of seconds and twice the weights' memory: once is enough.
         for _ in range(1 if (library, layout) == ("diffusers", "single .safetensors") else reps):
-            out = subprocess.run([sys.executable, "-m", "bench.coldstart", library, *map(str, paths)], cwd=REPO,
-                                 capture_output=True, text=True, timeout=900)
-            if out.returncode != 0:
-                raise RuntimeError(f"cold start {library} {layout} failed:\n{out.stderr[-3000:]}")
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            run, _ = child_json(["-m", "bench.coldstart", library, *map(str, paths)], f"cold start {library} {layout}",
+                                timeout=900)
+            runs.append(run)
             log(f"cold start {layout} {library}: load {runs[-1]['load_s']:.2f}s, "
                 f"peak RSS {runs[-1]['peak_rss_after_first_use'] / 2**30:.2f} GiB after first use")
         row = {"layout": layout, "library": library, "runs": runs}
@@ -118,16 +120,8 @@ def cold_start(folder: Path, single: Path, reps: int) -> list[dict]:
 
 def load_both(folder: Path):
     import sdcore
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    ours = sdcore.load_pipeline(folder)
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
-    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    return ours, ref
+    return sdcore.load_pipeline(folder), fixtures.load_reference(folder)
 
 
 def cpu_section(ours, ref, args) -> dict:
@@ -146,19 +140,21 @@ def cpu_section(ours, ref, args) -> dict:
             parity[f"unet_b{batch}"] = (ours.unet(x, t, ctx) - ref.unet(x, t, encoder_hidden_states=ctx).sample).abs().max().item()
             parity[f"vae_b{batch}"] = (ours.vae.decode(z) - ref.vae.decode(z).sample).abs().max().item()
         figures = [
-            ("text encoding (prompt + negative)", args.reps,
+            ("text encoding (prompt + negative)", args.reps, 2 * batch * flops.text_encode(),
              lambda: (ours.encode_prompts(negatives), ours.encode_prompts(prompts)),
              lambda: ref.encode_prompt(prompts, "cpu", 1, True)),
             (f"one UNet step (CFG batch {cfg_batch})", args.reps if batch == 1 else args.slow_reps,
+             cfg_batch * flops.unet_row(args.size),
              lambda: ours.unet(x, t, ctx), lambda: ref.unet(x, t, encoder_hidden_states=ctx).sample),
-            ("VAE decode", args.slow_reps, lambda: ours.vae.decode(z), lambda: ref.vae.decode(z).sample),
+            ("VAE decode", args.slow_reps, batch * flops.vae_decode(args.size),
+             lambda: ours.vae.decode(z), lambda: ref.vae.decode(z).sample),
         ]
-        for name, reps, fn_ours, fn_ref in figures:
+        for name, reps, work, fn_ours, fn_ref in figures:
             log(f"CPU batch {batch}: {name} x{reps}")
             shares = {}
             with torch.inference_mode():
                 times = interleaved({"sdcore": fn_ours, "diffusers": fn_ref}, reps, log=log, shares=shares)
-            rows.append(_row(name, batch, times, shares))
+            rows.append(_row(name, batch, times, shares, work))
 
     images = {}
     for batch, reps in zip(args.batches, args.image_reps):
@@ -179,16 +175,19 @@ def cpu_section(ours, ref, args) -> dict:
         # No warm-up: the components above ran every kernel already.
         shares = {}
         times = interleaved({"sdcore": run_ours, "diffusers": run_ref}, reps, warmup=False, log=log, shares=shares)
-        rows.append(_row(f"whole image ({args.steps} steps + decode)", batch, times, shares))
+        rows.append(_row(f"whole image ({args.steps} steps + decode)", batch, times, shares,
+                         batch * flops.image(args.size, args.steps)))
         parity[f"image_b{batch}_max_abs_uint8"] = max(
             int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
             for a, b in zip(images["sdcore"], images["diffusers"]))
-    return {"rows": rows, "parity": parity, "threads": torch.get_num_threads()}
+    return {"rows": rows, "parity": parity, "threads": torch.get_num_threads(),
+            "matmul_peak_flops": flops.cpu_matmul_peak()}
 
 
-def _row(name: str, batch: int, times: dict, shares: dict) -> dict:
+def _row(name: str, batch: int, times: dict, shares: dict, work: int) -> dict:
     ours, ref = median(times["sdcore"]), median(times["diffusers"])
     return {"figure": name, "batch": batch, "sdcore_s": ours, "diffusers_s": ref, "ratio": ours / ref,
+            "flops": work, "sdcore_flops_per_s": work / ours, "diffusers_flops_per_s": work / ref,
             "ratio_fastest": min(times["sdcore"]) / min(times["diffusers"]), "reps": len(times["sdcore"]),
             "sdcore_runs_s": times["sdcore"], "diffusers_runs_s": times["diffusers"],
             "min_cpu_share": min(min(shares["sdcore"]), min(shares["diffusers"])),
@@ -207,16 +206,6 @@ def lever_section(ours, args) -> list[dict]:
         "text encoder, 1 prompt": (ours.text_encoder, lambda: ours.text_encoder(ids)),
     }
     return levers.measure(workloads, args.lever_reps, log)
-
-
-# --- job system -------------------------------------------------------------------------------------
-
-def job_section() -> dict:
-    if importlib.util.find_spec("jobs.driver") is None:
-        return {"pending": "sdbatch run not yet built (no jobs.driver)"}
-    # TODO(lead): job efficiency vs an in-process loop (1 and 2 actors), framework cost per image with
-    # builtin:tiny, driver peak memory while planning a 10-million-row manifest.
-    return {"pending": "jobs.driver exists, but its benchmark is not written yet"}
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -249,12 +238,17 @@ def render(r: dict) -> str:
                 "Seconds, median of the runs shown; ratio = sdcore / diffusers (below 1: sdcore is faster).", "",
                 "Lowest CPU share: of all the figure's runs, the least CPU time this process got per second "
                 "and thread; below about 0.8 other processes took the cores during that run.", "",
-                "| figure | batch | sdcore s | diffusers s | ratio | ratio of fastest runs | runs | lowest CPU share |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "GFLOP/s: the figure's matmul, convolution and attention work (counted, `bench/flops.py`) over "
+                f"its median time. This machine's ceiling, measured in the same run: a 3072³ float32 matmul at "
+                f"**{r['cpu']['matmul_peak_flops'] / 1e9:.0f} GFLOP/s** on {r['cpu']['threads']} threads; "
+                "a library at that rate has nothing left to gain from faster kernels on these cores.", "",
+                "| figure | batch | sdcore s | diffusers s | ratio | ratio of fastest runs | sdcore GFLOP/s | "
+                "diffusers GFLOP/s | runs | lowest CPU share |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in r["cpu"]["rows"]:
             out.append(f"| {row['figure']} | {row['batch']} | {row['sdcore_s']:.3f} | {row['diffusers_s']:.3f} | "
-                       f"**{row['ratio']:.2f}** | {row['ratio_fastest']:.2f} | {row['reps']} | "
-                       f"{row['min_cpu_share']:.2f} |")
+                       f"**{row['ratio']:.2f}** | {row['ratio_fastest']:.2f} | {row['sdcore_flops_per_s'] / 1e9:.0f} | "
+                       f"{row['diffusers_flops_per_s'] / 1e9:.0f} | {row['reps']} | {row['min_cpu_share']:.2f} |")
         whole = [row for row in r["cpu"]["rows"] if row["figure"].startswith("whole image")]
         out += ["", "Whole image per image: " + ", ".join(
             f"batch {w['batch']}: sdcore {w['sdcore_s'] / w['batch']:.1f} s, diffusers {w['diffusers_s'] / w['batch']:.1f} s"
@@ -283,8 +277,7 @@ def render(r: dict) -> str:
         out += ["", "diffusers has no single-file loader that reads as fast as `from_pretrained`; its "
                 "`from_single_file` (configs from the folder) is shown for the same file.", ""]
     if "jobs" in r:
-        out += ["## 3. Job system", ""]
-        out += [f"**pending: {r['jobs']['pending']}.**" if "pending" in r["jobs"] else json.dumps(r["jobs"]), ""]
+        out += ["## 3. Job system", ""] + jobsystem.render(r["jobs"]) + [""]
     if "gpu" in r:
         out += ["## 4. GPU — bfloat16 / float16, 512×512, 50 steps", ""] + gpu.render(r["gpu"]) + [""]
     if "levers" in r:

@@ -5,10 +5,12 @@ repetitions alternate (A B, B A, A B, ...), each figure is the median, and a rat
 medians taken over the same stretch of time.
 """
 import datetime
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,19 +53,43 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: bool = 
     return times
 
 
+def run_child(cmd: list[str], what: str, *, timeout: float, env: dict | None = None) -> tuple[str, float]:
+    """`cmd` in a fresh process from the repository root: (its stdout, wall seconds). Raises
+    RuntimeError with the end of its stderr if it fails."""
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return done.stdout, seconds
+
+
+def child_json(args: list[str], what: str, *, timeout: float) -> tuple[dict, float]:
+    """`python ARGS...` (a bench module) in a fresh process: (the JSON of its last line, wall seconds)."""
+    stdout, seconds = run_child([sys.executable, *args], what, timeout=timeout)
+    return json.loads(stdout.strip().splitlines()[-1]), seconds
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    if "model name" in fields:
+        cpu = fields["model name"]
+    generation = _amd_generation(fields)
+    if generation:
+        # Virtual machines here all say "AMD EPYC"; the core generation decides which kernels are fast.
+        cpu += f" ({generation}, family {fields['cpu family']} model {fields['model']})"
     mem_gib = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -84,6 +110,18 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _amd_generation(cpuinfo: dict) -> str | None:
+    """Zen 4 or Zen 5 from /proc/cpuinfo's family and flags (Zen 3 has no AVX-512)."""
+    if cpuinfo.get("vendor_id") != "AuthenticAMD":
+        return None
+    family, avx512 = cpuinfo.get("cpu family"), "avx512f" in cpuinfo.get("flags", "").split()
+    if family == "26":
+        return "Zen 5"
+    if family == "25":
+        return "Zen 4" if avx512 else "Zen 3"
+    return None
 
 
 def versions() -> dict:

@@ -151,6 +151,7 @@ def write_diffusers_folder(path, unet, vae, text_encoder) -> Path:
     vae.save_pretrained(path / "vae")
     text_encoder.save_pretrained(path / "text_encoder")
     write_clip_vocab_folder(path / "tokenizer")
+    (path / "tokenizer" / "tokenizer_config.json").write_text((SD15 / "tokenizer" / "tokenizer_config.json").read_text())
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text((SD15 / "scheduler" / "scheduler_config.json").read_text())
     (path / "model_index.json").write_text((SD15 / "model_index.json").read_text())

@@ -1,0 +1,200 @@
+"""Job-system section of `make bench`: what `sdbatch run` costs over a plain loop, and what its driver holds.
+
+1. Efficiency: the same manifest rows made by `sdbatch run` (1 and 2 CPU actors, each one core and
+   one torch thread) and by `bench.loop` on the same cores (one process, a torch thread per actor),
+   each in fresh processes, with the benchmark's SD v1.5 weights. "Steady" rates leave out each
+   side's start and end: the job's (manifest check, Ray start, model load; Ray's shutdown; it
+   reports the time between as `working_seconds` in `_SUCCESS`) and the loop's model load. End to
+   end counts everything, process start included.
+2. Framework cost: the same with `builtin:tiny`, whose images take milliseconds, so the difference
+   per image is the job's own work: reading shards, PNGs with their parameters, fsync'd writes,
+   metadata, Ray.
+3. Driver memory: the peak RSS of a fresh process doing what `sdbatch run` does before any actor
+   starts (every row validated, OUT checked, every shard listed), for manifests of 0.1, 1 and 10
+   million rows (`python -m bench.jobsystem plan MANIFEST` is that process).
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from bench.timing import child_json, median, peak_rss_bytes, rss_bytes, run_child
+
+SDBATCH = Path(sys.executable).parent / "sdbatch"
+PLAN_ROWS = (100_000, 1_000_000, 10_000_000)
+BATCH_SIZE = 4  # `sdbatch run`'s default, used by both sides
+MANIFEST_CHUNK_ROWS = 1_000_000
+
+
+def section(sd_model: Path, work: Path, log, *, sd_rows_per_actor: int = 4, sd_size: int = 64, sd_steps: int = 8,
+            tiny_rows: int = 300, tiny_reps: int = 3, actors=(1, 2), plan_rows=PLAN_ROWS) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    efficiency = []
+    for n_actors in actors:
+        efficiency.append(compare(str(sd_model), "SD v1.5 (random weights)", sd_rows_per_actor * n_actors, n_actors,
+                                  size=sd_size, steps=sd_steps, shard_size=max(sd_rows_per_actor // 2, 1), reps=1,
+                                  work=work, log=log))
+    tiny = compare("builtin:tiny", "builtin:tiny", tiny_rows, 1, size=64, steps=1, shard_size=100, reps=tiny_reps,
+                   work=work, log=log)
+    cost_ms = 1e3 * (1 / tiny["job_steady_images_per_s"] - 1 / tiny["loop_steady_images_per_s"])
+    cost_runs_ms = [1e3 * (j["steady_s"] - loop["images_s"]) / tiny_rows for j, loop in zip(tiny["job_runs"], tiny["loop_runs"])]
+    plans = []
+    for rows in plan_rows:
+        path = big_manifest(work / f"plan-{rows}.parquet", rows)
+        planned, _ = child_json(["-m", "bench.jobsystem", "plan", str(path)], f"planning {rows:,} rows", timeout=1800)
+        plans.append(planned)
+        log(f"driver planning {rows:,} rows: {plans[-1]['seconds']:.1f}s, peak RSS "
+            f"{plans[-1]['peak_rss'] / 2**20:.0f} MiB")
+    return {"efficiency": efficiency, "tiny": tiny, "framework_ms_per_image": cost_ms,
+            "framework_ms_per_image_runs": cost_runs_ms, "plans": plans,
+            "settings": {"sd_size": sd_size, "sd_steps": sd_steps, "sd_rows_per_actor": sd_rows_per_actor,
+                         "tiny_rows": tiny_rows}}
+
+
+def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, steps: int, shard_size: int, reps: int,
+            work: Path, log) -> dict:
+    """`sdbatch run` and the plain loop over the same `rows` rows, `reps` times each, alternating."""
+    manifest = work / f"rows-{rows}-{size}px-{steps}steps.parquet"
+    write_manifest(manifest, rows, size, steps)
+    jobs, loops = [], []
+    for rep in range(reps):
+        for side in (("loop", "job") if rep % 2 == 0 else ("job", "loop")):
+            if side == "job":
+                jobs.append(run_job(manifest, model, work / "job-out", n_actors, shard_size))
+            else:
+                loops.append(run_loop(manifest, model, work / "loop-out", n_actors))
+        log(f"{label}, {n_actors} actor(s), {rows} images: job {jobs[-1]['steady_s']:.1f}s steady "
+            f"({jobs[-1]['startup_s']:.1f}s start), loop {loops[-1]['images_s']:.1f}s "
+            f"({loops[-1]['load_s']:.1f}s load)")
+    job_steady, loop_steady = median([j["steady_s"] for j in jobs]), median([loop["images_s"] for loop in loops])
+    return {
+        "model": label, "actors": n_actors, "images": rows, "size": size, "steps": steps, "shard_size": shard_size,
+        "loop_threads": n_actors, "reps": reps, "job_runs": jobs, "loop_runs": loops,
+        "loop_steady_images_per_s": rows / loop_steady, "job_steady_images_per_s": rows / job_steady,
+        "efficiency": loop_steady / job_steady,
+        "job_startup_s": median([j["startup_s"] for j in jobs]),
+        "loop_end_to_end_s": median([loop["process_s"] for loop in loops]),
+        "job_end_to_end_s": median([j["process_s"] for j in jobs]),
+        "max_pixel_difference": pixel_difference(work / "job-out", work / "loop-out"),
+    }
+
+
+def write_manifest(path: Path, rows: int, size: int, steps: int) -> None:
+    """Every parameter spelled out, so that the loop needs none of the job's defaults."""
+    pq.write_table(pa.table({
+        "id": [f"img{i:06d}" for i in range(rows)], "prompt": [f"a photograph of object number {i}" for i in range(rows)],
+        "seed": pa.array(range(1000, 1000 + rows), pa.int64()), "steps": pa.array([steps] * rows, pa.int32()),
+        "width": pa.array([size] * rows, pa.int32()), "height": pa.array([size] * rows, pa.int32()),
+        "guidance_scale": [7.5] * rows, "scheduler": ["ddim"] * rows,
+    }), path)
+
+
+def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    _, process_s = run_child([str(SDBATCH), "run", str(manifest), "--model", model, "--output", str(out),
+                              "--actors", str(n_actors), "--shard-size", str(shard_size), "--batch-size", str(BATCH_SIZE)],
+                             "sdbatch run", timeout=3600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    last = json.loads((out / "_SUCCESS").read_text())["last_run"]
+    if last["failures"]:
+        raise RuntimeError(f"sdbatch run recorded {last['failures']} failures in {out}")
+    return {"process_s": process_s, "wall_s": last["wall_seconds"], "startup_s": last["startup_seconds"],
+            "steady_s": last["working_seconds"], "images": last["images"]}
+
+
+def run_loop(manifest: Path, model: str, out: Path, threads: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    result, process_s = child_json(["-m", "bench.loop", str(manifest), model, str(out), str(threads), str(BATCH_SIZE)],
+                                   "bench.loop", timeout=3600)
+    return {"process_s": process_s, **result}
+
+
+def pixel_difference(job_out: Path, loop_out: Path) -> int:
+    """Largest difference of any pixel between the job's and the loop's image of each id (0: the same images)."""
+    worst = 0
+    loop_images = sorted(loop_out.glob("*.png"))
+    job_images = {p.stem: p for p in job_out.glob("images/*/*.png")}
+    if len(job_images) != len(loop_images):
+        raise RuntimeError(f"the job made {len(job_images)} images, the loop {len(loop_images)}")
+    for path in loop_images:
+        a = np.asarray(Image.open(path), dtype=np.int16)
+        b = np.asarray(Image.open(job_images[path.stem]), dtype=np.int16)
+        worst = max(worst, int(np.abs(a - b).max()))
+    return worst
+
+
+def big_manifest(path: Path, rows: int) -> Path:
+    """A manifest of `rows` unique string ids and prompts, written in row groups of a million rows, once."""
+    if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64())])
+    tmp = path.with_suffix(".tmp")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, rows, MANIFEST_CHUNK_ROWS):
+            numbers = pa.array(np.arange(start, min(start + MANIFEST_CHUNK_ROWS, rows))).cast(pa.string())
+            writer.write_table(pa.table({
+                "id": pc.binary_join_element_wise("row-", numbers, ""),
+                "prompt": pc.binary_join_element_wise("a photograph of object number ", numbers, ", studio light", ""),
+                "seed": pa.array(np.arange(start, start + len(numbers), dtype=np.int64)),
+            }, schema=schema))
+    tmp.replace(path)
+    return path
+
+
+def plan(manifest: str) -> dict:
+    """In this fresh process: what the driver does before the first actor starts."""
+    from jobs.driver import RunOptions, plan_job
+    from jobs.plan import shards
+
+    baseline = rss_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        job, _ = plan_job(RunOptions(manifest=manifest, model="builtin:tiny", output=str(Path(tmp) / "out")))
+        listed = sum(1 for _ in shards(job.rows, job.shard_size))
+        seconds = time.perf_counter() - t0
+    return {"rows": job.rows, "shards": listed, "seconds": seconds, "rss_after_import": baseline,
+            "peak_rss": peak_rss_bytes()}
+
+
+def render(j: dict) -> list[str]:
+    s = j["settings"]
+    lines = [f"`sdbatch run` against `bench.loop` (a plain in-process loop over `Pipeline.generate`, "
+             f"{BATCH_SIZE} rows a call like the job, saving each PNG with PIL) on the same manifest rows, both in fresh processes. The job's actors get one core and "
+             "one torch thread each; the loop gets one process with a torch thread per actor. Steady: images/s "
+             "between each side's start and end (the job: from the first actor ready to the last shard committed, "
+             "`working_seconds` in `_SUCCESS`; the loop: after its model load). Efficiency = job steady rate / loop steady rate.", "",
+             "| model | images | actors | loop images/s | job images/s | **efficiency** | job start s | "
+             "loop end to end s | job end to end s | largest pixel difference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in [*j["efficiency"], j["tiny"]]:
+        lines.append(f"| {e['model']}, {e['size']}², {e['steps']} steps | {e['images']} | {e['actors']} | "
+                     f"{e['loop_steady_images_per_s']:.3f} | {e['job_steady_images_per_s']:.3f} | "
+                     f"**{100 * e['efficiency']:.0f} %** | {e['job_startup_s']:.1f} | {e['loop_end_to_end_s']:.1f} | "
+                     f"{e['job_end_to_end_s']:.1f} | {e['max_pixel_difference']} |")
+    lines += ["", f"Framework cost per image (builtin:tiny, 1 actor, {s['tiny_rows']} images, median of "
+              f"{j['tiny']['reps']} runs each): **{j['framework_ms_per_image']:.1f} ms** "
+              f"(job {1e3 / j['tiny']['job_steady_images_per_s']:.1f} ms, loop "
+              f"{1e3 / j['tiny']['loop_steady_images_per_s']:.1f} ms per image; run by run, job then loop in "
+              "alternating order: " + ", ".join(f"{c:+.1f}" for c in j["framework_ms_per_image_runs"]) + " ms).", "",
+              "Driver memory while planning (fresh process: every row validated, OUT checked, every shard "
+              "listed; string ids, so the duplicate check holds 8 bytes per row):", "",
+              "| manifest rows | shards | seconds | RSS after imports | peak RSS |", "|---:|---:|---:|---:|---:|"]
+    for p in j["plans"]:
+        lines.append(f"| {p['rows']:,} | {p['shards']:,} | {p['seconds']:.1f} | {p['rss_after_import'] / 2**20:.0f} MiB | "
+                     f"{p['peak_rss'] / 2**20:.0f} MiB |")
+    return lines
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["plan"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python -m bench.jobsystem plan MANIFEST")
+    print(json.dumps(plan(sys.argv[2])), flush=True)

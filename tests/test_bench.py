@@ -1,0 +1,48 @@
+"""`make bench`'s code on small sizes, so that the benchmark still runs when it is next needed: the
+job-system section end to end (the job's images equal the plain loop's), the GPU section's code on
+the CPU, and the FLOP counts that turn times into rates."""
+import torch
+
+from bench import flops, gpu, jobsystem
+from tests.reference import TINY_CLIP, TINY_UNET, TINY_VAE, reference_text_encoder, reference_unet, reference_vae, write_diffusers_folder
+
+
+def test_flop_counts_are_the_published_figures():
+    # The published estimates for SD v1.5 at 512²: UNet about 0.68-0.80 TFLOP per sample and step (the
+    # count here has attention too), VAE decode about 2.5 TFLOP, a 50-step CFG image 70-83 TFLOP.
+    assert 0.68e12 <= flops.unet_row(512) <= 0.82e12
+    assert 2.4e12 <= flops.vae_decode(512) <= 2.6e12
+    assert 70e12 <= flops.image(512, 50) <= 83e12
+    # Convolutions scale with the pixels, attention faster: a little under a quarter at half the side.
+    assert 3.9 < flops.vae_decode(512) / flops.vae_decode(256) < 4.2
+    assert flops.cpu_matmul_peak(n=256, reps=1) > 1e8
+
+
+def test_job_section_makes_the_loops_images(tmp_path):
+    logged = []
+    result = jobsystem.section("builtin:tiny", tmp_path, logged.append, sd_rows_per_actor=4, tiny_rows=6, tiny_reps=1,
+                               actors=(1,), plan_rows=(1000,))
+    (sd,), tiny = result["efficiency"], result["tiny"]
+    # One actor and one torch thread on each side: the job's images are the loop's, bit for bit.
+    assert sd["max_pixel_difference"] == 0 and tiny["max_pixel_difference"] == 0
+    assert (sd["images"], sd["actors"], sd["shard_size"]) == (4, 1, 2)
+    for figure in (sd, tiny):
+        assert figure["efficiency"] > 0 and figure["job_startup_s"] > 0
+        assert figure["job_end_to_end_s"] > figure["job_runs"][0]["steady_s"] > 0
+    (planned,) = result["plans"]
+    assert (planned["rows"], planned["shards"]) == (1000, 5) and planned["peak_rss"] >= planned["rss_after_import"]
+    text = "\n".join(jobsystem.render(result))
+    assert "| builtin:tiny, 64², 1 steps | 6 | 1 |" in text and "| 1,000 | 5 |" in text
+    assert len(logged) == 3
+
+
+def test_gpu_section_code_runs_on_the_cpu(tmp_path):
+    folder = write_diffusers_folder(tmp_path / "tiny-sd", reference_unet(TINY_UNET), reference_vae(TINY_VAE),
+                                    reference_text_encoder(TINY_CLIP))
+    result = gpu.section(folder, lambda _: None, device="cpu", size=64, steps=2, batches=(1, 2),
+                         dtypes=(torch.float32,), reps=1)
+    assert [(row["dtype"], row["batch"]) for row in result["rows"]] == [("float32", 1), ("float32", 2)]
+    for row in result["rows"]:
+        assert row["sdcore_images_per_s"] > 0 and row["diffusers_images_per_s"] > 0
+        assert row["sdcore_peak_fraction"] is None  # no known peak for a CPU
+    assert "| float32 | 2 |" in "\n".join(gpu.render(result))
