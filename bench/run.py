@@ -40,7 +40,7 @@ def parse_args(argv):
     p.add_argument("--slow-reps", type=int, default=3, help="repetitions of larger UNet batches and VAE decodes")
     p.add_argument("--image-reps", type=int, nargs="+", default=[3, 1],
                    help="repetitions of the whole image, one number per batch size (default 3 1)")
-    p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
+    p.add_argument("--lever-reps", type=int, default=5, help="repetitions of each lever A/B")
     p.add_argument("--cold-reps", type=int, default=3, help="fresh processes per cold-start measurement")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the random weights are kept")
     p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
