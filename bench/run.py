@@ -37,11 +37,11 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="CPU denoising steps (default 20)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="CPU batch sizes (default 1 4)")
     p.add_argument("--reps", type=int, default=5, help="repetitions of text encoding and batch-1 UNet steps")
-    p.add_argument("--slow-reps", type=int, default=3, help="repetitions of larger UNet batches and VAE decodes")
-    p.add_argument("--image-reps", type=int, nargs="+", default=[3, 1],
-                   help="repetitions of the whole image, one number per batch size (default 3 1)")
-    p.add_argument("--lever-reps", type=int, default=5, help="repetitions of each lever A/B")
-    p.add_argument("--cold-reps", type=int, default=3, help="fresh processes per cold-start measurement")
+    p.add_argument("--slow-reps", type=int, default=2, help="repetitions of larger UNet batches and VAE decodes")
+    p.add_argument("--image-reps", type=int, nargs="+", default=[2, 1],
+                   help="repetitions of the whole image, one number per batch size (default 2 1)")
+    p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
+    p.add_argument("--cold-reps", type=int, default=2, help="fresh processes per cold-start measurement")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the random weights are kept")
     p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
                    choices=["cold", "cpu", "levers", "jobs", "gpu"])
@@ -255,9 +255,9 @@ def render(r: dict) -> str:
             for w in whole) + ".",
             "Target (sdcore whole image ≤ 0.8 × diffusers): " + ", ".join(
             f"batch {w['batch']} {'met' if w['ratio'] <= 0.8 else 'NOT met'} ({w['ratio']:.2f})" for w in whole) + "."]
-        few = [f"batch {w['batch']}" for w in whole if w["reps"] < 3]
+        few = [f"{w['reps']} × at batch {w['batch']}" for w in whole if w["reps"] < 3]
         if few:
-            out.append(f"Whole images at {', '.join(few)} ran fewer than 3 times each (time budget of `make bench`).")
+            out.append(f"Whole images ran {', '.join(few)} for each library (the time budget of `make bench`).")
         p = r["cpu"]["parity"]
         out += ["", "Same numbers, not just the same speed: largest difference sdcore − diffusers, " + ", ".join(
             f"{k.replace('_', ' ')} {val:.1e}" if isinstance(val, float) else f"{k.replace('_', ' ')} {val}"
