@@ -42,6 +42,7 @@ class ActorConfig:
     defaults: Defaults
     device: str = "auto"  # resolved on the actor's node
     dtype: str = "fp32"
+    compile: bool = False  # Pipeline.compile() after loading
     batch_size: int = 4
     storage_options: dict = field(default_factory=dict)
     cpu_threads: int | None = None  # torch threads on the CPU (None: leave the process setting)
@@ -59,6 +60,8 @@ class ShardRunner:
         self.config = config
         self.pipe = load_pipeline(config.model, device=devices.resolve_device(config.device),
                                   dtype=devices.resolve_dtype(config.dtype))
+        if config.compile:
+            self.pipe.compile()
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
         self.writer = ImageWriter(self.out, threads=config.writer_threads, max_pending=config.writer_queue)

@@ -66,6 +66,7 @@ class RunOptions:
     shard_size: int = 200
     device: str = "auto"
     dtype: str = "fp32"
+    compile: bool = False  # torch.compile the UNet on every actor
     ray_address: str | None = None
     storage_options: dict = field(default_factory=dict)
     mode: str = "auto"  # see sink.Output.prepare
@@ -163,7 +164,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
         rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults, dtype=opts.dtype,
         embed_images=opts.embed_images,
-        settings={"batch_size": opts.batch_size, "actors": opts.actors, "device": opts.device,
+        settings={"batch_size": opts.batch_size, "actors": opts.actors, "device": opts.device, "compile": opts.compile,
                   "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options},
     )
     out.check(job, mode=opts.mode)
@@ -294,7 +295,7 @@ class _Run:
         self.stream, self.on_dispatch = stream, on_dispatch
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, defaults=opts.defaults, device=plan.device,
-            dtype=opts.dtype, batch_size=opts.batch_size, storage_options=opts.storage_options,
+            dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, embed_images=opts.embed_images,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}

@@ -58,3 +58,14 @@ def test_unloadable_model_is_a_clear_error(tmp_path):
     result = run("a fox", "--model", str(folder), "-o", str(tmp_path / "x.png"))
     assert result.returncode == 2
     assert "sdbatch: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compile_gives_the_eager_image_up_to_rounding(tmp_path):
+    out = tmp_path / "owl.png"
+    result = run("an owl", "--model", "builtin:tiny", "--seed", "3", "--steps", "3", "--width", "64", "--height", "64",
+                 "--scheduler", "ddim", "--compile", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    eager = sdcore.load_pipeline("builtin:tiny").generate(["an owl"], seeds=[3], steps=3, height=64, width=64,
+                                                               scheduler="ddim", output="np")[0]
+    compiled = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(compiled - eager).max() <= 2

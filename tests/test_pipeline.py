@@ -143,3 +143,21 @@ def test_half_precision_runs_and_stays_close(dtype):
     half = sdcore.load_pipeline("builtin:tiny", dtype=dtype).generate(["a fox"], seeds=[4], steps=3, height=64, width=64, output="np")[0]
     assert half.shape == full.shape
     assert np.abs(half.astype(int) - full.astype(int)).mean() < 8
+
+
+def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape():
+    from torch._dynamo.utils import counters
+
+    pipe = sdcore.load_pipeline("builtin:tiny")
+    kwargs = dict(steps=4, height=64, width=64, scheduler="ddim", output="latent")
+    eager = pipe.generate(["a fox", "a lighthouse"], seeds=[3, 4], **kwargs)
+    pipe.compile()
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = pipe.generate(["a fox", "a lighthouse"], seeds=[3, 4], **kwargs)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    # Every step's timestep is an input of the one graph, not a constant that forces a recompile, and
+    # another step count or prompt of the same shape reuses it.
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    pipe.generate(["a bowl of fruit"], seeds=[5], **{**kwargs, "steps": 6})
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1

@@ -7,10 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from jobs import driver
@@ -220,3 +222,18 @@ def test_bad_model_exits_2_quickly_through_the_real_command(tmp_path, manifest):
     assert_user_error(r, "missing.safetensors: no such file or directory")
     assert time.monotonic() - start < 30  # no Ray start, no model load
     assert not (tmp_path / "out").exists() and not os.path.exists(tmp_path / "out")
+
+
+def test_compile_reaches_every_actor_and_keeps_the_images(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", id=["a", "b", "c"], prompt=["a cat", "a dog", "an owl"])
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        r = sdbatch("run", manifest, "--output", out, "--actors", 1, *TINY, *extra, timeout=400)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / "_sdbatch" / "job.json").read_text())["settings"]["compile"] == bool(extra)
+        meta, _ = read_dataset(out)
+        runs[name] = {i: np.asarray(Image.open(out / row["image_path"])).astype(int) for i, row in meta.items()}
+    assert sorted(runs["compiled"]) == ["a", "b", "c"]
+    for image_id, eager in runs["eager"].items():
+        assert np.abs(runs["compiled"][image_id] - eager).max() <= 2
