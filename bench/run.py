@@ -41,6 +41,8 @@ def parse_args(argv):
     p.add_argument("--image-reps", type=int, nargs="+", default=[2, 1],
                    help="repetitions of the whole image, one number per batch size (default 2 1)")
     p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="leave out sdcore with --compile (torch.compile: a few minutes of compiling)")
     p.add_argument("--cold-reps", type=int, default=2, help="fresh processes per cold-start measurement")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the random weights are kept")
     p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
@@ -79,6 +81,8 @@ def main(argv=None) -> dict:
             result["cpu"] = cpu_section(ours, ref, args)
         if "levers" in args.sections:
             result["levers"] = lever_section(ours, args)
+        if "cpu" in args.sections and args.compile:
+            result["cpu_compiled"] = compiled_section(ours, result["cpu"], args)
         del ours, ref
     if "jobs" in args.sections:
         result["jobs"] = jobsystem.section(folder, args.cache.parent / "jobs", log)
@@ -158,18 +162,13 @@ def cpu_section(ours, ref, args) -> dict:
 
     images = {}
     for batch, reps in zip(args.batches, args.image_reps):
-        prompts = (PROMPTS * batch)[:batch]
-        seeds = list(range(batch))
-        settings = dict(height=args.size, width=args.size)
-
         def run_ours():
-            images["sdcore"] = ours.generate(prompts, seeds=seeds, steps=args.steps, guidance_scale=7.5,
-                                             scheduler="ddim", output="pil", **settings)
+            images["sdcore"] = whole_image(ours, batch, args)
 
         def run_ref():
-            gens = [torch.Generator().manual_seed(s) for s in seeds]
-            images["diffusers"] = ref(prompts, num_inference_steps=args.steps, guidance_scale=7.5, generator=gens,
-                                      output_type="pil", **settings).images
+            gens = [torch.Generator().manual_seed(s) for s in range(batch)]
+            images["diffusers"] = ref((PROMPTS * batch)[:batch], num_inference_steps=args.steps, guidance_scale=7.5,
+                                      generator=gens, output_type="pil", height=args.size, width=args.size).images
 
         log(f"CPU batch {batch}: whole image ({args.steps} steps) x{reps}")
         # No warm-up: the components above ran every kernel already.
@@ -182,6 +181,43 @@ def cpu_section(ours, ref, args) -> dict:
             for a, b in zip(images["sdcore"], images["diffusers"]))
     return {"rows": rows, "parity": parity, "threads": torch.get_num_threads(),
             "matmul_peak_flops": flops.cpu_matmul_peak()}
+
+
+def whole_image(pipe, batch: int, args) -> list:
+    return pipe.generate((PROMPTS * batch)[:batch], seeds=list(range(batch)), steps=args.steps, guidance_scale=7.5,
+                         scheduler="ddim", output="pil", height=args.size, width=args.size)
+
+
+def compiled_section(ours, cpu: dict, args) -> dict:
+    """sdcore after `Pipeline.compile()` (the `--compile` option): the compile, one UNet step against
+    the eager UNet (interleaved), and whole images against diffusers' medians of section 1."""
+    side = args.size // 8
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, side, side, generator=gen)
+    ctx = torch.randn(2, 77, ours.unet.config.cross_attention_dim, generator=gen)
+    t = torch.tensor(500)
+    ours.compile()
+    log("CPU --compile: the first call compiles the UNet")
+    # no_grad, as in generate: under inference_mode the compiled UNet would be compiled a second time.
+    with torch.no_grad():
+        started = time.perf_counter()
+        compiled_out = ours.predict_noise(x, t, ctx)
+        compile_s = time.perf_counter() - started
+        largest_difference = (compiled_out - ours.unet(x, t, ctx)).abs().max().item()
+        log(f"CPU --compile: compiled in {compile_s:.0f}s; one UNet step x{args.reps}")
+        step = interleaved({"compiled": lambda: ours.predict_noise(x, t, ctx), "eager": lambda: ours.unet(x, t, ctx)},
+                           args.reps, warmup=False, log=log)
+    rows = []
+    for batch, reps in zip(args.batches, args.image_reps):
+        log(f"CPU --compile batch {batch}: whole image ({args.steps} steps) x{reps}")
+        times = interleaved({"compiled": lambda: whole_image(ours, batch, args)}, reps, warmup=False, log=log)
+        eager = next(r for r in cpu["rows"] if r["figure"].startswith("whole image") and r["batch"] == batch)
+        rows.append({"batch": batch, "compiled_s": median(times["compiled"]), "runs_s": times["compiled"],
+                     "eager_s": eager["sdcore_s"], "diffusers_s": eager["diffusers_s"],
+                     "ratio": median(times["compiled"]) / eager["diffusers_s"]})
+    return {"compile_s": compile_s, "unet_largest_difference": largest_difference,
+            "step_compiled_s": median(step["compiled"]), "step_eager_s": median(step["eager"]), "step_runs_s": step,
+            "whole_images": rows}
 
 
 def _row(name: str, batch: int, times: dict, shares: dict, work: int) -> dict:
@@ -209,6 +245,29 @@ def lever_section(ours, args) -> list[dict]:
 
 
 # --- report ---------------------------------------------------------------------------------------
+
+def render_compiled(c: dict, s: dict) -> list[str]:
+    step_reps = len(c["step_runs_s"]["compiled"])
+    lines = ["### sdcore with `--compile`", "",
+             "`Pipeline.compile()`, the `--compile` option of `sdbatch run` and `generate`: the UNet through "
+             "torch.compile, its weights frozen into the compiled code on the CPU. Whole images after the "
+             "compile, against diffusers' medians in the table above (same run and process, not interleaved).", "",
+             f"- Compile: {c['compile_s']:.0f} s, paid on the first step of every new shape (batch, height, width) "
+             "in each new process.",
+             f"- One UNet step (CFG batch 2), interleaved with the eager UNet, median of {step_reps}: "
+             f"{c['step_compiled_s']:.3f} s against {c['step_eager_s']:.3f} s "
+             f"(**{c['step_compiled_s'] / c['step_eager_s']:.2f}** × eager); largest difference of the outputs "
+             f"{c['unet_largest_difference']:.1e}.", "",
+             "| figure | batch | sdcore --compile s | sdcore eager s | diffusers s | ratio to diffusers | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for w in c["whole_images"]:
+        lines.append(f"| whole image ({s['steps']} steps + decode) | {w['batch']} | {w['compiled_s']:.3f} | "
+                     f"{w['eager_s']:.3f} | {w['diffusers_s']:.3f} | **{w['ratio']:.2f}** | {len(w['runs_s'])} |")
+    lines += ["", "Target with `--compile` (sdcore whole image ≤ 0.8 × diffusers): " + ", ".join(
+        f"batch {w['batch']} {'met' if w['ratio'] <= 0.8 else 'NOT met'} ({w['ratio']:.2f})"
+        for w in c["whole_images"]) + ".", ""]
+    return lines
+
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
@@ -262,6 +321,8 @@ def render(r: dict) -> str:
         out += ["", "Same numbers, not just the same speed: largest difference sdcore − diffusers, " + ", ".join(
             f"{k.replace('_', ' ')} {val:.1e}" if isinstance(val, float) else f"{k.replace('_', ' ')} {val}"
             for k, val in p.items()) + ".", ""]
+    if "cpu_compiled" in r:
+        out += render_compiled(r["cpu_compiled"], r["settings"])
     if "cold_start" in r:
         out += ["## 2. Cold start — weights on disk → ready pipeline (fresh process each)", "",
                 f"Weights: {_gib(r['weights_bytes'])}. Load = the load call alone (median of the runs; the page "

@@ -1,9 +1,13 @@
 """`make bench`'s code on small sizes, so that the benchmark still runs when it is next needed: the
 job-system section end to end (the job's images equal the plain loop's), the GPU section's code on
-the CPU, and the FLOP counts that turn times into rates."""
-import torch
+the CPU, the `--compile` figures, and the FLOP counts that turn times into rates."""
+import argparse
 
-from bench import flops, gpu, jobsystem
+import torch
+from torch._dynamo.utils import counters
+
+import sdcore
+from bench import flops, gpu, jobsystem, run
 from tests.reference import TINY_CLIP, TINY_UNET, TINY_VAE, reference_text_encoder, reference_unet, reference_vae, write_diffusers_folder
 
 
@@ -20,7 +24,7 @@ def test_flop_counts_are_the_published_figures():
 
 def test_job_section_makes_the_loops_images(tmp_path):
     logged = []
-    result = jobsystem.section("builtin:tiny", tmp_path, logged.append, sd_rows_per_actor=4, tiny_rows=6, tiny_reps=1,
+    result = jobsystem.section("builtin:tiny", tmp_path, logged.append, sd_rows_per_actor=4, sd_reps=1, tiny_rows=6, tiny_reps=1,
                                actors=(1,), plan_rows=(1000,))
     (sd,), tiny = result["efficiency"], result["tiny"]
     # One actor and one torch thread on each side: the job's images are the loop's, bit for bit.
@@ -39,10 +43,31 @@ def test_job_section_makes_the_loops_images(tmp_path):
 def test_gpu_section_code_runs_on_the_cpu(tmp_path):
     folder = write_diffusers_folder(tmp_path / "tiny-sd", reference_unet(TINY_UNET), reference_vae(TINY_VAE),
                                     reference_text_encoder(TINY_CLIP))
-    result = gpu.section(folder, lambda _: None, device="cpu", size=64, steps=2, batches=(1, 2),
+    result = gpu.section(folder, lambda _: None, device="cpu", size=64, steps=2, batches=(1, 2), compile_batches=(2,),
                          dtypes=(torch.float32,), reps=1)
     assert [(row["dtype"], row["batch"]) for row in result["rows"]] == [("float32", 1), ("float32", 2)]
     for row in result["rows"]:
         assert row["sdcore_images_per_s"] > 0 and row["diffusers_images_per_s"] > 0
         assert row["sdcore_peak_fraction"] is None  # no known peak for a CPU
-    assert "| float32 | 2 |" in "\n".join(gpu.render(result))
+    one, two = result["rows"]
+    assert "compiled_s" not in one and two["compiled_images_per_s"] > 0 and two["compile_s"] > 0
+    text = "\n".join(gpu.render(result))
+    assert "| float32 | 1 |" in text and text.count("— | — | — | —") == 1
+
+
+def test_compiled_section_times_the_compiled_pipeline(tmp_path):
+    folder = write_diffusers_folder(tmp_path / "tiny-sd", reference_unet(TINY_UNET), reference_vae(TINY_VAE),
+                                    reference_text_encoder(TINY_CLIP))
+    pipe = sdcore.load_pipeline(folder)
+    args = argparse.Namespace(size=64, steps=2, batches=[1, 2], image_reps=[1, 1], reps=1)
+    cpu = {"rows": [{"figure": "whole image (2 steps + decode)", "batch": b, "sdcore_s": 1.0, "diffusers_s": 2.0}
+                    for b in (1, 2)]}
+    graphs_before = counters["stats"]["unique_graphs"]
+    result = run.compiled_section(pipe, cpu, args)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # the step figure and the images share one compile
+    assert pipe.compiled and result["compile_s"] > 0 and result["unet_largest_difference"] < 1e-4
+    assert [w["batch"] for w in result["whole_images"]] == [1, 2]
+    for w in result["whole_images"]:
+        assert w["compiled_s"] > 0 and w["ratio"] == w["compiled_s"] / 2.0
+    text = "\n".join(run.render_compiled(result, {"steps": 2}))
+    assert "| whole image (2 steps + decode) | 2 |" in text and "Target with `--compile`" in text
