@@ -43,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out sdcore with --compile (torch.compile: a few minutes of compiling)")
-    p.add_argument("--cold-reps", type=int, default=2, help="fresh processes per cold-start measurement")
+    p.add_argument("--cold-reps", type=int, default=3, help="fresh processes per cold-start measurement")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the random weights are kept")
     p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
                    choices=["cold", "cpu", "levers", "jobs", "gpu"])
