@@ -44,6 +44,11 @@ def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 
         gens = [torch.Generator().manual_seed(s) for s in range(batch)]
         ref([prompt] * batch, num_inference_steps=n, height=size, width=size, generator=gens, output_type="np")
 
+    def add_rates(row, variant):
+        """`{variant}_images_per_s` and `{variant}_peak_fraction` from the row's `{variant}_s`."""
+        row[f"{variant}_images_per_s"] = row["batch"] / row[f"{variant}_s"]
+        row[f"{variant}_peak_fraction"] = row[f"{variant}_images_per_s"] * per_image / peak if peak else None
+
     for dtype in dtypes:
         dname = str(dtype).removeprefix("torch.")
         ours = sdcore.load_pipeline(folder, device=device, dtype=dtype)
@@ -60,8 +65,7 @@ def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 
             row = rows[batch] = {"dtype": dname, "batch": batch, "sdcore_s": median(times["sdcore"]),
                                  "diffusers_s": median(times["diffusers"]), "runs_s": times, "non_finite_rows": non_finite}
             for lib in ("sdcore", "diffusers"):
-                row[f"{lib}_images_per_s"] = batch / row[f"{lib}_s"]
-                row[f"{lib}_peak_fraction"] = row[f"{lib}_images_per_s"] * per_image / peak if peak else None
+                add_rates(row, lib)
             row["speedup_vs_diffusers"] = row["diffusers_s"] / row["sdcore_s"]
         ours.compile()
         for batch in [b for b in compile_batches if b in rows]:
@@ -74,8 +78,7 @@ def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 
                                 warmup=False, device=device, log=log)
             row["compiled_s"] = median(times["compiled"])
             row["runs_s"]["compiled"] = times["compiled"]
-            row["compiled_images_per_s"] = batch / row["compiled_s"]
-            row["compiled_peak_fraction"] = row["compiled_images_per_s"] * per_image / peak if peak else None
+            add_rates(row, "compiled")
             row["compiled_speedup_vs_diffusers"] = row["diffusers_s"] / row["compiled_s"]
         out["rows"] += rows.values()
         del ours, ref
