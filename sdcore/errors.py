@@ -13,6 +13,10 @@ class WeightsError(SdcoreError):
     """A weight file or folder is missing, truncated, or does not match the architecture."""
 
 
+class CompileUnavailableError(SdcoreError):
+    """torch.compile cannot build code on this machine (no C++ compiler for the CPU, no Triton for a GPU)."""
+
+
 class NonFiniteOutputError(SdcoreError):
     """Some rows of a batch produced NaN/inf; `.images` keeps the good rows (None at `.rows`)."""
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from sdcore import schedulers
-from sdcore.errors import NonFiniteOutputError
+from sdcore.errors import CompileUnavailableError, NonFiniteOutputError
+from sdcore.schedulers.base import to_device
 
 OUTPUTS = ("pil", "np", "latent")
 
@@ -29,6 +30,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype
     _compiled_unet: Callable | None = field(default=None, init=False, repr=False)  # see compile()
+    _cuda_graphs: bool = field(default=False, init=False, repr=False)  # the compiled UNet replays CUDA graphs
 
     @property
     def rows_per_call(self) -> int | None:
@@ -54,9 +56,26 @@ class Pipeline:
         frozen into the compiled code (inductor's `freezing`), so that oneDNN's kernels get them
         pre-packed instead of re-laid out at every call: that is where the gain comes from. Images
         differ from the eager ones in the low bits only, as on another device.
+
+        Raises CompileUnavailableError at once where torch.compile cannot build code (no C++ compiler
+        on a CPU machine, no Triton beside a GPU), rather than at the first step of every batch.
         """
-        if self._compiled_unet is None:
-            self._compiled_unet = torch.compile(self.unet, mode=mode, dynamic=False)
+        if self._compiled_unet is not None:
+            return
+        probe = torch.compile(lambda x: x * 2 + 1, dynamic=False)
+        try:
+            probe(torch.ones(8, device=self.device, dtype=self.dtype))
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CompileUnavailableError(
+                f"--compile: torch.compile cannot build code for {self.device.type} on this machine ({reason}); "
+                "install what it names (a C++ compiler and the Python headers on a CPU machine, Triton beside a GPU) "
+                "or run without --compile") from None
+        from torch._inductor import list_mode_options
+
+        # With CUDA graphs the compiled UNet returns tensors that its next call overwrites.
+        self._cuda_graphs = self.device.type == "cuda" and bool(list_mode_options(mode or "default").get("triton.cudagraphs"))
+        self._compiled_unet = torch.compile(self.unet, mode=mode, dynamic=False)
 
     @property
     def compiled(self) -> bool:
@@ -70,6 +89,10 @@ class Pipeline:
         timesteps = torch.full((len(x),), float(t), dtype=torch.float32, device=self.device)
         if self._compiled_unet is None:
             return self.unet(x, timesteps, context)
+        if self._cuda_graphs:
+            # Schedulers keep outputs across steps (PNDM, DPM++ 2M), so they get a copy of the graph's.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._compiled_unet(x, timesteps, context).clone()
         if self.device.type != "cpu":
             return self._compiled_unet(x, timesteps, context)
         from torch._inductor import config as inductor_config
@@ -126,7 +149,7 @@ class Pipeline:
 
         latent_shape = (1, self.unet.config.in_channels, height // 8, width // 8)
         latents = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
-        latents = latents.to(self.device, self.dtype) * sched.init_noise_sigma
+        latents = to_device(latents, self.device).to(self.dtype) * sched.init_noise_sigma
 
         def guided_noise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None):
             if uncond is None:
@@ -160,7 +183,7 @@ class Pipeline:
     def _decode(self, latents: torch.Tensor) -> tuple[list, list[int]]:
         """Latents → uint8 [H, W, 3] arrays; rows that stay non-finite even in float32 are None."""
         vae_dtype = next(self.vae.parameters()).dtype
-        pixels = self._in_chunks(self.vae.decode, latents.to(vae_dtype) / self.vae.config.scaling_factor)
+        pixels = self._decode_fitting(latents.to(vae_dtype) / self.vae.config.scaling_factor)
         finite = torch.isfinite(pixels).flatten(1).all(dim=1)
         if not finite.all() and vae_dtype != torch.float32:
             # Half precision can overflow in the decoder; redo just those rows in float32.
@@ -175,3 +198,18 @@ class Pipeline:
         arrays = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
         return [None if i in bad else np.ascontiguousarray(a) for i, a in enumerate(arrays)], bad
+
+    def _decode_fitting(self, z: torch.Tensor) -> torch.Tensor:
+        """vae.decode(z) [B, 4, h, w] → [B, 3, 8h, 8w], in ever smaller groups of rows while the device runs
+        out of memory: the decoder needs far more memory per row than the UNet (at large sizes, more than
+        a whole batch of denoising), and the denoised latents are too costly to lose to it."""
+        rows = self.rows_per_call or len(z)
+        while True:
+            try:
+                return torch.cat([self.vae.decode(z[i : i + rows]) for i in range(0, len(z), rows)])
+            except torch.OutOfMemoryError:
+                if rows == 1:
+                    raise
+                rows = (rows + 1) // 2
+                if z.device.type == "cuda":
+                    torch.cuda.empty_cache()

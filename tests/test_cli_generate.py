@@ -1,4 +1,5 @@
 """`sdbatch generate`: one PNG with its parameters, and bad arguments refused before any model load."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ from jobs import sink
 SDBATCH = str(Path(sys.executable).parent / "sdbatch")
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SDBATCH, "generate", *args], capture_output=True, text=True, timeout=300)
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([SDBATCH, "generate", *args], capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
@@ -69,3 +71,12 @@ def test_compile_gives_the_eager_image_up_to_rounding(tmp_path):
                                                                scheduler="ddim", output="np")[0]
     compiled = np.asarray(Image.open(out)).astype(int)
     assert np.abs(compiled - eager).max() <= 2
+
+
+def test_compile_without_a_compiler_is_refused_before_the_first_step(tmp_path):
+    out = tmp_path / "x.png"
+    result = run("a fox", "--model", "builtin:tiny", "--compile", "-o", str(out), env={"CXX": "/nonexistent/c++"})
+    assert result.returncode == 2
+    assert "sdbatch: error: --compile: torch.compile cannot build code for cpu" in result.stderr
+    assert "/nonexistent/c++" in result.stderr and "Traceback" not in result.stderr and "step 1/" not in result.stderr
+    assert not out.exists()

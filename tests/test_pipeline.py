@@ -161,3 +161,37 @@ def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape():
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
     pipe.generate(["a bowl of fruit"], seeds=[5], **{**kwargs, "steps": 6})
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+def test_decode_out_of_device_memory_retries_in_smaller_groups_and_keeps_the_denoising(builtin_pipe, monkeypatch):
+    kwargs = dict(steps=2, height=64, width=64, scheduler="ddim", output="np")
+    prompts, seeds = PROMPTS[:3], [1, 2, 3]
+    expected = builtin_pipe.generate(prompts, seeds=seeds, **kwargs)
+    decode, unet_forward = builtin_pipe.vae.decode, builtin_pipe.unet.forward
+    decoded_rows, unet_calls = [], []
+
+    def decode_at_most(rows):
+        def decode_or_run_out(z):
+            decoded_rows.append(len(z))
+            if len(z) > rows:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return decode(z)
+        return decode_or_run_out
+
+    def counting_unet(x, *args):
+        unet_calls.append(len(x))
+        return unet_forward(x, *args)
+
+    # As on a GPU: the whole batch in one call, until memory runs out.
+    monkeypatch.setattr(type(builtin_pipe), "rows_per_call", property(lambda self: None))
+    monkeypatch.setattr(builtin_pipe.vae, "decode", decode_at_most(1))
+    monkeypatch.setattr(builtin_pipe.unet, "forward", counting_unet)
+    images = builtin_pipe.generate(prompts, seeds=seeds, **kwargs)
+    assert unet_calls == [6, 6]  # two steps of one CFG batch, never run again
+    assert decoded_rows == [3, 2, 1, 1, 1]  # all, then halves, then one row at a time
+    for got, want in zip(images, expected):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+    monkeypatch.setattr(builtin_pipe.vae, "decode", decode_at_most(0))
+    with pytest.raises(torch.OutOfMemoryError):  # even one row does not fit: the caller decides
+        builtin_pipe.generate(prompts[:1], seeds=seeds[:1], **kwargs)

@@ -23,8 +23,9 @@ SDBATCH = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "sdbatch")
 TINY = ["--model", MODEL, "--width", "64", "--height", "64", "--steps", "2", "--scheduler", "ddim"]
 
 
-def sdbatch(*args, timeout=180) -> subprocess.CompletedProcess:
-    return subprocess.run([SDBATCH, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def sdbatch(*args, timeout=180, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([SDBATCH, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def assert_user_error(result, *fragments):
@@ -237,3 +238,14 @@ def test_compile_reaches_every_actor_and_keeps_the_images(tmp_path):
     assert sorted(runs["compiled"]) == ["a", "b", "c"]
     for image_id, eager in runs["eager"].items():
         assert np.abs(runs["compiled"][image_id] - eager).max() <= 2
+
+
+def test_compile_without_a_compiler_stops_the_job_before_any_output(tmp_path, manifest):
+    # CXX reaches the actors' processes: the local Ray cluster inherits the command's environment.
+    r = sdbatch("run", manifest, "--output", tmp_path / "out", *TINY, "--compile", env={"CXX": "/nonexistent/c++"})
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    error = r.stderr.splitlines()[-1]  # after the plan line that Ray's start follows
+    assert error.startswith("sdbatch: error: an actor could not start: CompileUnavailableError: --compile: torch.compile "
+                            "cannot build code for cpu"), r.stderr
+    assert "/nonexistent/c++" in error and "run without --compile" in error and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -184,9 +184,18 @@ def randn(shape: torch.Size, generator, device: torch.device, dtype: torch.dtype
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
         else:
             rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-            return torch.cat(rows).to(device)
+            return to_device(torch.cat(rows), device)
     draw_device = device if generator is None else generator.device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+    return to_device(torch.randn(shape, generator=generator, device=draw_device, dtype=dtype), device)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x moved to device. A GPU gets it from pinned memory, queued behind its work: a copy from ordinary
+    (pageable) host memory would make the host wait for the GPU's queue to drain, once a step for noise."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
