@@ -1,9 +1,15 @@
-"""GPU section: images/s of sdcore and diffusers eager in bfloat16 and float16, 512x512, 50 steps.
+"""GPU section: images/s of sdcore and diffusers eager in bfloat16 and float16, 512x512, 50 steps,
+then sdcore's GPU levers one at a time at the target batch, and the host's waits on the GPU per step.
 
 The fraction of peak divides the work an image takes (bench.flops: about 83 TFLOP for a 50-step
 CFG image at 512²) by the time it took; the peak is the card's dense bf16/fp16 tensor rate.
+
+A lent GPU machine gives minutes, not hours: the target batch runs first, every figure is handed to
+`save` as soon as it exists (a run stopped at its time limit still leaves what it measured), and a
+lever that fails is recorded with its error instead of ending the section.
 """
 import time
+import warnings
 
 import torch
 
@@ -13,78 +19,144 @@ from bench.timing import interleaved, median
 SKIPPED = "GPU benchmarks skipped: no CUDA device"
 # Dense (no sparsity) bf16 / fp16 tensor-core peak, FLOP/s, first matching name wins.
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+PROMPT = "a photograph of an astronaut riding a horse"
+# sdcore's GPU levers beyond its eager defaults, each measured alone against the eager figure.
+LEVERS = {
+    "channels_last": "eager, the UNet's weights (and so its activations) in channels-last memory format",
+    "compile": "`Pipeline.compile()` (`--compile`): torch.compile of the UNet",
+    "cuda_graphs": '`Pipeline.compile("reduce-overhead")`: compiled, and every step replayed as one CUDA graph',
+}
+SYNC_SCHEDULERS = ("ddim", "pndm", "dpmpp_2m", "euler_a", "ddpm")
 
 
-def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 50, batches=(1, 8, 16),
-            compile_batches=(16,), dtypes=(torch.bfloat16, torch.float16), reps: int = 3) -> dict:
+def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 50, batches=(16, 8, 1),
+            dtypes=(torch.bfloat16, torch.float16), levers=tuple(LEVERS), lever_batches=(16,), reps: int = 3,
+            save=lambda figures: None) -> dict:
     """The GPU figures; with another `device` and small sizes it is a quick check of this code.
 
-    `compile_batches`: the batches measured again after `Pipeline.compile()` (each compile takes a
-    minute or more, so only the target's batch by default)."""
+    Eager sdcore and diffusers for every dtype and batch; the `levers` (LEVERS) at `lever_batches`
+    in the first dtype only (each compile takes a minute or more)."""
     if device == "cuda" and not torch.cuda.is_available():
         print(SKIPPED, flush=True)
         return {"skipped": SKIPPED}
     import sdcore
-    from sdcore.errors import NonFiniteOutputError
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else device
     peak = next((rate for key, rate in PEAK_FLOPS if key in name), None)
     per_image = flops.image(size, steps)
-    out = {"device": name, "peak_flops": peak, "flops_per_image": per_image, "size": size, "steps": steps, "rows": []}
-    prompt = "a photograph of an astronaut riding a horse"
+    out = {"device": name, "peak_flops": peak, "flops_per_image": per_image, "size": size, "steps": steps,
+           "rows": [], "levers": []}
 
-    def run_ours(pipe, batch, non_finite, n=steps):
-        try:
-            pipe.generate([prompt] * batch, seeds=list(range(batch)), steps=n, height=size, width=size,
-                          scheduler="ddim", output="np")
-        except NonFiniteOutputError as e:  # random weights in half precision; the work was done
-            non_finite["sdcore"] = len(e.rows)
+    def rate(seconds: float, batch: int) -> dict:
+        per_s = batch / seconds
+        return {"images_per_s": per_s, "peak_fraction": per_s * per_image / peak if peak else None}
 
-    def run_ref(ref, batch, n=steps):
-        gens = [torch.Generator().manual_seed(s) for s in range(batch)]
-        ref([prompt] * batch, num_inference_steps=n, height=size, width=size, generator=gens, output_type="np")
+    def measure(fns: dict, batch: int, label: str) -> dict:
+        """Median seconds of each of `fns` (whole images of `batch` rows), after a 2-step warm-up each."""
+        for warm in fns.values():
+            warm(batch, 2)
+        log(f"GPU {label}: whole image x{reps}")
+        times = interleaved({lib: (lambda fn=fn: fn(batch, steps)) for lib, fn in fns.items()}, reps,
+                            warmup=False, device=device, log=log)
+        return {lib: {"s": median(runs), "runs_s": runs, **rate(median(runs), batch)} for lib, runs in times.items()}
 
-    def add_rates(row, variant):
-        """`{variant}_images_per_s` and `{variant}_peak_fraction` from the row's `{variant}_s`."""
-        row[f"{variant}_images_per_s"] = row["batch"] / row[f"{variant}_s"]
-        row[f"{variant}_peak_fraction"] = row[f"{variant}_images_per_s"] * per_image / peak if peak else None
-
-    for dtype in dtypes:
+    for d, dtype in enumerate(dtypes):
         dname = str(dtype).removeprefix("torch.")
         ours = sdcore.load_pipeline(folder, device=device, dtype=dtype)
         ref = fixtures.load_reference(folder, device=device, dtype=dtype)
-        rows = {}
+        if d == 0 and device == "cuda":
+            out["host_syncs_per_step"] = host_syncs_per_step(ours)
+            save(out)
+        non_finite = {}
         for batch in batches:
-            non_finite = {}
-            # Kernels, allocator and autotuning warmed up, at little cost.
-            run_ours(ours, batch, non_finite, 2)
-            run_ref(ref, batch, 2)
-            log(f"GPU {dname} batch {batch}: whole image x{reps}")
-            times = interleaved({"sdcore": lambda: run_ours(ours, batch, non_finite), "diffusers": lambda: run_ref(ref, batch)},
-                                reps, warmup=False, device=device, log=log)
-            row = rows[batch] = {"dtype": dname, "batch": batch, "sdcore_s": median(times["sdcore"]),
-                                 "diffusers_s": median(times["diffusers"]), "runs_s": times, "non_finite_rows": non_finite}
-            for lib in ("sdcore", "diffusers"):
-                add_rates(row, lib)
-            row["speedup_vs_diffusers"] = row["diffusers_s"] / row["sdcore_s"]
-        ours.compile()
-        for batch in [b for b in compile_batches if b in rows]:
-            row = rows[batch]
-            log(f"GPU {dname} batch {batch}: compile, then whole image x{reps}")
-            started = time.perf_counter()
-            run_ours(ours, batch, row["non_finite_rows"], 2)
-            row["compile_s"] = time.perf_counter() - started
-            times = interleaved({"compiled": lambda: run_ours(ours, batch, row["non_finite_rows"])}, reps,
-                                warmup=False, device=device, log=log)
-            row["compiled_s"] = median(times["compiled"])
-            row["runs_s"]["compiled"] = times["compiled"]
-            add_rates(row, "compiled")
-            row["compiled_speedup_vs_diffusers"] = row["diffusers_s"] / row["compiled_s"]
-        out["rows"] += rows.values()
+            times = measure({"sdcore": generator(ours, size, non_finite), "diffusers": reference(ref, size)}, batch,
+                            f"{dname} batch {batch}")
+            out["rows"].append({"dtype": dname, "batch": batch, **times, "non_finite_rows": dict(non_finite),
+                                "speedup_vs_diffusers": times["diffusers"]["s"] / times["sdcore"]["s"]})
+            save(out)
         del ours, ref
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        free(device)
+        if d > 0:
+            continue
+        for lever in levers:
+            for batch in lever_batches:
+                eager = next(r for r in out["rows"] if (r["dtype"], r["batch"]) == (dname, batch))
+                row = {"lever": lever, "dtype": dname, "batch": batch}
+                try:
+                    pipe = sdcore.load_pipeline(folder, device=device, dtype=dtype)
+                    apply_lever(pipe, lever)
+                    started = time.perf_counter()
+                    generator(pipe, size, {})(batch, 2)
+                    row["first_call_s"] = time.perf_counter() - started  # the compile, for the compiled levers
+                    row |= measure({"sdcore": generator(pipe, size, {})}, batch, f"{dname} batch {batch}, {lever}")["sdcore"]
+                    row["vs_eager"] = eager["sdcore"]["s"] / row["s"]
+                    row["speedup_vs_diffusers"] = eager["diffusers"]["s"] / row["s"]
+                except Exception as e:  # one lever that fails must not cost the others their minutes
+                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    log(f"GPU {lever} failed: {row['error']}")
+                pipe = None
+                free(device)
+                out["levers"].append(row)
+                save(out)
     return out
+
+
+def generator(pipe, size: int, non_finite: dict):
+    """fn(batch, steps): one batch of DDIM whole images from sdcore; NaN rows are counted in `non_finite`."""
+    from sdcore.errors import NonFiniteOutputError
+
+    def run(batch: int, steps: int) -> None:
+        try:
+            pipe.generate([PROMPT] * batch, seeds=list(range(batch)), steps=steps, height=size, width=size,
+                          scheduler="ddim", output="np")
+        except NonFiniteOutputError as e:  # random weights in half precision; the work was done
+            non_finite[batch] = len(e.rows)
+    return run
+
+
+def reference(ref, size: int):
+    def run(batch: int, steps: int) -> None:
+        gens = [torch.Generator().manual_seed(s) for s in range(batch)]
+        ref([PROMPT] * batch, num_inference_steps=steps, height=size, width=size, generator=gens, output_type="np")
+    return run
+
+
+def apply_lever(pipe, lever: str) -> None:
+    if lever == "channels_last":
+        pipe.unet.to(memory_format=torch.channels_last)
+    elif lever == "compile":
+        pipe.compile()
+    elif lever == "cuda_graphs":
+        pipe.compile("reduce-overhead")
+    else:
+        raise ValueError(f"unknown GPU lever {lever!r}; known: {', '.join(LEVERS)}")
+
+
+def free(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def host_syncs_per_step(pipe, size: int = 64) -> dict:
+    """For each scheduler, how often per denoising step the host waits for the GPU (torch's sync debug
+    mode counts them): the count at 6 steps minus that at 3, over 3, so that the waits every image has
+    once (the prompt's tokens up, the finished image down) drop out. 0 means the host queues step after
+    step without waiting."""
+    counts = {}
+    for scheduler in SYNC_SCHEDULERS:
+        seen = []
+        for steps in (3, 6):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    pipe.generate([PROMPT] * 2, seeds=[0, 1], steps=steps, height=size, width=size, scheduler=scheduler,
+                                  output="latent")
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            seen.append(sum("synchroniz" in str(w.message) for w in caught))
+        counts[scheduler] = (seen[1] - seen[0]) / 3
+    return counts
 
 
 def render(g: dict) -> list[str]:
@@ -96,18 +168,30 @@ def render(g: dict) -> list[str]:
         return f"{100 * x:.0f} %" if x is not None else "—"
 
     lines = [f"Device: {g['device']} (dense bf16/fp16 peak {peak}); one image = {g['flops_per_image'] / 1e12:.1f} "
-             "TFLOP (counted). `--compile`: after `Pipeline.compile()` (torch.compile of the UNet), compile time "
-             "left out.", "",
-             "| dtype | batch | sdcore images/s | diffusers images/s | speedup | sdcore % of peak | diffusers % of peak "
-             "| sdcore --compile images/s | --compile speedup | --compile % of peak | compile s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "TFLOP (counted); DDIM, guidance 7.5, seconds are medians of interleaved runs.", "",
+             "| dtype | batch | sdcore images/s | diffusers images/s | speedup | sdcore % of peak | diffusers % of peak |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in g["rows"]:
-        compiled = (f"{row['compiled_images_per_s']:.2f} | **{row['compiled_speedup_vs_diffusers']:.2f}** | "
-                    f"{pct(row['compiled_peak_fraction'])} | {row['compile_s']:.0f}") if "compiled_s" in row else "— | — | — | —"
-        lines.append(f"| {row['dtype']} | {row['batch']} | {row['sdcore_images_per_s']:.2f} | "
-                     f"{row['diffusers_images_per_s']:.2f} | **{row['speedup_vs_diffusers']:.2f}** | "
-                     f"{pct(row['sdcore_peak_fraction'])} | {pct(row['diffusers_peak_fraction'])} | {compiled} |")
+        ours, ref = row["sdcore"], row["diffusers"]
+        lines.append(f"| {row['dtype']} | {row['batch']} | {ours['images_per_s']:.2f} | {ref['images_per_s']:.2f} | "
+                     f"**{row['speedup_vs_diffusers']:.2f}** | {pct(ours['peak_fraction'])} | {pct(ref['peak_fraction'])} |")
     bad = [f"{row['dtype']} batch {row['batch']}" for row in g["rows"] if row["non_finite_rows"]]
     if bad:
         lines += ["", f"Non-finite images (random weights in half precision) at: {', '.join(bad)}."]
+    if g["levers"]:
+        lines += ["", "Levers, each alone on top of sdcore's eager pipeline (first call = the compile, where there "
+                  "is one; left out of images/s):", "",
+                  "| lever | dtype | batch | images/s | × eager sdcore | speedup vs diffusers | % of peak | first call s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for row in g["levers"]:
+            if "error" in row:
+                lines.append(f"| {row['lever']} | {row['dtype']} | {row['batch']} | failed: {row['error']} | | | | |")
+            else:
+                lines.append(f"| {row['lever']} | {row['dtype']} | {row['batch']} | {row['images_per_s']:.2f} | "
+                             f"{row['vs_eager']:.2f} | **{row['speedup_vs_diffusers']:.2f}** | {pct(row['peak_fraction'])} | "
+                             f"{row['first_call_s']:.0f} |")
+        lines += [""] + [f"- `{name}`: {what}" for name, what in LEVERS.items()]
+    if "host_syncs_per_step" in g:
+        lines += ["", "Host waits for the GPU per denoising step (torch.cuda sync debug mode, 64², batch 2): " + ", ".join(
+            f"{name} {n:g}" for name, n in g["host_syncs_per_step"].items()) + "."]
     return lines

@@ -23,6 +23,7 @@ from bench import fixtures, flops, gpu, jobsystem, levers
 from bench.timing import child_json, interleaved, keep_freed_memory, machine, median, versions
 
 REPO = Path(__file__).resolve().parents[1]
+GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dawn",
            "a bowl of ramen, studio lighting", "an isometric city block at night"]
 
@@ -47,6 +48,12 @@ def parse_args(argv):
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the random weights are kept")
     p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
                    choices=["cold", "cpu", "levers", "jobs", "gpu"])
+    p.add_argument("--gpu-dtypes", nargs="+", default=["bf16", "fp16"], choices=list(GPU_DTYPES),
+                   help="GPU dtypes, in order; the levers run in the first (default bf16 fp16)")
+    p.add_argument("--gpu-batches", type=int, nargs="+", default=[16, 8, 1], help="GPU batch sizes (default 16 8 1)")
+    p.add_argument("--gpu-levers", nargs="*", default=list(gpu.LEVERS), choices=list(gpu.LEVERS),
+                   help=f"GPU levers, measured at the largest GPU batch in the first dtype (default all: {' '.join(gpu.LEVERS)})")
+    p.add_argument("--gpu-reps", type=int, default=3, help="repetitions of each GPU figure")
     p.add_argument("--out", type=Path, default=REPO / "BENCHMARKS", help="output path without suffix (.md, .json)")
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: write the .md again from the .json (after editing bench/*.md)")
@@ -87,13 +94,21 @@ def main(argv=None) -> dict:
     if "jobs" in args.sections:
         result["jobs"] = jobsystem.section(folder, args.cache.parent / "jobs", log)
     if "gpu" in args.sections:
-        result["gpu"] = gpu.section(folder, log)
+        # Written after every GPU figure too: a lent GPU's minutes may run out before the section ends.
+        result["gpu"] = gpu.section(
+            folder, log, dtypes=[GPU_DTYPES[d] for d in args.gpu_dtypes], batches=args.gpu_batches,
+            levers=args.gpu_levers, lever_batches=[max(args.gpu_batches)], reps=args.gpu_reps,
+            save=lambda figures: write_json(args.out, {**result, "gpu": figures, "partial": True}))
     result["total_s"] = time.perf_counter() - started
 
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     args.out.with_suffix(".md").write_text(render(result))
     log(f"wrote {args.out.with_suffix('.md')} and .json in {result['total_s'] / 60:.1f} min")
     return result
+
+
+def write_json(out: Path, result: dict) -> None:
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 # --- cold start -----------------------------------------------------------------------------------
@@ -279,7 +294,8 @@ def render(r: dict) -> str:
     out = [(REPO / "bench" / "intro.md").read_text().rstrip(), ""]
     out += [
         "## This run", "",
-        f"- Command: `{r['command']}` (took {r['total_s'] / 60:.1f} min)",
+        f"- Command: `{r['command']}` " + (f"(took {r['total_s'] / 60:.1f} min)" if "total_s" in r else
+                                           "(stopped before the end: the figures it had measured)"),
         f"- Date: {m['date']}",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, torch threads {m['torch_threads']}"
         f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; load average at start {m['load_average_at_start']}"

@@ -43,16 +43,48 @@ def test_job_section_makes_the_loops_images(tmp_path):
 def test_gpu_section_code_runs_on_the_cpu(tmp_path):
     folder = write_diffusers_folder(tmp_path / "tiny-sd", reference_unet(TINY_UNET), reference_vae(TINY_VAE),
                                     reference_text_encoder(TINY_CLIP))
-    result = gpu.section(folder, lambda _: None, device="cpu", size=64, steps=2, batches=(1, 2), compile_batches=(2,),
-                         dtypes=(torch.float32,), reps=1)
-    assert [(row["dtype"], row["batch"]) for row in result["rows"]] == [("float32", 1), ("float32", 2)]
+    saved = []
+    result = gpu.section(folder, lambda _: None, device="cpu", size=64, steps=2, batches=(2, 1), lever_batches=(2,),
+                         dtypes=(torch.float32, torch.bfloat16), reps=1, save=lambda figures: saved.append(
+                             ([(r["dtype"], r["batch"]) for r in figures["rows"]], [r["lever"] for r in figures["levers"]])))
+    assert [(row["dtype"], row["batch"]) for row in result["rows"]] == [
+        ("float32", 2), ("float32", 1), ("bfloat16", 2), ("bfloat16", 1)]
     for row in result["rows"]:
-        assert row["sdcore_images_per_s"] > 0 and row["diffusers_images_per_s"] > 0
-        assert row["sdcore_peak_fraction"] is None  # no known peak for a CPU
-    one, two = result["rows"]
-    assert "compiled_s" not in one and two["compiled_images_per_s"] > 0 and two["compile_s"] > 0
+        for lib in ("sdcore", "diffusers"):
+            assert row[lib]["images_per_s"] == row["batch"] / row[lib]["s"] > 0
+            assert row[lib]["peak_fraction"] is None  # no known peak for a CPU
+    # Every lever once, in the first dtype, at the lever batch; each figure saved as soon as it exists.
+    assert [(r["lever"], r["dtype"], r["batch"]) for r in result["levers"]] == [
+        (lever, "float32", 2) for lever in gpu.LEVERS]
+    for row in result["levers"]:
+        assert "error" not in row, row
+        assert row["images_per_s"] > 0 and row["first_call_s"] > 0 and row["vs_eager"] > 0
+    f32, bf16, levers = [("float32", 2), ("float32", 1)], [("bfloat16", 2), ("bfloat16", 1)], list(gpu.LEVERS)
+    assert saved == [(f32[:1], []), (f32, [])] + [(f32, levers[:n]) for n in range(1, len(levers) + 1)] + [
+        (f32 + bf16[:1], levers), (f32 + bf16, levers)]
     text = "\n".join(gpu.render(result))
-    assert "| float32 | 1 |" in text and text.count("— | — | — | —") == 1
+    assert "| float32 | 1 |" in text and "| cuda_graphs | float32 | 2 |" in text
+
+
+def test_gpu_lever_that_fails_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
+    folder = write_diffusers_folder(tmp_path / "tiny-sd", reference_unet(TINY_UNET), reference_vae(TINY_VAE),
+                                    reference_text_encoder(TINY_CLIP))
+    real = gpu.apply_lever
+
+    def broken_compile(pipe, lever):
+        if lever == "compile":
+            raise RuntimeError("Cannot find a working triton installation\nmore detail")
+        real(pipe, lever)
+
+    monkeypatch.setattr(gpu, "apply_lever", broken_compile)
+    result = gpu.section(folder, lambda _: None, device="cpu", size=64, steps=2, batches=(1,), lever_batches=(1,),
+                         dtypes=(torch.float32,), levers=("compile", "channels_last"), reps=1)
+    failed, worked = result["levers"]
+    assert failed == {"lever": "compile", "dtype": "float32", "batch": 1,
+                      "error": "RuntimeError: Cannot find a working triton installation"}
+    assert worked["lever"] == "channels_last" and worked["images_per_s"] > 0
+    assert "| compile | float32 | 1 | failed: RuntimeError: Cannot find a working triton installation |" in "\n".join(
+        gpu.render(result))
 
 
 def test_compiled_section_times_the_compiled_pipeline(tmp_path):
