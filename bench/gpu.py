@@ -167,8 +167,14 @@ def render(g: dict) -> list[str]:
     def pct(x):
         return f"{100 * x:.0f} %" if x is not None else "—"
 
-    lines = [f"Device: {g['device']} (dense bf16/fp16 peak {peak}); one image = {g['flops_per_image'] / 1e12:.1f} "
-             "TFLOP (counted); DDIM, guidance 7.5, seconds are medians of interleaved runs.", "",
+    lines = []
+    if "machine" in g:  # measured on another machine than the rest of the report (run.py --gpu-from)
+        m, v = g["machine"], g["versions"]
+        lines += [f"Measured apart: `{g['command']}` on {m['date']}, {m['cores']} CPU cores, torch {v['torch']}, diffusers "
+                  f"{v['diffusers']}, commit {v['sdbatch_commit']}"
+                  + ("; the run stopped before its end, so this is what it had measured." if g["partial"] else "."), ""]
+    lines += [f"Device: {g['device']} (dense bf16/fp16 peak {peak}); one image = {g['flops_per_image'] / 1e12:.1f} "
+              "TFLOP (counted); DDIM, guidance 7.5, seconds are medians of interleaved runs.", "",
              "| dtype | batch | sdcore images/s | diffusers images/s | speedup | sdcore % of peak | diffusers % of peak |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in g["rows"]:

@@ -57,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=REPO / "BENCHMARKS", help="output path without suffix (.md, .json)")
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: write the .md again from the .json (after editing bench/*.md)")
+    p.add_argument("--gpu-from", type=Path, metavar="JSON",
+                   help="with --render-only: take the GPU section from this run's JSON (one made on a GPU machine)")
     return p.parse_args(argv)
 
 
@@ -64,6 +66,11 @@ def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.render_only:
         result = json.loads(args.out.with_suffix(".json").read_text())
+        if args.gpu_from:
+            gpu_run = json.loads(args.gpu_from.read_text())
+            result["gpu"] = {**gpu_run["gpu"], "command": gpu_run["command"], "machine": gpu_run["machine"],
+                             "versions": gpu_run["versions"], "partial": gpu_run.get("partial", False)}
+            write_json(args.out, result)
         args.out.with_suffix(".md").write_text(render(result))
         return result
     if len(args.image_reps) != len(args.batches):

@@ -103,3 +103,29 @@ def test_compiled_section_times_the_compiled_pipeline(tmp_path):
         assert w["compiled_s"] > 0 and w["ratio"] == w["compiled_s"] / 2.0
     text = "\n".join(run.render_compiled(result, {"steps": 2}))
     assert "| whole image (2 steps + decode) | 2 |" in text and "Target with `--compile`" in text
+
+
+def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
+    import json
+
+    base = {"command": "make bench (python -m bench.run)", "allocator": "glibc", "weights_bytes": 4 * 2**30,
+            "settings": {}, "total_s": 600.0,
+            "machine": {"cpu": "AMD EPYC (Zen 4)", "cores": 2, "ram_gib": 23.4, "torch_threads": 2, "python": "3.11.7",
+                        "load_average_at_start": [0.1], "date": "2026-12-02 18:00 UTC"},
+            "versions": {"torch": "2.13.0", "diffusers": "0.42.1", "transformers": "5.24.0", "sdbatch": "0.1.0",
+                         "sdbatch_commit": "abc1234"}}
+    (tmp_path / "BENCH.json").write_text(json.dumps(base))
+    eager = {"s": 2.0, "runs_s": [2.0], "images_per_s": 8.0, "peak_fraction": 0.65}
+    figures = {"device": "NVIDIA H200", "peak_flops": 989e12, "flops_per_image": 80e12, "size": 512, "steps": 50,
+               "rows": [{"dtype": "bfloat16", "batch": 16, "sdcore": eager, "diffusers": {**eager, "images_per_s": 5.0},
+                         "non_finite_rows": {}, "speedup_vs_diffusers": 1.6}], "levers": []}
+    gpu_run = {**base, "command": "python -m bench.run --sections gpu", "partial": True, "gpu": figures,
+               "machine": {**base["machine"], "cores": 16, "gpu": "NVIDIA H200"}, "versions": {**base["versions"], "torch": "2.11.0"}}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu_run))
+    run.main(["--render-only", "--gpu-from", str(tmp_path / "gpu.json"), "--out", str(tmp_path / "BENCH")])
+    merged = json.loads((tmp_path / "BENCH.json").read_text())
+    assert merged["machine"]["cores"] == 2 and merged["gpu"]["machine"]["cores"] == 16
+    assert merged["gpu"]["rows"] == figures["rows"] and merged["gpu"]["partial"] is True
+    text = (tmp_path / "BENCH.md").read_text()
+    assert "Measured apart: `python -m bench.run --sections gpu`" in text and "torch 2.11.0" in text
+    assert "the run stopped before its end" in text and "| bfloat16 | 16 | 8.00 | 5.00 | **1.60** | 65 % | 65 % |" in text
