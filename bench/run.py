@@ -39,8 +39,10 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="CPU batch sizes (default 1 4)")
     p.add_argument("--reps", type=int, default=5, help="repetitions of text encoding and batch-1 UNet steps")
     p.add_argument("--slow-reps", type=int, default=2, help="repetitions of larger UNet batches and VAE decodes")
-    p.add_argument("--image-reps", type=int, nargs="+", default=[2, 1],
-                   help="repetitions of the whole image, one number per batch size (default 2 1)")
+    p.add_argument("--image-reps", type=int, nargs="+", default=[1, 1],
+                   help="repetitions of the whole image, one number per batch size (default 1 1)")
+    p.add_argument("--compile-reps", type=int, default=1,
+                   help="repetitions of the whole image at each batch size with --compile (default 1)")
     p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out sdcore with --compile (torch.compile: a few minutes of compiling)")
@@ -160,26 +162,28 @@ def cpu_section(ours, ref, args) -> dict:
         cfg_batch = 2 * batch
         x = torch.randn(cfg_batch, 4, side, side, generator=gen)
         t = torch.tensor(500)
-        ctx = torch.randn(cfg_batch, 77, 768, generator=gen)
+        ctx = torch.randn(cfg_batch, 77, ours.unet.config.cross_attention_dim, generator=gen)
         z = torch.randn(batch, 4, side, side, generator=gen)
-        with torch.inference_mode():
-            parity[f"unet_b{batch}"] = (ours.unet(x, t, ctx) - ref.unet(x, t, encoder_hidden_states=ctx).sample).abs().max().item()
-            parity[f"vae_b{batch}"] = (ours.vae.decode(z) - ref.vae.decode(z).sample).abs().max().item()
         figures = [
-            ("text encoding (prompt + negative)", args.reps, 2 * batch * flops.text_encode(),
+            ("text encoding (prompt + negative)", None, args.reps, 2 * batch * flops.text_encode(),
              lambda: (ours.encode_prompts(negatives), ours.encode_prompts(prompts)),
              lambda: ref.encode_prompt(prompts, "cpu", 1, True)),
-            (f"one UNet step (CFG batch {cfg_batch})", args.reps if batch == 1 else args.slow_reps,
+            (f"one UNet step (CFG batch {cfg_batch})", f"unet_b{batch}", args.reps if batch == 1 else args.slow_reps,
              cfg_batch * flops.unet_row(args.size),
              lambda: ours.unet(x, t, ctx), lambda: ref.unet(x, t, encoder_hidden_states=ctx).sample),
-            ("VAE decode", args.slow_reps, batch * flops.vae_decode(args.size),
+            ("VAE decode", f"vae_b{batch}", args.slow_reps, batch * flops.vae_decode(args.size),
              lambda: ours.vae.decode(z), lambda: ref.vae.decode(z).sample),
         ]
-        for name, reps, work, fn_ours, fn_ref in figures:
+        for name, parity_key, reps, work, fn_ours, fn_ref in figures:
             log(f"CPU batch {batch}: {name} x{reps}")
-            shares = {}
+            shares, outputs = {}, {}
+            # The timed calls' own outputs give the parity figure: no extra call of either library.
+            timed = {lib: (lambda lib=lib, fn=fn: outputs.__setitem__(lib, fn()))
+                     for lib, fn in (("sdcore", fn_ours), ("diffusers", fn_ref))}
             with torch.inference_mode():
-                times = interleaved({"sdcore": fn_ours, "diffusers": fn_ref}, reps, log=log, shares=shares)
+                times = interleaved(timed, reps, log=log, shares=shares)
+            if parity_key:
+                parity[parity_key] = (outputs["sdcore"] - outputs["diffusers"]).abs().max().item()
             rows.append(_row(name, batch, times, shares, work))
 
     images = {}
@@ -230,7 +234,8 @@ def compiled_section(ours, cpu: dict, args) -> dict:
         step = interleaved({"compiled": lambda: ours.predict_noise(x, t, ctx), "eager": lambda: ours.unet(x, t, ctx)},
                            args.reps, warmup=False, log=log)
     rows = []
-    for batch, reps in zip(args.batches, args.image_reps):
+    reps = args.compile_reps
+    for batch in args.batches:
         log(f"CPU --compile batch {batch}: whole image ({args.steps} steps) x{reps}")
         times = interleaved({"compiled": lambda: whole_image(ours, batch, args)}, reps, warmup=False, log=log)
         eager = next(r for r in cpu["rows"] if r["figure"].startswith("whole image") and r["batch"] == batch)
@@ -257,7 +262,7 @@ def lever_section(ours, args) -> list[dict]:
     side = args.size // 8
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, side, side, generator=gen)
-    ctx = torch.randn(2, 77, 768, generator=gen)
+    ctx = torch.randn(2, 77, ours.unet.config.cross_attention_dim, generator=gen)
     ids = ours.tokenizer([PROMPTS[0]])
     t = torch.tensor(500)
     workloads = {

@@ -91,7 +91,7 @@ def test_compiled_section_times_the_compiled_pipeline(tmp_path):
     folder = write_diffusers_folder(tmp_path / "tiny-sd", reference_unet(TINY_UNET), reference_vae(TINY_VAE),
                                     reference_text_encoder(TINY_CLIP))
     pipe = sdcore.load_pipeline(folder)
-    args = argparse.Namespace(size=64, steps=2, batches=[1, 2], image_reps=[1, 1], reps=1)
+    args = argparse.Namespace(size=64, steps=2, batches=[1, 2], compile_reps=1, reps=1)
     cpu = {"rows": [{"figure": "whole image (2 steps + decode)", "batch": b, "sdcore_s": 1.0, "diffusers_s": 2.0}
                     for b in (1, 2)]}
     graphs_before = counters["stats"]["unique_graphs"]
@@ -129,3 +129,22 @@ def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
     text = (tmp_path / "BENCH.md").read_text()
     assert "Measured apart: `python -m bench.run --sections gpu`" in text and "torch 2.11.0" in text
     assert "the run stopped before its end" in text and "| bfloat16 | 16 | 8.00 | 5.00 | **1.60** | 65 % | 65 % |" in text
+
+
+def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
+    folder = write_diffusers_folder(tmp_path / "tiny-sd", reference_unet(TINY_UNET), reference_vae(TINY_VAE),
+                                    reference_text_encoder(TINY_CLIP))
+    ours, ref = run.load_both(folder)
+    args = argparse.Namespace(size=64, steps=2, batches=[1, 2], image_reps=[1, 1], reps=2, slow_reps=1)
+    result = run.cpu_section(ours, ref, args)
+    figures = [(row["figure"], row["batch"]) for row in result["rows"]]
+    assert figures == [(name, b) for b in (1, 2) for name in ("text encoding (prompt + negative)", "one UNet step (CFG batch "
+                                                                f"{2 * b})", "VAE decode")] + [
+        ("whole image (2 steps + decode)", 1), ("whole image (2 steps + decode)", 2)]
+    for row in result["rows"]:
+        assert row["sdcore_s"] > 0 and row["diffusers_s"] > 0 and row["ratio"] == row["sdcore_s"] / row["diffusers_s"]
+    # The parity figures come from the timed calls' outputs: the same weights give the same numbers.
+    parity = result["parity"]
+    assert sorted(parity) == ["image_b1_max_abs_uint8", "image_b2_max_abs_uint8", "unet_b1", "unet_b2", "vae_b1", "vae_b2"]
+    assert max(parity[k] for k in ("unet_b1", "unet_b2")) < 1e-4 and max(parity["vae_b1"], parity["vae_b2"]) < 1e-3
+    assert parity["image_b1_max_abs_uint8"] <= 2 and parity["image_b2_max_abs_uint8"] <= 2
