@@ -42,7 +42,9 @@ def parse_args(argv):
     p.add_argument("--image-reps", type=int, nargs="+", default=[1, 1],
                    help="repetitions of the whole image, one number per batch size (default 1 1)")
     p.add_argument("--compile-reps", type=int, default=1,
-                   help="repetitions of the whole image at each batch size with --compile (default 1)")
+                   help="repetitions of each whole image with --compile (default 1)")
+    p.add_argument("--compile-batches", type=int, nargs="+", default=[1],
+                   help="batch sizes (of --batches) of the whole images with --compile (default 1)")
     p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out sdcore with --compile (torch.compile: a few minutes of compiling)")
@@ -77,6 +79,8 @@ def main(argv=None) -> dict:
         return result
     if len(args.image_reps) != len(args.batches):
         raise SystemExit("--image-reps needs one number per --batches entry")
+    if not set(args.compile_batches) <= set(args.batches):
+        raise SystemExit("--compile-batches compares with the eager whole images: take its sizes from --batches")
     started = time.perf_counter()
     allocator = keep_freed_memory()
     given = sys.argv[1:] if argv is None else argv
@@ -235,7 +239,7 @@ def compiled_section(ours, cpu: dict, args) -> dict:
                            args.reps, warmup=False, log=log)
     rows = []
     reps = args.compile_reps
-    for batch in args.batches:
+    for batch in args.compile_batches:
         log(f"CPU --compile batch {batch}: whole image ({args.steps} steps) x{reps}")
         times = interleaved({"compiled": lambda: whole_image(ours, batch, args)}, reps, warmup=False, log=log)
         eager = next(r for r in cpu["rows"] if r["figure"].startswith("whole image") and r["batch"] == batch)
