@@ -36,7 +36,7 @@ MANIFEST_CHUNK_ROWS = 1_000_000
 
 
 def section(sd_model: Path, work: Path, log, *, sd_rows_per_actor: int = 2, sd_size: int = 64, sd_steps: int = 4,
-            sd_reps: int = 2, tiny_rows: int = 200, tiny_reps: int = 3, actors=(1, 2), plan_rows=PLAN_ROWS) -> dict:
+            sd_reps: int = 2, tiny_rows: int = 200, tiny_reps: int = 5, actors=(1, 2), plan_rows=PLAN_ROWS) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     efficiency = []
     for n_actors in actors:
