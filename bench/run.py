@@ -39,8 +39,8 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="CPU batch sizes (default 1 4)")
     p.add_argument("--reps", type=int, default=5, help="repetitions of text encoding and batch-1 UNet steps")
     p.add_argument("--slow-reps", type=int, default=2, help="repetitions of larger UNet batches and VAE decodes")
-    p.add_argument("--image-reps", type=int, nargs="+", default=[1, 1],
-                   help="repetitions of the whole image, one number per batch size (default 1 1)")
+    p.add_argument("--image-reps", type=int, nargs="+", default=[2, 1],
+                   help="repetitions of the whole image, one number per batch size (default 2 1)")
     p.add_argument("--compile-reps", type=int, default=1,
                    help="repetitions of each whole image with --compile (default 1)")
     p.add_argument("--compile-batches", type=int, nargs="+", default=[1],

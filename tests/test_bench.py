@@ -32,11 +32,12 @@ def test_job_section_makes_the_loops_images(tmp_path):
     assert (sd["images"], sd["actors"], sd["shard_size"]) == (4, 1, 2)
     for figure in (sd, tiny):
         assert figure["efficiency"] > 0 and figure["job_startup_s"] > 0
-        assert figure["job_end_to_end_s"] > figure["job_runs"][0]["steady_s"] > 0
+        assert figure["job_end_to_end_s"] > figure["job_runs"][0]["steady_s"] > figure["job_runs"][0]["busy_s"] > 0
     (planned,) = result["plans"]
     assert (planned["rows"], planned["shards"]) == (1000, 5) and planned["peak_rss"] >= planned["rss_after_import"]
     text = "\n".join(jobsystem.render(result))
     assert "| builtin:tiny, 64², 1 steps | 6 | 1 |" in text and "| 1,000 | 5 |" in text
+    assert f"spent {result['outside_batches_ms_per_image']:.1f} ms per image outside its batches" in text
     assert len(logged) == 3
 
 
