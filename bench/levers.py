@@ -1,8 +1,10 @@
 """A/B of sdcore's CPU speed levers: the loaded modules with and without each, in one process.
 
-A lever is switched off on the very modules under test by giving them back the plain PyTorch
-forward of their base class (F.linear, F.conv2d), so "off" is exactly the code before the lever.
+A lever switched off gives back exactly the code before it: the plain PyTorch forward of the
+layer's base class (F.linear), or a size limit of sdcore.layers set so that the lever never applies
+(the convolution then runs oneDNN's direct F.conv2d).
 """
+import math
 import types
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -11,20 +13,12 @@ import torch
 import torch.nn as nn
 
 from bench.timing import interleaved, median
-from sdcore.layers import Conv3x3, Linear
-
-# name -> (what it is, the sdcore class it lives in, the plain base class whose forward it replaces)
-LEVERS = {
-    "onednn_linear": ("linear layers through oneDNN's matmul instead of F.linear (MKL)", Linear, nn.Linear),
-    "small_conv_matmul": ("3x3 convs on small maps as im2col + matmul instead of oneDNN's direct conv",
-                          Conv3x3, nn.Conv2d),
-}
+from sdcore import layers
 
 
 @contextmanager
-def off(module: nn.Module, lever: str) -> Iterator[None]:
-    """Within the block, `module`'s submodules run without `lever`."""
-    _, cls, base = LEVERS[lever]
+def _base_forward(module: nn.Module, cls: type, base: type) -> Iterator[None]:
+    """Within the block, `module`'s submodules of class `cls` run `base`'s forward."""
     patched = [m for m in module.modules() if isinstance(m, cls)]
     for m in patched:
         m.forward = types.MethodType(base.forward, m)
@@ -33,6 +27,28 @@ def off(module: nn.Module, lever: str) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
+
+
+@contextmanager
+def _limit(name: str, value) -> Iterator[None]:
+    """Within the block, sdcore.layers.<name> is `value`."""
+    saved = getattr(layers, name)
+    setattr(layers, name, value)
+    try:
+        yield
+    finally:
+        setattr(layers, name, saved)
+
+
+# name -> (what it is, the sdcore class it lives in, a context manager that switches it off in a module)
+LEVERS = {
+    "onednn_linear": ("linear layers through oneDNN's matmul instead of F.linear (MKL)", layers.Linear,
+                      lambda module: _base_forward(module, layers.Linear, nn.Linear)),
+    "small_conv_matmul": ("3x3 convs with large kernels on small maps as im2col + matmul instead of oneDNN's "
+                          "direct conv", layers.Conv3x3, lambda module: _limit("MATMUL_MIN_KERNEL", math.inf)),
+    "winograd_conv": ("3x3 convs on maps of 257-2048 positions as Winograd's F(2x2, 3x3) instead of oneDNN's "
+                      "direct conv", layers.Conv3x3, lambda module: _limit("WINOGRAD_MAX_POSITIONS", 0)),
+}
 
 
 def measure(modules: dict[str, tuple[nn.Module, Callable[[], object]]], reps: int, log) -> list[dict]:
@@ -59,6 +75,6 @@ def _without(module: nn.Module, levers: list[str], call: Callable[[], object]) -
     def run():
         with ExitStack() as stack:
             for lever in levers:
-                stack.enter_context(off(module, lever))
+                stack.enter_context(LEVERS[lever][2](module))
             return call()
     return run

@@ -4,6 +4,8 @@ Parameter names follow the published diffusers checkpoints (`to_q`, `to_out.0`, 
 so that a diffusers folder loads with no renaming at all; the single-file layout is mapped onto
 these names in `weights.py`.
 """
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,32 +39,120 @@ class Linear(nn.Linear):
 
 
 # Conv3x3 switches to the matmul for at most this many positions (batch x height x width) and
-# kernels of at least this many numbers (32 MiB in float32).
+# kernels of at least this many numbers (32 MiB in float32), and to Winograd's algorithm above that
+# up to WINOGRAD_MAX_POSITIONS: beyond, its transforms outgrow the caches and cost more than they save.
 MATMUL_MAX_POSITIONS = 256
 MATMUL_MIN_KERNEL = 1 << 23
+WINOGRAD_MAX_POSITIONS = 2048
 
 
 class Conv3x3(nn.Conv2d):
-    """A 3x3 convolution that runs as im2col + matmul where that is faster.
+    """A 3x3 convolution that runs as im2col + matmul or as Winograd's F(2x2, 3x3) where that is faster.
 
     On the CPU, oneDNN's direct convolution re-lays out the whole kernel on every call. Once a kernel
     outgrows the caches (the UNet's 1280-2560-channel ones, 56-113 MiB) that copy costs more than
     the arithmetic on a few hundred positions, as at the UNet's two deepest levels; a matmul reads
-    the kernel as it is stored. Measured here: 1.6-5x faster per conv there, slower elsewhere.
+    the kernel as it is stored. On maps of a few hundred to a few thousand positions (the UNet's
+    upper levels at 256-512 pixels), Winograd's algorithm does 2.25x fewer multiplications, with a
+    transformed kernel made on first use and kept (16/9 the kernel's size). BENCHMARKS.md, "Levers".
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
         super().__init__(in_channels, out_channels, 3, stride=stride, padding=padding)
+        self._winograd: tuple[tuple, torch.Tensor] | None = None  # (what it was made from, the kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         (s,), (p,) = set(self.stride), set(self.padding)
         Ho, Wo = (H + 2 * p - 3) // s + 1, (W + 2 * p - 3) // s + 1
-        if not (_use_onednn(x) and B * Ho * Wo <= MATMUL_MAX_POSITIONS and self.weight.numel() >= MATMUL_MIN_KERNEL):
+        positions = B * Ho * Wo
+        if not _use_onednn(x):
             return super().forward(x)
-        cols = F.unfold(x, 3, padding=p, stride=s).transpose(1, 2)  # [B, Ho*Wo, C*9], the 3x3 neighbourhoods
-        out = linear(cols, self.weight.reshape(self.out_channels, -1), self.bias)  # [B, Ho*Wo, out]
-        return out.transpose(1, 2).reshape(B, -1, Ho, Wo)
+        if positions <= MATMUL_MAX_POSITIONS and self.weight.numel() >= MATMUL_MIN_KERNEL:
+            cols = F.unfold(x, 3, padding=p, stride=s).transpose(1, 2)  # [B, Ho*Wo, C*9], the 3x3 neighbourhoods
+            out = linear(cols, self.weight.reshape(self.out_channels, -1), self.bias)  # [B, Ho*Wo, out]
+            return out.transpose(1, 2).reshape(B, -1, Ho, Wo)
+        # Not under torch.compile: dynamo cannot trace writes into strided views, and a version without
+        # them, compiled, ran no faster than the compiled direct convolution (BENCHMARKS.md, "Levers").
+        winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0 and not torch.compiler.is_compiling()
+        if winograd and MATMUL_MAX_POSITIONS < positions <= WINOGRAD_MAX_POSITIONS:
+            return winograd_conv3x3(x, self.winograd_kernel(), self.bias)
+        return super().forward(x)
+
+    def winograd_kernel(self) -> torch.Tensor:
+        """The kernel transformed for `winograd_conv3x3`, remade whenever the weight is replaced or
+        written to in place (load_state_dict); `.to()`, `.half()` and the like drop it (`_apply`)."""
+        w = self.weight
+        if self._winograd is not None:
+            (source, version, storage), kernel = self._winograd
+            if source() is w and version == w._version and storage == w.data_ptr():
+                return kernel
+        self._winograd = ((weakref.ref(w), w._version, w.data_ptr()), winograd_transform_kernel(w))
+        return self._winograd[1]
+
+    def _apply(self, fn, recurse=True):
+        # A conversion may give the weight new storage at the address of the old (a round trip through
+        # half precision does), which the check above could not tell from the old.
+        self._winograd = None
+        return super()._apply(fn, recurse)
+
+
+# Winograd's F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
+# Each 2x2 block of outputs comes from the 4x4 input tile d around it as A^T [(G g G^T) * (B^T d B)] A,
+# with * elementwise: 16 products per pair of channels instead of 36. Summed over input channels,
+# the 16 elementwise products become 16 matmuls. B^T and A^T hold only 0 and +-1, so the input and
+# output transforms are additions; G holds halves, exact in binary.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_transform_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """G g G^T of each 3x3 kernel, computed in float64: [out, in, 3, 3] -> [16, out, in]."""
+    G = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    U = torch.einsum("ak,oikl,bl->aboi", G, weight.detach().double(), G)  # [4, 4, out, in]
+    return U.reshape(16, *weight.shape[:2]).to(weight.dtype).contiguous()
+
+
+def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3 convolution, stride 1, padding 1, of x [N, C, H, W] (H and W even) with a transformed kernel."""
+    N, C, H, W = x.shape
+    Th, Tw = H // 2, W // 2  # tiles down and across
+    # B^T d B, first along each tile's 4 columns (for every padded row), then along its 4 rows.
+    cols = F.pad(x, (1, 1, 1, 1)).unfold(3, 4, 2)  # [N, C, H+2, Tw, 4]
+    by_cols = x.new_empty(4, N, C, H + 2, Tw)
+    _input_transform(cols, by_cols.unbind(0))
+    tiles = x.new_empty(16, C, N, Th, Tw)  # entry (4i + j) of every tile's B^T d B, channels first
+    for j in range(4):
+        _input_transform(by_cols[j].unfold(2, 4, 2), [tiles[4 * i + j].transpose(0, 1) for i in range(4)])
+    # The 16 matmuls, [out, C] @ [C, N*Th*Tw]; through `linear`, whose weight argument takes the tiles' transpose.
+    m = torch.stack([linear(kernel[k], tiles[k].view(C, -1).t(), None) for k in range(16)])
+    m = m.view(16, -1, N, Th, Tw)
+    if bias is not None:
+        m[5] += bias.view(-1, 1, 1, 1)  # A^T m A adds entry (1, 1) into all four outputs of a tile, once each
+    # A^T m A: along the columns, then the rows, into the outputs' even and odd rows and columns.
+    by_cols = m.new_empty(2, 4, *m.shape[1:])
+    for i in range(4):
+        _output_transform(m[4 * i: 4 * i + 4], by_cols[:, i])
+    # The output keeps the input's layout, as F.conv2d's does (the VAE decodes channels-last).
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty(N, m.shape[1], H, W, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for j in range(2):
+        _output_transform(by_cols[j], [out[:, :, i::2, j::2].transpose(0, 1) for i in range(2)])
+    return out
+
+
+def _input_transform(d: torch.Tensor, out) -> None:
+    """B^T d along d's last dimension (4 long) into the four tensors of `out`."""
+    torch.sub(d[..., 0], d[..., 2], out=out[0])
+    torch.add(d[..., 1], d[..., 2], out=out[1])
+    torch.sub(d[..., 2], d[..., 1], out=out[2])
+    torch.sub(d[..., 1], d[..., 3], out=out[3])
+
+
+def _output_transform(m: torch.Tensor, out) -> None:
+    """A^T m along m's first dimension (4 long) into the two tensors of `out`."""
+    torch.add(m[0] + m[1], m[2], out=out[0])
+    torch.sub(m[1] - m[2], m[3], out=out[1])
 
 
 class Attention(nn.Module):

@@ -3,11 +3,15 @@ job-system section end to end (the job's images equal the plain loop's), the GPU
 the CPU, the `--compile` figures, and the FLOP counts that turn times into rates."""
 import argparse
 
+import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import sdcore
-from bench import flops, gpu, jobsystem, run
+from bench import flops, gpu, jobsystem, levers, run
+from sdcore import layers
 from tests.reference import TINY_CLIP, TINY_UNET, TINY_VAE, reference_text_encoder, reference_unet, reference_vae, write_diffusers_folder
 
 
@@ -20,6 +24,32 @@ def test_flop_counts_are_the_published_figures():
     # Convolutions scale with the pixels, attention faster: a little under a quarter at half the side.
     assert 3.9 < flops.vae_decode(512) / flops.vae_decode(256) < 4.2
     assert flops.cpu_matmul_peak(n=256, reps=1) > 1e8
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("lever, shape", [("winograd_conv", (2, 8, 16, 16)), ("small_conv_matmul", (2, 8, 4, 4))])
+def test_cpu_lever_off_runs_the_plain_convolution_and_comes_back(monkeypatch, lever, shape):
+    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)  # so that the small test kernel takes the matmul
+    conv = layers.Conv3x3(8, 8)
+    model, x = nn.Sequential(conv), torch.randn(shape)
+    plain = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    on = conv(x)
+    with levers.LEVERS[lever][2](model):
+        assert torch.equal(conv(x), plain)
+    assert torch.equal(conv(x), on) and not torch.equal(on, plain)
+
+
+@torch.no_grad()
+def test_cpu_levers_measure_each_lever_off_alone_and_all_off():
+    model = nn.Sequential(layers.Linear(8, 8), layers.Conv3x3(8, 8))
+    x = torch.randn(2, 8, 16, 16)
+    rows = levers.measure({"tiny": (model, lambda: model[1](x) + model[0](x.transpose(1, 3)).transpose(1, 3))},
+                          reps=1, log=lambda _: None)
+    assert [r["variant"] for r in rows] == ["all levers"] + [f"without {name}" for name in levers.LEVERS] + ["without any"]
+    assert all(r["median_s"] > 0 and len(r["runs_s"]) == 1 for r in rows)
+    v = torch.randn(5, 8)
+    with levers.LEVERS["onednn_linear"][2](model):
+        assert torch.equal(model[0](v), F.linear(v, model[0].weight, model[0].bias))
 
 
 def test_job_section_makes_the_loops_images(tmp_path):

@@ -1,7 +1,8 @@
 """The CPU fast paths in sdcore.layers compute what plain PyTorch computes.
 
 The tiny reference models never reach the matmul convolution (its kernels must be >= 32 MiB), so
-it is checked here directly, with the size limits lowered.
+it is checked here directly, with the size limits lowered; the Winograd convolution is checked here
+at the edges of where it runs, and it also runs inside the tiny models' oracle tests.
 """
 import pytest
 import torch
@@ -25,12 +26,73 @@ def test_matmul_convolution_matches_conv2d(monkeypatch, shape, stride, padding):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+def _float64_conv(conv: layers.Conv3x3, x: torch.Tensor) -> torch.Tensor:
+    bias = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(x.double(), conv.weight.double(), bias, stride=conv.stride, padding=conv.padding)
+
+
 @torch.no_grad()
-def test_convolution_falls_back_on_large_maps(monkeypatch):
-    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
+@pytest.mark.parametrize("shape", [(2, 24, 16, 16), (1, 24, 8, 34), (3, 24, 10, 12), (1, 24, 32, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_convolution_matches_conv2d(shape, bias):
+    conv = layers.Conv3x3(24, 40)
+    if not bias:
+        conv.bias = None
+    x = torch.randn(shape)
+    exact = _float64_conv(conv, x)
+    direct_error = (F.conv2d(x, conv.weight, conv.bias, padding=1) - exact).abs().max().item()
+    got = conv(x)
+    assert conv._winograd is not None  # it took the Winograd path
+    assert got.shape == exact.shape and got.dtype == x.dtype
+    # Within a few roundings of float32, as the direct convolution is.
+    assert (got - exact).abs().max().item() <= 4 * direct_error + 1e-6
+
+
+@torch.no_grad()
+def test_winograd_convolution_keeps_channels_last():
+    conv = layers.Conv3x3(16, 8)
+    x = torch.randn(1, 16, 24, 24).contiguous(memory_format=torch.channels_last)
+    got = conv(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert (got - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape, stride", [
+    ((2, 8, 16, 16), 2),  # stride 2
+    ((2, 8, 15, 16), 1),  # an odd side: the 2x2 output blocks would not tile it
+    ((1, 8, 8, 8), 1),  # 64 positions: too few to pay
+    ((2, 8, 40, 40), 1),  # 3200 positions: beyond WINOGRAD_MAX_POSITIONS
+])
+def test_convolution_falls_back_to_conv2d(shape, stride):
+    conv = layers.Conv3x3(8, 8, stride=stride)
+    x = torch.randn(shape)
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1))
+    assert conv._winograd is None
+
+
+@torch.no_grad()
+def test_winograd_kernel_follows_the_weight():
     conv = layers.Conv3x3(8, 8)
-    x = torch.randn(2, 8, 16, 16)  # 512 positions: more than the matmul path takes
+    x = torch.randn(2, 8, 16, 16)
+    conv(x)
+    first = conv.winograd_kernel()
+    assert conv.winograd_kernel() is first  # kept between calls
+    conv.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.zeros(8)})  # copied in place
+    assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+    conv.weight = torch.nn.Parameter(torch.randn(8, 8, 3, 3))  # replaced
+    assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+    conv.half().float()  # new storage, rounded to half precision, maybe at the old one's address
+    assert conv._winograd is None
+    assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+
+
+def test_convolution_with_autograd_runs_conv2d():
+    conv = layers.Conv3x3(8, 8)
+    x = torch.randn(2, 8, 16, 16)
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and conv._winograd is None
 
 
 @pytest.mark.parametrize("bias", [True, False])
