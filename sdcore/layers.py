@@ -101,15 +101,20 @@ class Conv3x3(nn.Conv2d):
 # Each 2x2 block of outputs comes from the 4x4 input tile d around it as A^T [(G g G^T) * (B^T d B)] A,
 # with * elementwise: 16 products per pair of channels instead of 36. Summed over input channels,
 # the 16 elementwise products become 16 matmuls. B^T and A^T hold only 0 and +-1, so the input and
-# output transforms are additions; G holds halves, exact in binary.
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# output transforms are additions; G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
 
 
 def winograd_transform_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """G g G^T of each 3x3 kernel, computed in float64: [out, in, 3, 3] -> [16, out, in]."""
-    G = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
-    U = torch.einsum("ak,oikl,bl->aboi", G, weight.detach().double(), G)  # [4, 4, out, in]
-    return U.reshape(16, *weight.shape[:2]).to(weight.dtype).contiguous()
+    """G g G^T of each 3x3 kernel: [out, in, 3, 3] -> [16, out, in]."""
+    g = weight.detach().permute(2, 3, 0, 1).contiguous()  # [3 rows, 3 columns, out, in]
+    u = _kernel_transform(_kernel_transform(g).transpose(0, 1))  # [4 columns, 4 rows, out, in]
+    return u.transpose(0, 1).reshape(16, *weight.shape[:2])
+
+
+def _kernel_transform(g: torch.Tensor) -> torch.Tensor:
+    """G g along g's first dimension (3 long, the result 4 long)."""
+    outer = g[0] + g[2]
+    return torch.stack([g[0], (outer + g[1]) * 0.5, (outer - g[1]) * 0.5, g[2]])
 
 
 def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
