@@ -275,6 +275,9 @@ def test_a_rerun_of_a_finished_job_changes_nothing_and_another_model_needs_overw
     assert job["model"] == str(folder) and job["identity"]["model_fingerprint"].startswith("sha256:")
     meta, _ = read_dataset(out)
     assert {r["model"] for r in meta.values()} == {str(folder)}
-    assert torch.equal(torch.tensor(pixels(check_images(out, meta)["0"])),
-                       torch.tensor(pixels(before["images/shard-000000/0.png"][1])))  # same weights, same image
+    # Same weights, same image, within a level: oneDNN's kernels pick their code path by where a weight
+    # lies in memory (checked: a 1x1 conv's low bits move with its weight's address mod 64), and the
+    # folder's weights are memory-mapped at the files' offsets, builtin:tiny's in aligned memory.
+    now, then = (torch.tensor(pixels(p)).int() for p in (check_images(out, meta)["0"], before["images/shard-000000/0.png"][1]))
+    assert (now - then).abs().max().item() <= 1
     assert Output(str(out)).status().success is not None
