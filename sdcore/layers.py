@@ -129,20 +129,20 @@ def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor |
     for j in range(4):
         _input_transform(by_cols[j].unfold(2, 4, 2), [tiles[4 * i + j].transpose(0, 1) for i in range(4)])
     # The 16 matmuls, [out, C] @ [C, N*Th*Tw]; through `linear`, whose weight argument takes the tiles' transpose.
-    m = torch.stack([linear(kernel[k], tiles[k].view(C, -1).t(), None) for k in range(16)])
-    m = m.view(16, -1, N, Th, Tw)
+    n_out = kernel.shape[1]
+    m = [linear(kernel[k], tiles[k].view(C, -1).t(), None).view(n_out, N, Th, Tw) for k in range(16)]
     if bias is not None:
         m[5] += bias.view(-1, 1, 1, 1)  # A^T m A adds entry (1, 1) into all four outputs of a tile, once each
     # A^T m A: along the columns, then the rows, into the outputs' even and odd rows and columns.
-    by_cols = m.new_empty(2, 4, *m.shape[1:])
+    out_cols = x.new_empty(2, 4, n_out, N, Th, Tw)
     for i in range(4):
-        _output_transform(m[4 * i: 4 * i + 4], by_cols[:, i])
+        _output_transform(m[4 * i: 4 * i + 4], out_cols[:, i])
     # The output keeps the input's layout, as F.conv2d's does (the VAE decodes channels-last).
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty(N, m.shape[1], H, W, dtype=x.dtype, device=x.device,
+    out = torch.empty(N, n_out, H, W, dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     for j in range(2):
-        _output_transform(by_cols[j], [out[:, :, i::2, j::2].transpose(0, 1) for i in range(2)])
+        _output_transform(out_cols[j], [out[:, :, i::2, j::2].transpose(0, 1) for i in range(2)])
     return out
 
 
@@ -154,8 +154,8 @@ def _input_transform(d: torch.Tensor, out) -> None:
     torch.sub(d[..., 1], d[..., 3], out=out[3])
 
 
-def _output_transform(m: torch.Tensor, out) -> None:
-    """A^T m along m's first dimension (4 long) into the two tensors of `out`."""
+def _output_transform(m, out) -> None:
+    """A^T m over the four tensors of `m` into the two tensors of `out`."""
     torch.add(m[0] + m[1], m[2], out=out[0])
     torch.sub(m[1] - m[2], m[3], out=out[1])
 
