@@ -72,6 +72,14 @@ def test_convolution_falls_back_to_conv2d(shape, stride):
 
 
 @torch.no_grad()
+def test_large_maps_fall_back_even_where_the_matmul_takes_any_kernel(monkeypatch):
+    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
+    conv = layers.Conv3x3(8, 8)
+    x = torch.randn(2, 8, 40, 40)  # 3200 positions: beyond both the matmul's and Winograd's limits
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+@torch.no_grad()
 def test_winograd_kernel_follows_the_weight():
     conv = layers.Conv3x3(8, 8)
     x = torch.randn(2, 8, 16, 16)
