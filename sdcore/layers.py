@@ -83,11 +83,14 @@ class Conv3x3(nn.Conv2d):
         """The kernel transformed for `winograd_conv3x3`, remade whenever the weight is replaced or
         written to in place (load_state_dict); `.to()`, `.half()` and the like drop it (`_apply`)."""
         w = self.weight
+        # Weights made under torch.inference_mode keep no version counter: only inference mode can
+        # write to them in place, and load_state_dict's writes drop the kernel (_load_from_state_dict).
+        made_from = (weakref.ref(w), None if w.is_inference() else w._version, w.data_ptr())
         if self._winograd is not None:
             (source, version, storage), kernel = self._winograd
-            if source() is w and version == w._version and storage == w.data_ptr():
+            if source() is w and (version, storage) == made_from[1:]:
                 return kernel
-        self._winograd = ((weakref.ref(w), w._version, w.data_ptr()), winograd_transform_kernel(w))
+        self._winograd = (made_from, winograd_transform_kernel(w))
         return self._winograd[1]
 
     def _apply(self, fn, recurse=True):
@@ -95,6 +98,10 @@ class Conv3x3(nn.Conv2d):
         # half precision does), which the check above could not tell from the old.
         self._winograd = None
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._winograd = None
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 # Winograd's F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).

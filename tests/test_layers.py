@@ -95,6 +95,18 @@ def test_winograd_kernel_follows_the_weight():
     assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
 
 
+def test_winograd_kernel_follows_weights_made_in_inference_mode():
+    # Tensors made under inference mode keep no version counter (reading it raises).
+    x = torch.randn(2, 8, 16, 16)
+    with torch.inference_mode():
+        conv = layers.Conv3x3(8, 8)
+        assert conv.weight.is_inference()
+        assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+        assert conv._winograd is not None
+        conv.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.zeros(8)})  # copied in place
+        assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+
+
 def test_convolution_with_autograd_runs_conv2d():
     conv = layers.Conv3x3(8, 8)
     x = torch.randn(2, 8, 16, 16)
