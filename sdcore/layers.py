@@ -69,9 +69,14 @@ class Conv3x3(nn.Conv2d):
         if not _use_onednn(x):
             return super().forward(x)
         if positions <= MATMUL_MAX_POSITIONS and self.weight.numel() >= MATMUL_MIN_KERNEL:
-            cols = F.unfold(x, 3, padding=p, stride=s).transpose(1, 2)  # [B, Ho*Wo, C*9], the 3x3 neighbourhoods
-            out = linear(cols, self.weight.reshape(self.out_channels, -1), self.bias)  # [B, Ho*Wo, out]
-            return out.transpose(1, 2).reshape(B, -1, Ho, Wo)
+            cols = F.unfold(x, 3, padding=p, stride=s)  # [B, C*9, Ho*Wo], the 3x3 neighbourhoods as columns
+            # kernel [out, C*9] @ cols: an image's output comes out as [out, Ho*Wo], in NCHW order,
+            # and the columns are read as unfold lays them out (`linear` takes its weight's transpose).
+            kernel = self.weight.view(self.out_channels, -1)
+            out = torch.stack([linear(kernel, image_cols.t(), None) for image_cols in cols])
+            if self.bias is not None:
+                out += self.bias[:, None]
+            return out.view(B, -1, Ho, Wo)
         # Not under torch.compile: dynamo cannot trace writes into strided views, and a version without
         # them, compiled, ran no faster than the compiled direct convolution (BENCHMARKS.md, "Levers").
         winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0 and not torch.compiler.is_compiling()
