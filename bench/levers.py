@@ -46,8 +46,9 @@ LEVERS = {
                       lambda module: _base_forward(module, layers.Linear, nn.Linear)),
     "small_conv_matmul": ("3x3 convs with large kernels on small maps as im2col + matmul instead of oneDNN's "
                           "direct conv", layers.Conv3x3, lambda module: _limit("MATMUL_MIN_KERNEL", math.inf)),
-    "winograd_conv": ("3x3 convs on maps of 257-2048 positions as Winograd's F(2x2, 3x3) instead of oneDNN's "
-                      "direct conv", layers.Conv3x3, lambda module: _limit("WINOGRAD_MAX_POSITIONS", 0)),
+    "winograd_conv": ("3x3 convs of 320 channels or more on maps of over 256 positions as Winograd's F(2x2, 3x3) "
+                      "instead of oneDNN's direct conv", layers.Conv3x3,
+                      lambda module: _limit("WINOGRAD_MIN_CHANNELS", math.inf)),
 }
 
 

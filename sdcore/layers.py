@@ -39,11 +39,15 @@ class Linear(nn.Linear):
 
 
 # Conv3x3 switches to the matmul for at most this many positions (batch x height x width) and
-# kernels of at least this many numbers (32 MiB in float32), and to Winograd's algorithm above that
-# up to WINOGRAD_MAX_POSITIONS: beyond, its transforms outgrow the caches and cost more than they save.
+# kernels of at least this many numbers (32 MiB in float32), and to Winograd's algorithm on larger
+# maps where both sides have at least WINOGRAD_MIN_CHANNELS channels: its transforms cost per channel
+# what its products save per pair of channels, so with fewer they cost more than they save. Winograd
+# goes through a map in bands of about WINOGRAD_BAND_POSITIONS positions, which keeps the transformed
+# tiles in the caches between the transforms and the matmuls.
 MATMUL_MAX_POSITIONS = 256
 MATMUL_MIN_KERNEL = 1 << 23
-WINOGRAD_MAX_POSITIONS = 2048
+WINOGRAD_MIN_CHANNELS = 320
+WINOGRAD_BAND_POSITIONS = 2048
 
 
 class Conv3x3(nn.Conv2d):
@@ -52,9 +56,9 @@ class Conv3x3(nn.Conv2d):
     On the CPU, oneDNN's direct convolution re-lays out the whole kernel on every call. Once a kernel
     outgrows the caches (the UNet's 1280-2560-channel ones, 56-113 MiB) that copy costs more than
     the arithmetic on a few hundred positions, as at the UNet's two deepest levels; a matmul reads
-    the kernel as it is stored. On maps of a few hundred to a few thousand positions (the UNet's
-    upper levels at 256-512 pixels), Winograd's algorithm does 2.25x fewer multiplications, with a
-    transformed kernel made on first use and kept (16/9 the kernel's size). BENCHMARKS.md, "Levers".
+    the kernel as it is stored. On larger maps with a few hundred channels or more (the UNet's upper
+    levels, the VAE decoder's 512-channel ones), Winograd's algorithm does 2.25x fewer multiplications,
+    with a transformed kernel made on first use and kept (16/9 the kernel's size). BENCHMARKS.md, "Levers".
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
@@ -80,7 +84,8 @@ class Conv3x3(nn.Conv2d):
         # Not under torch.compile: dynamo cannot trace writes into strided views, and a version without
         # them, compiled, ran no faster than the compiled direct convolution (BENCHMARKS.md, "Levers").
         winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0 and not torch.compiler.is_compiling()
-        if winograd and MATMUL_MAX_POSITIONS < positions <= WINOGRAD_MAX_POSITIONS:
+        channels = min(self.in_channels, self.out_channels)
+        if winograd and positions > MATMUL_MAX_POSITIONS and channels >= WINOGRAD_MIN_CHANNELS:
             return winograd_conv3x3(x, self.winograd_kernel(), self.bias)
         return super().forward(x)
 
@@ -132,12 +137,26 @@ def _kernel_transform(g: torch.Tensor) -> torch.Tensor:
 def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 3x3 convolution, stride 1, padding 1, of x [N, C, H, W] (H and W even) with a transformed kernel."""
     N, C, H, W = x.shape
-    Th, Tw = H // 2, W // 2  # tiles down and across
+    padded = F.pad(x, (1, 1, 1, 1))
+    # The output keeps the input's layout, as F.conv2d's does (the VAE decodes channels-last).
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty(N, kernel.shape[1], H, W, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    rows = max(2, WINOGRAD_BAND_POSITIONS // (N * W) // 2 * 2)  # output rows per band, even: whole tiles
+    for top in range(0, H, rows):
+        bottom = min(H, top + rows)
+        _winograd_band(padded[:, :, top : bottom + 2], kernel, bias, out[:, :, top:bottom])
+    return out
+
+
+def _winograd_band(d: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """The convolution of the padded rows d [N, C, h+2, W+2] (h and W even) into out [N, out, h, W]."""
+    N, C, h, W = d.shape[0], d.shape[1], d.shape[2] - 2, d.shape[3] - 2
+    Th, Tw = h // 2, W // 2  # tiles down and across
     # B^T d B, first along each tile's 4 columns (for every padded row), then along its 4 rows.
-    cols = F.pad(x, (1, 1, 1, 1)).unfold(3, 4, 2)  # [N, C, H+2, Tw, 4]
-    by_cols = x.new_empty(4, N, C, H + 2, Tw)
-    _input_transform(cols, by_cols.unbind(0))
-    tiles = x.new_empty(16, C, N, Th, Tw)  # entry (4i + j) of every tile's B^T d B, channels first
+    by_cols = d.new_empty(4, N, C, h + 2, Tw)
+    _input_transform(d.unfold(3, 4, 2), by_cols.unbind(0))
+    tiles = d.new_empty(16, C, N, Th, Tw)  # entry (4i + j) of every tile's B^T d B, channels first
     for j in range(4):
         _input_transform(by_cols[j].unfold(2, 4, 2), [tiles[4 * i + j].transpose(0, 1) for i in range(4)])
     # The 16 matmuls, [out, C] @ [C, N*Th*Tw]; through `linear`, whose weight argument takes the tiles' transpose.
@@ -146,16 +165,11 @@ def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor |
     if bias is not None:
         m[5] += bias.view(-1, 1, 1, 1)  # A^T m A adds entry (1, 1) into all four outputs of a tile, once each
     # A^T m A: along the columns, then the rows, into the outputs' even and odd rows and columns.
-    out_cols = x.new_empty(2, 4, n_out, N, Th, Tw)
+    out_cols = d.new_empty(2, 4, n_out, N, Th, Tw)
     for i in range(4):
         _output_transform(m[4 * i: 4 * i + 4], out_cols[:, i])
-    # The output keeps the input's layout, as F.conv2d's does (the VAE decodes channels-last).
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty(N, n_out, H, W, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     for j in range(2):
         _output_transform(out_cols[j], [out[:, :, i::2, j::2].transpose(0, 1) for i in range(2)])
-    return out
 
 
 def _input_transform(d: torch.Tensor, out) -> None:

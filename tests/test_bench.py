@@ -29,7 +29,9 @@ def test_flop_counts_are_the_published_figures():
 @torch.no_grad()
 @pytest.mark.parametrize("lever, shape", [("winograd_conv", (2, 8, 16, 16)), ("small_conv_matmul", (2, 8, 4, 4))])
 def test_cpu_lever_off_runs_the_plain_convolution_and_comes_back(monkeypatch, lever, shape):
-    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)  # so that the small test kernel takes the matmul
+    # So that the small test kernel takes the matmul on small maps and Winograd on larger ones.
+    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
     conv = layers.Conv3x3(8, 8)
     model, x = nn.Sequential(conv), torch.randn(shape)
     plain = F.conv2d(x, conv.weight, conv.bias, padding=1)

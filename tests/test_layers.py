@@ -1,14 +1,19 @@
 """The CPU fast paths in sdcore.layers compute what plain PyTorch computes.
 
-The tiny reference models never reach the matmul convolution (its kernels must be >= 32 MiB), so
-it is checked here directly, with the size limits lowered; the Winograd convolution is checked here
-at the edges of where it runs, and it also runs inside the tiny models' oracle tests.
+The tiny reference models never reach these convolutions on their own (the matmul's kernels must be
+>= 32 MiB, Winograd's channels >= 320), so they are checked here directly with the limits lowered,
+at the edges of where they run; test_unet runs Winograd inside a whole network against the oracle.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sdcore import layers
+
+
+@pytest.fixture
+def winograd_for_any_channels(monkeypatch):
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
 
 
 @torch.no_grad()
@@ -32,8 +37,13 @@ def _float64_conv(conv: layers.Conv3x3, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(2, 24, 16, 16), (1, 24, 8, 34), (3, 24, 10, 12), (1, 24, 32, 64)])
+@pytest.mark.parametrize("shape", [
+    (2, 24, 16, 16), (1, 24, 8, 34), (3, 24, 10, 12), (1, 24, 32, 64),
+    (2, 24, 40, 40),  # bands of 24 output rows and then of 16
+    (1, 24, 2, 300),  # one band of the only two rows
+])
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("winograd_for_any_channels")
 def test_winograd_convolution_matches_conv2d(shape, bias):
     conv = layers.Conv3x3(24, 40)
     if not bias:
@@ -49,6 +59,16 @@ def test_winograd_convolution_matches_conv2d(shape, bias):
 
 
 @torch.no_grad()
+@pytest.mark.usefixtures("winograd_for_any_channels")
+def test_winograd_convolution_in_bands_of_two_rows(monkeypatch):
+    monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 1)
+    conv = layers.Conv3x3(16, 8)
+    x = torch.randn(2, 16, 18, 10)
+    assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.usefixtures("winograd_for_any_channels")
 def test_winograd_convolution_keeps_channels_last():
     conv = layers.Conv3x3(16, 8)
     x = torch.randn(1, 16, 24, 24).contiguous(memory_format=torch.channels_last)
@@ -58,13 +78,14 @@ def test_winograd_convolution_keeps_channels_last():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape, stride", [
-    ((2, 8, 16, 16), 2),  # stride 2
-    ((2, 8, 15, 16), 1),  # an odd side: the 2x2 output blocks would not tile it
-    ((1, 8, 8, 8), 1),  # 64 positions: too few to pay
-    ((2, 8, 40, 40), 1),  # 3200 positions: beyond WINOGRAD_MAX_POSITIONS
+@pytest.mark.parametrize("shape, stride, channels", [
+    ((2, 8, 16, 16), 2, 0),  # stride 2
+    ((2, 8, 15, 16), 1, 0),  # an odd side: the 2x2 output blocks would not tile it
+    ((1, 8, 8, 8), 1, 0),  # 64 positions: too few to pay
+    ((2, 8, 16, 16), 1, 9),  # 8 channels where Winograd needs 9
 ])
-def test_convolution_falls_back_to_conv2d(shape, stride):
+def test_convolution_falls_back_to_conv2d(monkeypatch, shape, stride, channels):
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", channels)
     conv = layers.Conv3x3(8, 8, stride=stride)
     x = torch.randn(shape)
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1))
@@ -75,11 +96,12 @@ def test_convolution_falls_back_to_conv2d(shape, stride):
 def test_large_maps_fall_back_even_where_the_matmul_takes_any_kernel(monkeypatch):
     monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
     conv = layers.Conv3x3(8, 8)
-    x = torch.randn(2, 8, 40, 40)  # 3200 positions: beyond both the matmul's and Winograd's limits
+    x = torch.randn(2, 8, 40, 40)  # 3200 positions, beyond the matmul's limit; 8 channels, too few for Winograd
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
 
 
 @torch.no_grad()
+@pytest.mark.usefixtures("winograd_for_any_channels")
 def test_winograd_kernel_follows_the_weight():
     conv = layers.Conv3x3(8, 8)
     x = torch.randn(2, 8, 16, 16)
@@ -95,6 +117,7 @@ def test_winograd_kernel_follows_the_weight():
     assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("winograd_for_any_channels")
 def test_winograd_kernel_follows_weights_made_in_inference_mode():
     # Tensors made under inference mode keep no version counter (reading it raises).
     x = torch.randn(2, 8, 16, 16)
@@ -107,6 +130,7 @@ def test_winograd_kernel_follows_weights_made_in_inference_mode():
         assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.usefixtures("winograd_for_any_channels")
 def test_convolution_with_autograd_runs_conv2d():
     conv = layers.Conv3x3(8, 8)
     x = torch.randn(2, 8, 16, 16)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from reference import TINY_UNET, reference_unet, sd15_config
+from sdcore import layers
 from sdcore.errors import UnsupportedModelError
 from sdcore.unet import UNet, UNetConfig
 
@@ -53,6 +54,20 @@ def test_matches_reference_with_per_row_timesteps(reference, ours, hw):
     assert (got - expected).abs().max().item() <= 1e-4
     # Each row really used its own timestep.
     assert (ours(sample, torch.tensor([999, 999]), context) - got)[0].abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_matches_reference_through_winograd_convolutions(monkeypatch, reference):
+    # The tiny model's channels are below Winograd's minimum. Lowered, the 3x3 convolutions of the top
+    # level (2 x 16 x 24 positions) run Winograd's, in four bands of four rows.
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 200)
+    ours = _ours_like(reference, TINY_UNET)
+    sample, context = _inputs((16, 24), seed=6)
+    timesteps = torch.tensor([10, 900])
+    got = ours(sample, timesteps, context)
+    assert sum(m._winograd is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 8
+    assert (got - reference(sample, timesteps, context).sample).abs().max().item() <= 1e-4
 
 
 @torch.no_grad()
