@@ -54,6 +54,14 @@ def test_cpu_levers_measure_each_lever_off_alone_and_all_off():
         assert torch.equal(model[0](v), F.linear(v, model[0].weight, model[0].bias))
 
 
+def test_read_once_reads_every_file_of_a_folder_or_one_file(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "model_index.json").write_bytes(b"{}")
+    assert jobsystem.read_once(tmp_path, chunk=64) == 1002
+    assert jobsystem.read_once(tmp_path / "unet" / "w.safetensors") == 1000
+
+
 def test_job_section_makes_the_loops_images(tmp_path):
     logged = []
     result = jobsystem.section("builtin:tiny", tmp_path, logged.append, sd_rows_per_actor=4, sd_reps=1, tiny_rows=6, tiny_reps=1,
