@@ -70,7 +70,11 @@ class Conv3x3(nn.Conv2d):
         (s,), (p,) = set(self.stride), set(self.padding)
         Ho, Wo = (H + 2 * p - 3) // s + 1, (W + 2 * p - 3) // s + 1
         positions = B * Ho * Wo
-        if not _use_onednn(x):
+        # Under torch.compile, inductor's freezing lays the direct convolution's kernel out once, which
+        # is the cost the matmul avoids; its oneDNN matmul takes only frozen weights as the right-hand
+        # side, and dynamo cannot trace Winograd's writes into strided views (a version without them,
+        # compiled, ran no faster than the compiled direct convolution: BENCHMARKS.md, "Levers").
+        if not _use_onednn(x) or torch.compiler.is_compiling():
             return super().forward(x)
         if positions <= MATMUL_MAX_POSITIONS and self.weight.numel() >= MATMUL_MIN_KERNEL:
             cols = F.unfold(x, 3, padding=p, stride=s)  # [B, C*9, Ho*Wo], the 3x3 neighbourhoods as columns
@@ -81,9 +85,7 @@ class Conv3x3(nn.Conv2d):
             if self.bias is not None:
                 out += self.bias[:, None]
             return out.view(B, -1, Ho, Wo)
-        # Not under torch.compile: dynamo cannot trace writes into strided views, and a version without
-        # them, compiled, ran no faster than the compiled direct convolution (BENCHMARKS.md, "Levers").
-        winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0 and not torch.compiler.is_compiling()
+        winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0
         channels = min(self.in_channels, self.out_channels)
         if winograd and positions > MATMUL_MAX_POSITIONS and channels >= WINOGRAD_MIN_CHANNELS:
             return winograd_conv3x3(x, self.winograd_kernel(), self.bias)
