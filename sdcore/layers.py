@@ -80,7 +80,7 @@ class Conv3x3(nn.Conv2d):
             cols = F.unfold(x, 3, padding=p, stride=s)  # [B, C*9, Ho*Wo], the 3x3 neighbourhoods as columns
             # kernel [out, C*9] @ cols: an image's output comes out as [out, Ho*Wo], in NCHW order,
             # and the columns are read as unfold lays them out (`linear` takes its weight's transpose).
-            kernel = self.weight.view(self.out_channels, -1)
+            kernel = self.weight.reshape(self.out_channels, -1)
             out = torch.stack([linear(kernel, image_cols.t(), None) for image_cols in cols])
             if self.bias is not None:
                 out += self.bias[:, None]

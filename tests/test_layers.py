@@ -31,6 +31,14 @@ def test_matmul_convolution_matches_conv2d(monkeypatch, shape, stride, padding):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+@torch.no_grad()
+def test_matmul_convolution_takes_channels_last_weights(monkeypatch):
+    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
+    conv = layers.Conv3x3(24, 40).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 24, 4, 4)
+    assert (conv(x) - F.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max().item() <= 1e-5
+
+
 def _float64_conv(conv: layers.Conv3x3, x: torch.Tensor) -> torch.Tensor:
     bias = None if conv.bias is None else conv.bias.double()
     return F.conv2d(x.double(), conv.weight.double(), bias, stride=conv.stride, padding=conv.padding)
