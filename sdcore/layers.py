@@ -63,7 +63,8 @@ class Conv3x3(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
         super().__init__(in_channels, out_channels, 3, stride=stride, padding=padding)
-        self._winograd: tuple[tuple, torch.Tensor] | None = None  # (what it was made from, the kernel)
+        # (a weak reference to the weight it was made from, that weight's (version, address), the kernel)
+        self._winograd: tuple[weakref.ref, tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -97,13 +98,13 @@ class Conv3x3(nn.Conv2d):
         w = self.weight
         # Weights made under torch.inference_mode keep no version counter: only inference mode can
         # write to them in place, and load_state_dict's writes drop the kernel (_load_from_state_dict).
-        made_from = (weakref.ref(w), None if w.is_inference() else w._version, w.data_ptr())
+        state = (None if w.is_inference() else w._version, w.data_ptr())
         if self._winograd is not None:
-            (source, version, storage), kernel = self._winograd
-            if source() is w and (version, storage) == made_from[1:]:
+            source, made_from, kernel = self._winograd
+            if source() is w and made_from == state:
                 return kernel
-        self._winograd = (made_from, winograd_transform_kernel(w))
-        return self._winograd[1]
+        self._winograd = (weakref.ref(w), state, winograd_transform_kernel(w))
+        return self._winograd[2]
 
     def _apply(self, fn, recurse=True):
         # A conversion may give the weight new storage at the address of the old (a round trip through
@@ -138,7 +139,7 @@ def _kernel_transform(g: torch.Tensor) -> torch.Tensor:
 
 def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 3x3 convolution, stride 1, padding 1, of x [N, C, H, W] (H and W even) with a transformed kernel."""
-    N, C, H, W = x.shape
+    N, _, H, W = x.shape
     padded = F.pad(x, (1, 1, 1, 1))
     # The output keeps the input's layout, as F.conv2d's does (the VAE decodes channels-last).
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
