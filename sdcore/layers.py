@@ -46,7 +46,7 @@ class Linear(nn.Linear):
 # tiles in the caches between the transforms and the matmuls.
 MATMUL_MAX_POSITIONS = 256
 MATMUL_MIN_KERNEL = 1 << 23
-WINOGRAD_MIN_CHANNELS = 320
+WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_BAND_POSITIONS = 2048
 
 
@@ -57,7 +57,7 @@ class Conv3x3(nn.Conv2d):
     outgrows the caches (the UNet's 1280-2560-channel ones, 56-113 MiB) that copy costs more than
     the arithmetic on a few hundred positions, as at the UNet's two deepest levels; a matmul reads
     the kernel as it is stored. On larger maps with a few hundred channels or more (the UNet's upper
-    levels, the VAE decoder's 512-channel ones), Winograd's algorithm does 2.25x fewer multiplications,
+    levels, the VAE decoder's 256- and 512-channel ones), Winograd's algorithm does 2.25x fewer multiplications,
     with a transformed kernel made on first use and kept (16/9 the kernel's size). BENCHMARKS.md, "Levers".
     """
 
@@ -140,39 +140,41 @@ def _kernel_transform(g: torch.Tensor) -> torch.Tensor:
 def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 3x3 convolution, stride 1, padding 1, of x [N, C, H, W] (H and W even) with a transformed kernel."""
     N, _, H, W = x.shape
-    padded = F.pad(x, (1, 1, 1, 1))
-    # The output keeps the input's layout, as F.conv2d's does (the VAE decodes channels-last).
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty(N, kernel.shape[1], H, W, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # The work runs channels-last whatever x's layout: every addition of the transforms then goes over
+    # contiguous channel vectors, and every matmul reads its tiles as rows. On NCHW maps the transforms'
+    # reads at a stride of two positions cost more than converting x and the output.
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).contiguous()  # [N, H+2, W+2, C]
+    out = x.new_empty(N, H, W, kernel.shape[1])
     rows = max(2, WINOGRAD_BAND_POSITIONS // (N * W) // 2 * 2)  # output rows per band, even: whole tiles
     for top in range(0, H, rows):
         bottom = min(H, top + rows)
-        _winograd_band(padded[:, :, top : bottom + 2], kernel, bias, out[:, :, top:bottom])
-    return out
+        _winograd_band(padded[:, top : bottom + 2], kernel, bias, out[:, top:bottom])
+    out = out.permute(0, 3, 1, 2)  # [N, out, H, W], channels-last
+    # The output keeps the input's layout, as F.conv2d's does (the VAE decodes channels-last).
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return out if channels_last else out.contiguous()
 
 
 def _winograd_band(d: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """The convolution of the padded rows d [N, C, h+2, W+2] (h and W even) into out [N, out, h, W]."""
-    N, C, h, W = d.shape[0], d.shape[1], d.shape[2] - 2, d.shape[3] - 2
+    """The convolution of the padded rows d [N, h+2, W+2, C] (h and W even) into out [N, h, W, out]."""
+    N, h, W, C = d.shape[0], d.shape[1] - 2, d.shape[2] - 2, d.shape[3]
     Th, Tw = h // 2, W // 2  # tiles down and across
     # B^T d B, first along each tile's 4 columns (for every padded row), then along its 4 rows.
-    by_cols = d.new_empty(4, N, C, h + 2, Tw)
-    _input_transform(d.unfold(3, 4, 2), by_cols.unbind(0))
-    tiles = d.new_empty(16, C, N, Th, Tw)  # entry (4i + j) of every tile's B^T d B, channels first
+    by_cols = d.new_empty(4, N, h + 2, Tw, C)
+    _input_transform(d.unfold(2, 4, 2), by_cols)
+    tiles = d.new_empty(16, N, Th, Tw, C)  # entry (4i + j) of every tile's B^T d B
     for j in range(4):
-        _input_transform(by_cols[j].unfold(2, 4, 2), [tiles[4 * i + j].transpose(0, 1) for i in range(4)])
-    # The 16 matmuls, [out, C] @ [C, N*Th*Tw]; through `linear`, whose weight argument takes the tiles' transpose.
+        _input_transform(by_cols[j].unfold(1, 4, 2), tiles[j::4])
+    # The 16 matmuls, [tiles, C] @ [C, out]. A^T m A adds entry (1, 1) into all four outputs of a tile,
+    # once each, so the bias goes into that product alone.
     n_out = kernel.shape[1]
-    m = [linear(kernel[k], tiles[k].view(C, -1).t(), None).view(n_out, N, Th, Tw) for k in range(16)]
-    if bias is not None:
-        m[5] += bias.view(-1, 1, 1, 1)  # A^T m A adds entry (1, 1) into all four outputs of a tile, once each
+    m = [linear(tiles[k].view(-1, C), kernel[k], bias if k == 5 else None).view(N, Th, Tw, n_out) for k in range(16)]
     # A^T m A: along the columns, then the rows, into the outputs' even and odd rows and columns.
-    out_cols = d.new_empty(2, 4, n_out, N, Th, Tw)
+    out_cols = d.new_empty(2, 4, N, Th, Tw, n_out)
     for i in range(4):
-        _output_transform(m[4 * i: 4 * i + 4], out_cols[:, i])
+        _output_transform(m[4 * i : 4 * i + 4], out_cols[:, i])
     for j in range(2):
-        _output_transform(out_cols[j], [out[:, :, i::2, j::2].transpose(0, 1) for i in range(2)])
+        _output_transform(out_cols[j], [out[:, i::2, j::2] for i in range(2)])
 
 
 def _input_transform(d: torch.Tensor, out) -> None:

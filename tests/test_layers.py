@@ -1,7 +1,7 @@
 """The CPU fast paths in sdcore.layers compute what plain PyTorch computes.
 
 The tiny reference models never reach these convolutions on their own (the matmul's kernels must be
->= 32 MiB, Winograd's channels >= 320), so they are checked here directly with the limits lowered,
+>= 32 MiB, Winograd's channels >= 256), so they are checked here directly with the limits lowered,
 at the edges of where they run; test_unet runs Winograd inside a whole network against the oracle.
 """
 import pytest

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from reference import TINY_VAE, reference_vae, sd15_config
+from sdcore import layers
 from sdcore.errors import UnsupportedModelError
 from sdcore.vae import AutoencoderKL, VAEConfig
 
@@ -29,6 +30,20 @@ def test_decode_matches_reference(reference, ours, latent_hw):
     assert got.shape == (2, 3, 8 * latent_hw[0], 8 * latent_hw[1])
     assert expected.abs().max() > 0.1  # the comparison is not between two near-zero images
     assert (got - expected).abs().max().item() <= 1e-3
+
+
+@torch.no_grad()
+def test_decode_matches_reference_through_winograd_convolutions(monkeypatch, reference):
+    # The tiny decoder's channels are below Winograd's minimum. Lowered, its 3x3 convolutions on maps of
+    # over 256 positions run Winograd's on the channels-last maps the decoder works in, in bands of a few rows.
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 300)
+    ours = AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE)).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    z = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(2))
+    got = ours.decode(z)
+    assert sum(m._winograd is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 6
+    assert (got - reference.decode(z).sample).abs().max().item() <= 1e-3
 
 
 @torch.no_grad()
