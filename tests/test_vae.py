@@ -14,11 +14,15 @@ def reference():
     return reference_vae(TINY_VAE)
 
 
-@pytest.fixture(scope="module")
-def ours(reference):
+def _ours_like(reference) -> AutoencoderKL:
     vae = AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE)).eval()
     vae.load_state_dict(reference.state_dict(), strict=True)
     return vae
+
+
+@pytest.fixture(scope="module")
+def ours(reference):
+    return _ours_like(reference)
 
 
 @torch.no_grad()
@@ -38,8 +42,7 @@ def test_decode_matches_reference_through_winograd_convolutions(monkeypatch, ref
     # over 256 positions run Winograd's on the channels-last maps the decoder works in, in bands of a few rows.
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
     monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 300)
-    ours = AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE)).eval()
-    ours.load_state_dict(reference.state_dict(), strict=True)
+    ours = _ours_like(reference)  # its own: the module's shared decoder keeps no Winograd kernels
     z = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(2))
     got = ours.decode(z)
     assert sum(m._winograd is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 6
