@@ -46,8 +46,9 @@ LEVERS = {
                       lambda module: _base_forward(module, layers.Linear, nn.Linear)),
     "small_conv_matmul": ("3x3 convs with large kernels on small maps as im2col + matmul instead of oneDNN's "
                           "direct conv", layers.Conv3x3, lambda module: _limit("MATMUL_MIN_KERNEL", math.inf)),
-    "winograd_conv": ("3x3 convs of 256 channels or more on maps of over 256 positions as Winograd's F(2x2, 3x3) "
-                      "instead of oneDNN's direct conv", layers.Conv3x3,
+    "winograd_conv": (f"3x3 convs of {layers.WINOGRAD_MIN_CHANNELS} channels or more on maps of over "
+                      f"{layers.MATMUL_MAX_POSITIONS} positions as Winograd's F(2x2, 3x3) instead of oneDNN's direct conv",
+                      layers.Conv3x3,
                       lambda module: _limit("WINOGRAD_MIN_CHANNELS", math.inf)),
 }
 
