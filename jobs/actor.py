@@ -21,6 +21,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -65,6 +66,9 @@ class ShardRunner:
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
         self.writer = ImageWriter(self.out, threads=config.writer_threads, max_pending=config.writer_queue)
+        # pyarrow imports pandas (0.2-0.4 s) the first time it turns Python values into an array:
+        # paid here, it is part of the actor's start, not a stall in the middle of its first shard.
+        pa.array([0])
         self._scheduler_configs: dict[str, dict] = {}
         self._shard, self._images_done = "", 0  # read by `progress` from another thread
 
