@@ -66,7 +66,7 @@ class ShardRunner:
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
         self.writer = ImageWriter(self.out, threads=config.writer_threads, max_pending=config.writer_queue)
-        # pyarrow imports pandas (0.2-0.4 s) the first time it turns Python values into an array:
+        # pyarrow imports pandas (up to half a second) the first time it turns Python values into an array:
         # paid here, it is part of the actor's start, not a stall in the middle of its first shard.
         pa.array([0])
         self._scheduler_configs: dict[str, dict] = {}
