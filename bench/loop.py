@@ -5,7 +5,8 @@ makes the rows' images with `Pipeline.generate`, BATCH rows per call (as `sdbatc
 --batch-size` does), saves each as `OUT_FOLDER/<id>.png` with PIL, and prints one JSON line:
 seconds to load, seconds to make and save the images, images. The manifest must spell out every
 parameter, the same in every row (bench.jobsystem writes it so): no job defaults, no seed
-derivation, nothing of sdbatch's job code.
+derivation, nothing of sdbatch's job code. The process keeps freed memory as the job's CPU actors
+do (`sdcore.allocator`), so that the comparison is of the job's own work, not of the allocator.
 """
 import json
 import sys
@@ -19,7 +20,9 @@ def main(manifest: str, model: str, out: str, threads: int, batch_size: int) -> 
     from PIL import Image
 
     import sdcore
+    from sdcore.allocator import keep_freed_memory
 
+    keep_freed_memory()
     torch.set_num_threads(threads)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from bench import fixtures, flops, gpu, jobsystem, levers
-from bench.timing import child_json, interleaved, keep_freed_memory, machine, median, versions
+from bench.timing import child_json, interleaved, machine, median, versions
+from sdcore.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
     if not set(args.compile_batches) <= set(args.batches):
         raise SystemExit("--compile-batches compares with the eager whole images: take its sizes from --batches")
     started = time.perf_counter()
-    allocator = keep_freed_memory()
+    allocator = keep_freed_memory() + ", for both libraries"
     given = sys.argv[1:] if argv is None else argv
     command = "python -m bench.run " + " ".join(given) if given else "make bench (python -m bench.run)"
     result = {"command": command, "machine": machine(), "versions": versions(), "allocator": allocator,
@@ -318,8 +319,9 @@ def render(r: dict) -> str:
         " (the machine is shared: figures are medians of interleaved runs)",
         f"- Versions: torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
         f"sdbatch {v['sdbatch']} (commit {v['sdbatch_commit']}), Python {m['python']}",
-        f"- Memory allocator: {r['allocator']} (without it, page faults on freed activations made the same "
-        "figure swing by up to 25 % between runs; `bench/levers.md` below has the numbers)",
+        f"- Memory allocator: {r['allocator']}, as in sdbatch's CPU actors and `sdbatch generate` (without it, "
+        "page faults on freed activations made the same figure swing by up to 25 % between runs; `bench/levers.md` "
+        "below has the numbers)",
         f"- Weights: random SD v1.5 (UNet, VAE, CLIP text encoder: {_gib(r['weights_bytes'])} of float32), "
         "the same files for both libraries", "",
     ]

@@ -142,30 +142,6 @@ def versions() -> dict:
     return out
 
 
-def keep_freed_memory() -> str:
-    """Make glibc keep freed memory in the process (no mmap for large blocks, no trimming).
-
-    By default glibc returns every large block (activations of tens of MB) to the kernel when it is
-    freed and faults it in again, zeroed, on the next step; how much depends on an adaptive
-    threshold, i.e. on what the process happened to allocate before. That swung the same figure by
-    up to 25 % from one run to the next. Set once for the whole process, so both libraries run
-    under the same allocator. Returns what was done, for the report.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return "default allocator (no glibc mallopt)"
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
-        return "default allocator (mallopt refused)"
-    return "glibc keeps freed memory in the process (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB), for both libraries"
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident set (VmHWM), file-backed (memory-mapped) pages included."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -30,6 +30,7 @@ from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Output, ShardWriter
 from sdcore import load_pipeline
+from sdcore import allocator
 from sdcore.errors import NonFiniteOutputError
 
 
@@ -47,6 +48,7 @@ class ActorConfig:
     batch_size: int = 4
     storage_options: dict = field(default_factory=dict)
     cpu_threads: int | None = None  # torch threads on the CPU (None: leave the process setting)
+    keep_freed_memory: bool = False  # sdcore.allocator's setting, process-wide: for a CPU actor in a process of its own
     writer_threads: int = 4
     writer_queue: int = 16  # images waiting for the writer before generation blocks
     embed_images: bool = False  # also put each PNG into the metadata's `image` column
@@ -59,6 +61,7 @@ class ShardFailed(Exception):
 class ShardRunner:
     def __init__(self, config: ActorConfig):
         self.config = config
+        self.allocator = allocator.keep_freed_memory() if config.keep_freed_memory else allocator.DEFAULT
         self.pipe = load_pipeline(config.model, device=devices.resolve_device(config.device),
                                   dtype=devices.resolve_dtype(config.dtype))
         if config.compile:
@@ -76,6 +79,7 @@ class ShardRunner:
         return {
             "model": self.pipe.source, "fingerprint": self.pipe.fingerprint, "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "node": ray_node(), "pid": os.getpid(),
+            "allocator": self.allocator,
         }
 
     def progress(self) -> tuple[str, int]:

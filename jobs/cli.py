@@ -99,7 +99,10 @@ def generate_command(
     fs, path = storage.resolve(output, storage.parse_storage_options(storage_option or []))
 
     from sdcore import load_pipeline
+    from sdcore.allocator import keep_freed_memory
 
+    if torch_device.type == "cpu":
+        keep_freed_memory()  # this process is ours: reuse the activations' memory between steps
     pipe = load_pipeline(model, device=torch_device, dtype=torch_dtype)
     if compile_unet:
         pipe.compile()

@@ -80,6 +80,7 @@ class ActorStats:
     slot: int
     device: str = "?"
     node: str = "?"
+    allocator: str = "?"  # sdcore.allocator's report from the actor's process
     images: int = 0
     failures: int = 0
     shards: int = 0
@@ -88,9 +89,9 @@ class ActorStats:
 
     def as_dict(self) -> dict:
         rate = self.images / self.busy_seconds if self.busy_seconds else 0.0
-        return {"actor": self.slot, "device": self.device, "node": self.node, "images": self.images,
-                "failures": self.failures, "shards": self.shards, "busy_seconds": round(self.busy_seconds, 3),
-                "images_per_second": round(rate, 3), "restarts": self.restarts}
+        return {"actor": self.slot, "device": self.device, "node": self.node, "allocator": self.allocator,
+                "images": self.images, "failures": self.failures, "shards": self.shards,
+                "busy_seconds": round(self.busy_seconds, 3), "images_per_second": round(rate, 3), "restarts": self.restarts}
 
 
 @dataclass
@@ -296,7 +297,7 @@ class _Run:
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, defaults=opts.defaults, device=plan.device,
             dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
-            cpu_threads=plan.cpu_threads, embed_images=opts.embed_images,
+            cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
         self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
@@ -348,7 +349,7 @@ class _Run:
         except ray.exceptions.RayError as e:
             self.lose_actor(slot, f"died while loading the model ({_first_line(e)})")
             return
-        slot.stats.device, slot.stats.node = info["device"], info["node"]
+        slot.stats.device, slot.stats.node, slot.stats.allocator = info["device"], info["node"], info["allocator"]
         if self.first_ready is None:
             self.first_ready = time.monotonic()
         if self.job.model_fingerprint is None:

@@ -16,7 +16,7 @@ from jobs import driver
 from jobs.actor import ActorConfig, ShardFailed, ShardRunner
 from jobs.plan import shards
 from jobs.sink import Output, OutputError
-from sdcore import builtin
+from sdcore import allocator, builtin
 from sdcore.errors import NonFiniteOutputError
 from tests.jobdata import (DEFAULTS, MODEL, TIMING, check_images, pixels, read_dataset, seed_of, snapshot,
                            start_local_ray, write_manifest)
@@ -64,6 +64,7 @@ def test_runner_makes_every_image_of_its_shards(tmp_path, pipe):
         num_images=[1, 2, 1, 1, 1], scheduler=["ddim", "euler_a", "ddim", "ddpm", "ddim"], label=[1, 2, 3, 4, 5])
     runner = make_runner(manifest, tmp_path / "out", batch_size=3)
     assert runner.info()["fingerprint"] == "builtin:tiny/v1" and runner.info()["device"] == "cpu"
+    assert runner.info()["allocator"] == allocator.DEFAULT  # only asked for, by the driver: not this test's process
     results = run_all(runner, 5, 3)
     assert [(r["shard"], r["images"], r["failures"]) for r in results] == [("shard-000000", 4, 0), ("shard-000001", 2, 0)]
     assert runner.progress() == ("shard-000001", 2)
@@ -181,6 +182,7 @@ def test_output_does_not_depend_on_actors_batches_or_shards(tmp_path, local_ray,
     b, log = run_driver(varied_manifest, tmp_path / "b", actors=2, batch_size=4, shard_size=7)
     assert (a.images, a.failures, a.shards_run) == (14, 0, 4) and (b.images, b.failures, b.shards_run) == (14, 0, 2)
     assert sum(s.images for s in b.actors) == 14
+    assert {s.allocator for s in a.actors + b.actors} == {allocator.KEPT}  # CPU actors own their processes
     meta_a, _ = read_dataset(tmp_path / "a")
     meta_b, _ = read_dataset(tmp_path / "b")
     assert sorted(meta_a) == sorted(meta_b) and len(meta_a) == 14
