@@ -2,7 +2,7 @@
 
 Writes BENCHMARKS.md (bench/intro.md, then the generated tables, then bench/levers.md) and
 BENCHMARKS.json (every run's seconds) at the top of the repository. `--help` lists the knobs; the
-defaults are what BENCHMARKS.md reports, sized to take about 15 minutes on 2 CPU cores.
+defaults are what BENCHMARKS.md reports: 21-28 minutes on 2 Zen 4 cores, as the shared host's load goes.
 """
 import argparse
 import json
