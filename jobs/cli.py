@@ -35,6 +35,12 @@ def main() -> None:
     """Stable Diffusion 1.x batch generation on Ray."""
 
 
+def program() -> None:
+    """`sdbatch`, the installed program. `app` also runs inside other programs (tests, notebooks);
+    only here, where the process is the command's own, may a command change process-wide settings."""
+    app(obj={"owns_process": True})
+
+
 @app.command("validate")
 @user_errors
 def validate_command(
@@ -71,6 +77,7 @@ def status_command(
 @app.command("generate")
 @user_errors
 def generate_command(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     model: Annotated[str, typer.Option("--model", help="A diffusers folder, a single .safetensors/.ckpt file, or builtin:tiny.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Where to write the PNG (path or fsspec URL).")] = "out.png",
@@ -101,8 +108,8 @@ def generate_command(
     from sdcore import load_pipeline
     from sdcore.allocator import keep_freed_memory
 
-    if torch_device.type == "cpu":
-        keep_freed_memory()  # this process is ours: reuse the activations' memory between steps
+    if torch_device.type == "cpu" and (ctx.obj or {}).get("owns_process"):
+        keep_freed_memory()  # reuse the activations' memory from one step to the next
     pipe = load_pipeline(model, device=torch_device, dtype=torch_dtype)
     if compile_unet:
         pipe.compile()
