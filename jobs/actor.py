@@ -29,8 +29,7 @@ from jobs import devices, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Output, ShardWriter
-from sdcore import load_pipeline
-from sdcore import allocator
+from sdcore import allocator, load_pipeline
 from sdcore.errors import NonFiniteOutputError
 
 
