@@ -5,6 +5,7 @@ so that a diffusers folder loads with no renaming at all; the single-file layout
 these names in `weights.py`.
 """
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,15 @@ def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
 # and ran linear layers 2-3x faster on this project's machines (BENCHMARKS.md, "Levers"). Same
 # products, summed in another order: results differ by float rounding only. Inference only: the
 # op has no backward.
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+# oneDNN's matmul copies a plain [out, in] weight into its own blocked layout as it goes, at every
+# call; a weight given to it already in that layout (`pack`) skips the copy: 5-15 % faster per layer,
+# with the same products in the same order (but for a single row, which oneDNN computes with another
+# kernel from a plain weight). Layers pack their weights on first use and keep them beside the plain
+# ones, which the state dict, other devices and autograd still use.
+PACK_WEIGHTS = True
 
 
 def _use_onednn(x: torch.Tensor) -> bool:
@@ -28,13 +37,54 @@ def _use_onednn(x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias; `weight` may be packed (only where `_use_onednn(x)`)."""
     if _use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 [out, in] weight laid out for oneDNN's matmul, for `linear` on the CPU."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+class KeepsFromWeight(nn.Module):
+    """For layers whose CPU forward uses tensors made from the weight (packed or transformed kernels):
+    each is made on first use and kept, and all are remade whenever the weight is replaced or written
+    to in place (load_state_dict); `.to()`, `.half()` and the like drop them (`_apply`)."""
+
+    # (a weak reference to the weight they were made from, that weight's (version, address), {make: made})
+    _from_weight: tuple[weakref.ref, tuple, dict] | None = None
+
+    def from_weight(self, make: Callable[[torch.Tensor], object]):
+        """make(self.weight), kept until the weight changes."""
+        w = self.weight
+        # Weights made under torch.inference_mode keep no version counter: only inference mode can
+        # write to them in place, and load_state_dict's writes drop what was made (_load_from_state_dict).
+        state = (None if w.is_inference() else w._version, w.data_ptr())
+        if self._from_weight is None or self._from_weight[0]() is not w or self._from_weight[1] != state:
+            self._from_weight = (weakref.ref(w), state, {})
+        made = self._from_weight[2]
+        if make not in made:
+            made[make] = make(w)
+        return made[make]
+
+    def _apply(self, fn, recurse=True):
+        # A conversion may give the weight new storage at the address of the old (a round trip through
+        # half precision does), which the check above could not tell from the old.
+        self._from_weight = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._from_weight = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class Linear(KeepsFromWeight, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile inductor's freezing packs the weights itself.
+        if PACK_WEIGHTS and _use_onednn(x) and not torch.compiler.is_compiling():
+            return linear(x, self.from_weight(pack), self.bias)
         return linear(x, self.weight, self.bias)
 
 
@@ -50,7 +100,7 @@ WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_BAND_POSITIONS = 2048
 
 
-class Conv3x3(nn.Conv2d):
+class Conv3x3(KeepsFromWeight, nn.Conv2d):
     """A 3x3 convolution that runs as im2col + matmul or as Winograd's F(2x2, 3x3) where that is faster.
 
     On the CPU, oneDNN's direct convolution re-lays out the whole kernel on every call. Once a kernel
@@ -63,8 +113,6 @@ class Conv3x3(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
         super().__init__(in_channels, out_channels, 3, stride=stride, padding=padding)
-        # (a weak reference to the weight it was made from, that weight's (version, address), the kernel)
-        self._winograd: tuple[weakref.ref, tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -89,32 +137,9 @@ class Conv3x3(nn.Conv2d):
         winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0
         channels = min(self.in_channels, self.out_channels)
         if winograd and positions > MATMUL_MAX_POSITIONS and channels >= WINOGRAD_MIN_CHANNELS:
-            return winograd_conv3x3(x, self.winograd_kernel(), self.bias)
+            kernel = self.from_weight(packed_winograd_kernel if PACK_WEIGHTS else winograd_transform_kernel)
+            return winograd_conv3x3(x, kernel, self.bias)
         return super().forward(x)
-
-    def winograd_kernel(self) -> torch.Tensor:
-        """The kernel transformed for `winograd_conv3x3`, remade whenever the weight is replaced or
-        written to in place (load_state_dict); `.to()`, `.half()` and the like drop it (`_apply`)."""
-        w = self.weight
-        # Weights made under torch.inference_mode keep no version counter: only inference mode can
-        # write to them in place, and load_state_dict's writes drop the kernel (_load_from_state_dict).
-        state = (None if w.is_inference() else w._version, w.data_ptr())
-        if self._winograd is not None:
-            source, made_from, kernel = self._winograd
-            if source() is w and made_from == state:
-                return kernel
-        self._winograd = (weakref.ref(w), state, winograd_transform_kernel(w))
-        return self._winograd[2]
-
-    def _apply(self, fn, recurse=True):
-        # A conversion may give the weight new storage at the address of the old (a round trip through
-        # half precision does), which the check above could not tell from the old.
-        self._winograd = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._winograd = None
-        super()._load_from_state_dict(*args, **kwargs)
 
 
 # Winograd's F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
@@ -131,20 +156,26 @@ def winograd_transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     return u.transpose(0, 1).reshape(16, *weight.shape[:2])
 
 
+def packed_winograd_kernel(weight: torch.Tensor) -> list[torch.Tensor]:
+    """winograd_transform_kernel's 16 [out, in] matrices, each packed."""
+    return [pack(k) for k in winograd_transform_kernel(weight)]
+
+
 def _kernel_transform(g: torch.Tensor) -> torch.Tensor:
     """G g along g's first dimension (3 long, the result 4 long)."""
     outer = g[0] + g[2]
     return torch.stack([g[0], (outer + g[1]) * 0.5, (outer - g[1]) * 0.5, g[2]])
 
 
-def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 3x3 convolution, stride 1, padding 1, of x [N, C, H, W] (H and W even) with a transformed kernel."""
+def winograd_conv3x3(x: torch.Tensor, kernel, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3 convolution, stride 1, padding 1, of x [N, C, H, W] (H and W even) with a transformed kernel
+    (`winograd_transform_kernel`'s [16, out, in] or `packed_winograd_kernel`'s list)."""
     N, _, H, W = x.shape
     # The work runs channels-last whatever x's layout: every addition of the transforms then goes over
     # contiguous channel vectors, and every matmul reads its tiles as rows. That made the VAE's convolutions
     # 20-30 % faster; on the UNet's NCHW maps converting x and the output costs about what it saves.
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).contiguous()  # [N, H+2, W+2, C]
-    out = x.new_empty(N, H, W, kernel.shape[1])
+    out = x.new_empty(N, H, W, kernel[0].shape[0])
     rows = max(2, WINOGRAD_BAND_POSITIONS // (N * W) // 2 * 2)  # output rows per band, even: whole tiles
     for top in range(0, H, rows):
         bottom = min(H, top + rows)
@@ -155,7 +186,7 @@ def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor |
     return out if channels_last else out.contiguous()
 
 
-def _winograd_band(d: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+def _winograd_band(d: torch.Tensor, kernel, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     """The convolution of the padded rows d [N, h+2, W+2, C] (h and W even) into out [N, h, W, out]."""
     N, h, W, C = d.shape[0], d.shape[1] - 2, d.shape[2] - 2, d.shape[3]
     Th, Tw = h // 2, W // 2  # tiles down and across
@@ -167,7 +198,7 @@ def _winograd_band(d: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | N
         _input_transform(by_cols[j].unfold(1, 4, 2), tiles[j::4])
     # The 16 matmuls, [tiles, C] @ [C, out]. A^T m A adds entry (1, 1) into all four outputs of a tile,
     # once each, so the bias goes into that product alone.
-    n_out = kernel.shape[1]
+    n_out = kernel[0].shape[0]
     m = [linear(tiles[k].view(-1, C), kernel[k], bias if k == 5 else None).view(N, Th, Tw, n_out) for k in range(16)]
     # A^T m A: along the columns, then the rows, into the outputs' even and odd rows and columns.
     out_cols = d.new_empty(2, 4, N, Th, Tw, n_out)

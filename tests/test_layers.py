@@ -39,6 +39,10 @@ def test_matmul_convolution_takes_channels_last_weights(monkeypatch):
     assert (conv(x) - F.conv2d(x, conv.weight, conv.bias, padding=1)).abs().max().item() <= 1e-5
 
 
+def _took_winograd(conv: layers.Conv3x3) -> bool:
+    return conv._from_weight is not None and layers.packed_winograd_kernel in conv._from_weight[2]
+
+
 def _float64_conv(conv: layers.Conv3x3, x: torch.Tensor) -> torch.Tensor:
     bias = None if conv.bias is None else conv.bias.double()
     return F.conv2d(x.double(), conv.weight.double(), bias, stride=conv.stride, padding=conv.padding)
@@ -60,7 +64,7 @@ def test_winograd_convolution_matches_conv2d(shape, bias):
     exact = _float64_conv(conv, x)
     direct_error = (F.conv2d(x, conv.weight, conv.bias, padding=1) - exact).abs().max().item()
     got = conv(x)
-    assert conv._winograd is not None  # it took the Winograd path
+    assert _took_winograd(conv)
     assert got.shape == exact.shape and got.dtype == x.dtype
     # Within a few roundings of float32, as the direct convolution is.
     assert (got - exact).abs().max().item() <= 4 * direct_error + 1e-6
@@ -97,7 +101,7 @@ def test_convolution_falls_back_to_conv2d(monkeypatch, shape, stride, channels):
     conv = layers.Conv3x3(8, 8, stride=stride)
     x = torch.randn(shape)
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1))
-    assert conv._winograd is None
+    assert conv._from_weight is None
 
 
 @torch.no_grad()
@@ -114,15 +118,25 @@ def test_winograd_kernel_follows_the_weight():
     conv = layers.Conv3x3(8, 8)
     x = torch.randn(2, 8, 16, 16)
     conv(x)
-    first = conv.winograd_kernel()
-    assert conv.winograd_kernel() is first  # kept between calls
+    first = conv.from_weight(layers.packed_winograd_kernel)
+    assert conv.from_weight(layers.packed_winograd_kernel) is first  # kept between calls
     conv.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.zeros(8)})  # copied in place
     assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
     conv.weight = torch.nn.Parameter(torch.randn(8, 8, 3, 3))  # replaced
     assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
     conv.half().float()  # new storage, rounded to half precision, maybe at the old one's address
-    assert conv._winograd is None
+    assert conv._from_weight is None
     assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.usefixtures("winograd_for_any_channels")
+def test_packed_winograd_kernel_gives_the_plain_kernels_result():
+    conv = layers.Conv3x3(16, 24)
+    x = torch.randn(2, 16, 16, 12)
+    plain = layers.winograd_conv3x3(x, layers.winograd_transform_kernel(conv.weight), conv.bias)
+    assert torch.equal(conv(x), plain)
+    assert _took_winograd(conv)
 
 
 @pytest.mark.usefixtures("winograd_for_any_channels")
@@ -133,7 +147,7 @@ def test_winograd_kernel_follows_weights_made_in_inference_mode():
         conv = layers.Conv3x3(8, 8)
         assert conv.weight.is_inference()
         assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
-        assert conv._winograd is not None
+        assert _took_winograd(conv)
         conv.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.zeros(8)})  # copied in place
         assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
 
@@ -144,16 +158,44 @@ def test_convolution_with_autograd_runs_conv2d():
     x = torch.randn(2, 8, 16, 16)
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
     conv(x).sum().backward()
-    assert conv.weight.grad is not None and conv._winograd is None
+    assert conv.weight.grad is not None and conv._from_weight is None
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_f_linear_with_and_without_grad(bias):
+@pytest.mark.parametrize("shape", [(3, 5, 48), (1, 48)])
+def test_linear_matches_f_linear_with_and_without_grad(bias, shape):
     lin = layers.Linear(48, 20, bias=bias)
-    x = torch.randn(3, 5, 48)
+    x = torch.randn(shape)
     expected = F.linear(x, lin.weight, lin.bias)
     with torch.no_grad():
         assert (lin(x) - expected).abs().max().item() <= 1e-5
     # With autograd on, the plain op runs, so training still works.
     lin(x).sum().backward()
     assert lin.weight.grad is not None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 48), (2, 77, 48), (1, 2, 48)])
+def test_packed_linear_is_the_plain_onednn_product(shape):
+    # The packed weight only saves oneDNN a copy: the same products in the same order, to the bit
+    # (for a single row oneDNN takes another kernel with a plain weight; test_linear_matches_f_linear covers it).
+    lin = layers.Linear(48, 20)
+    x = torch.randn(shape)
+    assert torch.equal(lin(x), torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "none", [], ""))
+    assert lin._from_weight is not None and layers.pack in lin._from_weight[2]
+
+
+@torch.no_grad()
+def test_packed_linear_weight_follows_the_weight():
+    lin = layers.Linear(16, 8)
+    x = torch.randn(4, 16)
+    lin(x)
+    first = lin.from_weight(layers.pack)
+    assert lin.from_weight(layers.pack) is first  # kept between calls
+    lin.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.zeros(8)})  # copied in place
+    assert (lin(x) - F.linear(x, lin.weight, lin.bias)).abs().max().item() <= 1e-5
+    lin.weight = torch.nn.Parameter(torch.randn(8, 16))  # replaced
+    assert (lin(x) - F.linear(x, lin.weight, lin.bias)).abs().max().item() <= 1e-5
+    lin.half().float()
+    assert lin._from_weight is None
+    assert (lin(x) - F.linear(x, lin.weight, lin.bias)).abs().max().item() <= 1e-5

@@ -66,7 +66,7 @@ def test_matches_reference_through_winograd_convolutions(monkeypatch, reference)
     sample, context = _inputs((16, 24), seed=6)
     timesteps = torch.tensor([10, 900])
     got = ours(sample, timesteps, context)
-    assert sum(m._winograd is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 8
+    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 8
     assert (got - reference(sample, timesteps, context).sample).abs().max().item() <= 1e-4
 
 

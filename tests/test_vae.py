@@ -45,7 +45,7 @@ def test_decode_matches_reference_through_winograd_convolutions(monkeypatch, ref
     ours = _ours_like(reference)  # its own: the module's shared decoder keeps no Winograd kernels
     z = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(2))
     got = ours.decode(z)
-    assert sum(m._winograd is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 6
+    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 6
     assert (got - reference.decode(z).sample).abs().max().item() <= 1e-3
 
 
