@@ -50,8 +50,8 @@ LEVERS = {
                       f"{layers.MATMUL_MAX_POSITIONS} positions as Winograd's F(2x2, 3x3) instead of oneDNN's direct conv",
                       layers.Conv3x3,
                       lambda module: _limit("WINOGRAD_MIN_CHANNELS", math.inf)),
-    "packed_weights": ("linear layers' weights and Winograd's kernels laid out once for oneDNN's matmul "
-                       "instead of at every call", layers.Linear, lambda module: _limit("PACK_WEIGHTS", False)),
+    "packed_winograd_kernels": ("Winograd's transformed kernels kept laid out for oneDNN's matmul instead of re-laid "
+                                "out at every call", layers.Conv3x3, lambda module: _limit("PACK_WINOGRAD_KERNELS", False)),
 }
 
 

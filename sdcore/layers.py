@@ -24,67 +24,20 @@ def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
-# oneDNN's matmul copies a plain [out, in] weight into its own blocked layout as it goes, at every
-# call; a weight given to it already in that layout (`pack`) skips the copy: 5-15 % faster per layer,
-# with the same products in the same order (but for a single row, which oneDNN computes with another
-# kernel from a plain weight). Layers pack their weights on first use and keep them beside the plain
-# ones, which the state dict, other devices and autograd still use.
-PACK_WEIGHTS = True
-
 
 def _use_onednn(x: torch.Tensor) -> bool:
     return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight^T + bias; `weight` may be packed (only where `_use_onednn(x)`)."""
+    """x @ weight^T + bias; `weight` may be `pack`ed where `_use_onednn(x)`."""
     if _use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 [out, in] weight laid out for oneDNN's matmul, for `linear` on the CPU."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
-
-
-class KeepsFromWeight(nn.Module):
-    """For layers whose CPU forward uses tensors made from the weight (packed or transformed kernels):
-    each is made on first use and kept, and all are remade whenever the weight is replaced or written
-    to in place (load_state_dict); `.to()`, `.half()` and the like drop them (`_apply`)."""
-
-    # (a weak reference to the weight they were made from, that weight's (version, address), {make: made})
-    _from_weight: tuple[weakref.ref, tuple, dict] | None = None
-
-    def from_weight(self, make: Callable[[torch.Tensor], object]):
-        """make(self.weight), kept until the weight changes."""
-        w = self.weight
-        # Weights made under torch.inference_mode keep no version counter: only inference mode can
-        # write to them in place, and load_state_dict's writes drop what was made (_load_from_state_dict).
-        state = (None if w.is_inference() else w._version, w.data_ptr())
-        if self._from_weight is None or self._from_weight[0]() is not w or self._from_weight[1] != state:
-            self._from_weight = (weakref.ref(w), state, {})
-        made = self._from_weight[2]
-        if make not in made:
-            made[make] = make(w)
-        return made[make]
-
-    def _apply(self, fn, recurse=True):
-        # A conversion may give the weight new storage at the address of the old (a round trip through
-        # half precision does), which the check above could not tell from the old.
-        self._from_weight = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._from_weight = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-
-class Linear(KeepsFromWeight, nn.Linear):
+class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under torch.compile inductor's freezing packs the weights itself.
-        if PACK_WEIGHTS and _use_onednn(x) and not torch.compiler.is_compiling():
-            return linear(x, self.from_weight(pack), self.bias)
         return linear(x, self.weight, self.bias)
 
 
@@ -100,7 +53,7 @@ WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_BAND_POSITIONS = 2048
 
 
-class Conv3x3(KeepsFromWeight, nn.Conv2d):
+class Conv3x3(nn.Conv2d):
     """A 3x3 convolution that runs as im2col + matmul or as Winograd's F(2x2, 3x3) where that is faster.
 
     On the CPU, oneDNN's direct convolution re-lays out the whole kernel on every call. Once a kernel
@@ -110,6 +63,10 @@ class Conv3x3(KeepsFromWeight, nn.Conv2d):
     levels, the VAE decoder's 256- and 512-channel ones), Winograd's algorithm does 2.25x fewer multiplications,
     with a transformed kernel made on first use and kept (16/9 the kernel's size). BENCHMARKS.md, "Levers".
     """
+
+    # What forward made from the weight: (a weak reference to the weight, that weight's (version,
+    # address), {make: made}), dropped when the weight changes (`from_weight`, `_apply`, load_state_dict).
+    _from_weight: tuple[weakref.ref, tuple, dict] | None = None
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
         super().__init__(in_channels, out_channels, 3, stride=stride, padding=padding)
@@ -137,9 +94,32 @@ class Conv3x3(KeepsFromWeight, nn.Conv2d):
         winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0
         channels = min(self.in_channels, self.out_channels)
         if winograd and positions > MATMUL_MAX_POSITIONS and channels >= WINOGRAD_MIN_CHANNELS:
-            kernel = self.from_weight(packed_winograd_kernel if PACK_WEIGHTS else winograd_transform_kernel)
+            kernel = self.from_weight(packed_winograd_kernel if PACK_WINOGRAD_KERNELS else winograd_transform_kernel)
             return winograd_conv3x3(x, kernel, self.bias)
         return super().forward(x)
+
+    def from_weight(self, make: Callable[[torch.Tensor], object]):
+        """make(self.weight), made on first use and kept until the weight is replaced or written to in place."""
+        w = self.weight
+        # Weights made under torch.inference_mode keep no version counter: only inference mode can
+        # write to them in place, and load_state_dict's writes drop what was made (_load_from_state_dict).
+        state = (None if w.is_inference() else w._version, w.data_ptr())
+        if self._from_weight is None or self._from_weight[0]() is not w or self._from_weight[1] != state:
+            self._from_weight = (weakref.ref(w), state, {})
+        made = self._from_weight[2]
+        if make not in made:
+            made[make] = make(w)
+        return made[make]
+
+    def _apply(self, fn, recurse=True):
+        # A conversion may give the weight new storage at the address of the old (a round trip through
+        # half precision does), which the check above could not tell from the old.
+        self._from_weight = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._from_weight = None
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 # Winograd's F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
@@ -154,6 +134,20 @@ def winograd_transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     g = weight.detach().permute(2, 3, 0, 1).contiguous()  # [3 rows, 3 columns, out, in]
     u = _kernel_transform(_kernel_transform(g).transpose(0, 1))  # [4 columns, 4 rows, out, in]
     return u.transpose(0, 1).reshape(16, *weight.shape[:2])
+
+
+# oneDNN's matmul copies a plain [out, in] weight into its own blocked layout as it goes, at every call;
+# a weight given to it already in that layout skips the copy: the same products in the same order
+# (but for a single row, which it computes with another kernel from a plain weight), 5-15 % faster per
+# matmul at Winograd's 500-2000 rows. Winograd's kernels are made once anyway, so they are kept packed,
+# in place of the plain ones. Linear layers would gain as much, but a packed copy beside every weight
+# costs 1.3 GiB for SD v1.5 (bench/levers.md).
+PACK_WINOGRAD_KERNELS = True
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 [out, in] weight laid out for oneDNN's matmul, for `linear` on the CPU."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
 def packed_winograd_kernel(weight: torch.Tensor) -> list[torch.Tensor]:
