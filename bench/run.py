@@ -384,7 +384,11 @@ def render(r: dict) -> str:
         for row in r["levers"]:
             out.append(f"| {row['workload']} | {row['variant']} | {row['median_s']:.3f} | "
                        f"{row['slowdown_vs_all']:.2f} | {len(row['runs_s'])} |")
-        out += [""] + [f"- `{name}`: {what}" for name, (what, _, _) in levers.LEVERS.items()]
+        # The levers this run measured, which a later re-render's code may no longer have.
+        measured = dict.fromkeys(row["variant"].removeprefix("without ") for row in r["levers"]
+                                 if row["variant"] not in ("all levers", "without any"))
+        out += [""] + [f"- `{name}`: {levers.LEVERS[name][0] if name in levers.LEVERS else 'since dropped (bench/levers.md)'}"
+                       for name in measured]
         out += ["", (REPO / "bench" / "levers.md").read_text().rstrip(), ""]
     return "\n".join(out) + "\n"
 

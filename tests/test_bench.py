@@ -202,3 +202,17 @@ def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
     assert sorted(parity) == ["image_b1_max_abs_uint8", "image_b2_max_abs_uint8", "unet_b1", "unet_b2", "vae_b1", "vae_b2"]
     assert max(parity[k] for k in ("unet_b1", "unet_b2")) < 1e-4 and max(parity["vae_b1"], parity["vae_b2"]) < 1e-3
     assert parity["image_b1_max_abs_uint8"] <= 2 and parity["image_b2_max_abs_uint8"] <= 2
+
+
+def test_levers_render_names_only_what_the_run_measured():
+    base = {"command": "make bench", "allocator": "glibc", "weights_bytes": 4 * 2**30,
+            "machine": {"cpu": "AMD EPYC (Zen 4)", "cores": 2, "ram_gib": 23.4, "torch_threads": 2, "python": "3.11.7",
+                        "load_average_at_start": [0.1], "date": "2026-12-03 18:00 UTC"},
+            "versions": {"torch": "2.13.0", "diffusers": "0.42.1", "transformers": "5.24.0", "sdbatch": "0.1.0",
+                         "sdbatch_commit": "abc1234"}}
+    rows = [{"workload": "UNet step", "variant": v, "median_s": 2.0, "runs_s": [2.0], "slowdown_vs_all": 1.0}
+            for v in ("all levers", "without onednn_linear", "without a_lever_since_removed", "without any")]
+    text = run.render({**base, "levers": rows})
+    assert f"- `onednn_linear`: {levers.LEVERS['onednn_linear'][0]}" in text
+    assert "- `a_lever_since_removed`: since dropped (bench/levers.md)" in text
+    assert "- `winograd_conv`:" not in text
