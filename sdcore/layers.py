@@ -21,8 +21,7 @@ def group_norm(channels: int, groups: int, eps: float) -> nn.GroupNorm:
 # and ran linear layers 2-3x faster on this project's machines (BENCHMARKS.md, "Levers"). Same
 # products, summed in another order: results differ by float rounding only. Inference only: the
 # op has no backward.
-_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _use_onednn(x: torch.Tensor) -> bool:
@@ -64,12 +63,12 @@ class Conv3x3(nn.Conv2d):
     with a transformed kernel made on first use and kept (16/9 the kernel's size). BENCHMARKS.md, "Levers".
     """
 
-    # What forward made from the weight: (a weak reference to the weight, that weight's (version,
-    # address), {make: made}), dropped when the weight changes (`from_weight`, `_apply`, load_state_dict).
-    _from_weight: tuple[weakref.ref, tuple, dict] | None = None
-
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
         super().__init__(in_channels, out_channels, 3, stride=stride, padding=padding)
+        # What forward made from the weight: (a weak reference to the weight, that weight's (version, address),
+        # {make: made}), dropped when the weight changes. Keyed by `make` so that make bench's lever can switch
+        # between packed and plain kernels without remaking them inside its timed runs.
+        self._from_weight: tuple[weakref.ref, tuple, dict] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -139,10 +138,10 @@ def winograd_transform_kernel(weight: torch.Tensor) -> torch.Tensor:
 # oneDNN's matmul copies a plain [out, in] weight into its own blocked layout as it goes, at every call;
 # a weight given to it already in that layout skips the copy: the same products in the same order
 # (but for a single row, which it computes with another kernel from a plain weight), 5-15 % faster per
-# matmul at Winograd's 500-2000 rows. Winograd's kernels are made once anyway, so they are kept packed,
-# in place of the plain ones. Linear layers would gain as much, but a packed copy beside every weight
-# costs 1.3 GiB for SD v1.5 (bench/levers.md).
-PACK_WINOGRAD_KERNELS = True
+# matmul at 77-512 rows (Winograd's bands give about 500). Winograd's kernels are made once anyway, so
+# they are kept packed, in place of the plain ones. Linear layers would gain as much, but a packed copy
+# beside every weight costs 1.3 GiB for SD v1.5 (bench/levers.md).
+PACK_WINOGRAD_KERNELS = hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -161,7 +160,7 @@ def _kernel_transform(g: torch.Tensor) -> torch.Tensor:
     return torch.stack([g[0], (outer + g[1]) * 0.5, (outer - g[1]) * 0.5, g[2]])
 
 
-def winograd_conv3x3(x: torch.Tensor, kernel, bias: torch.Tensor | None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """A 3x3 convolution, stride 1, padding 1, of x [N, C, H, W] (H and W even) with a transformed kernel
     (`winograd_transform_kernel`'s [16, out, in] or `packed_winograd_kernel`'s list)."""
     N, _, H, W = x.shape
@@ -180,7 +179,8 @@ def winograd_conv3x3(x: torch.Tensor, kernel, bias: torch.Tensor | None) -> torc
     return out if channels_last else out.contiguous()
 
 
-def _winograd_band(d: torch.Tensor, kernel, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+def _winograd_band(d: torch.Tensor, kernel: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None,
+                   out: torch.Tensor) -> None:
     """The convolution of the padded rows d [N, h+2, W+2, C] (h and W even) into out [N, h, W, out]."""
     N, h, W, C = d.shape[0], d.shape[1] - 2, d.shape[2] - 2, d.shape[3]
     Th, Tw = h // 2, W // 2  # tiles down and across
