@@ -193,16 +193,20 @@ def cpu_section(ours, ref, args) -> dict:
 
     images = {}
     for batch, reps in zip(args.batches, args.image_reps):
-        def run_ours():
-            images["sdcore"] = whole_image(ours, batch, args)
+        def run_ours(steps=args.steps):
+            images["sdcore"] = whole_image(ours, batch, args, steps)
 
-        def run_ref():
+        def run_ref(steps=args.steps):
             gens = [torch.Generator().manual_seed(s) for s in range(batch)]
-            images["diffusers"] = ref((PROMPTS * batch)[:batch], num_inference_steps=args.steps, guidance_scale=7.5,
+            images["diffusers"] = ref((PROMPTS * batch)[:batch], num_inference_steps=steps, guidance_scale=7.5,
                                       generator=gens, output_type="pil", height=args.size, width=args.size).images
 
-        log(f"CPU batch {batch}: whole image ({args.steps} steps) x{reps}")
-        # No warm-up: the components above ran every kernel already.
+        # The components above ran every kernel, but not a whole image's pattern of allocations: sdcore's first
+        # whole image, after diffusers' first, faulted in 0.1 million pages (0.4 GiB) and its VAE decode took
+        # 3.7 s against the next image's 2.3. One step of each, untimed, keeps that out of the timed images.
+        log(f"CPU batch {batch}: a one-step image of each, untimed; then whole images ({args.steps} steps) x{reps}")
+        run_ours(1)
+        run_ref(1)
         shares = {}
         times = interleaved({"sdcore": run_ours, "diffusers": run_ref}, reps, warmup=False, log=log, shares=shares)
         rows.append(_row(f"whole image ({args.steps} steps + decode)", batch, times, shares,
@@ -214,8 +218,8 @@ def cpu_section(ours, ref, args) -> dict:
             "matmul_peak_flops": flops.cpu_matmul_peak()}
 
 
-def whole_image(pipe, batch: int, args) -> list:
-    return pipe.generate((PROMPTS * batch)[:batch], seeds=list(range(batch)), steps=args.steps, guidance_scale=7.5,
+def whole_image(pipe, batch: int, args, steps: int | None = None) -> list:
+    return pipe.generate((PROMPTS * batch)[:batch], seeds=list(range(batch)), steps=steps or args.steps, guidance_scale=7.5,
                          scheduler="ddim", output="pil", height=args.size, width=args.size)
 
 

@@ -190,7 +190,11 @@ def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
                                     reference_text_encoder(TINY_CLIP))
     ours, ref = run.load_both(folder)
     args = argparse.Namespace(size=64, steps=2, batches=[1, 2], image_reps=[1, 1], reps=2, slow_reps=1)
+    calls, generate = [], ours.generate
+    ours.generate = lambda prompts, **kw: calls.append((len(prompts), kw["steps"])) or generate(prompts, **kw)
     result = run.cpu_section(ours, ref, args)
+    # Each batch's timed images come after an untimed one-step image, which sets up their allocations.
+    assert calls == [(1, 1), (1, 2), (2, 1), (2, 2)]
     figures = [(row["figure"], row["batch"]) for row in result["rows"]]
     assert figures == [(name, b) for b in (1, 2) for name in ("text encoding (prompt + negative)", "one UNet step (CFG batch "
                                                                 f"{2 * b})", "VAE decode")] + [
