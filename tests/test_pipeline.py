@@ -58,6 +58,21 @@ def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler):
     assert not np.array_equal(together[0], together[1]), "different rows should give different images"
 
 
+def test_rows_batched_on_cpu_go_through_the_unet_together_and_repeat_their_bytes(builtin_pipe, monkeypatch):
+    kwargs = dict(steps=2, guidance_scale=7.5, height=64, width=48, scheduler="euler_a", output="np")
+    seeds = [7, 8, 9, 10]
+    one_at_a_time = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
+    unet_rows, forward = [], builtin_pipe.unet.forward
+    monkeypatch.setattr(builtin_pipe.unet, "forward", lambda x, *args: unet_rows.append(len(x)) or forward(x, *args))
+    monkeypatch.setattr(builtin_pipe, "batch_rows_on_cpu", True)
+    together = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
+    again = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
+    assert unet_rows == [8] * 4  # one CFG batch of all four rows per step, in each of the two calls
+    for alone, batched, repeated in zip(one_at_a_time, together, again):
+        assert png_bytes(batched) == png_bytes(repeated)
+        assert np.abs(batched.astype(int) - alone.astype(int)).max() <= 1
+
+
 def test_same_seed_same_image_other_seed_other_image(builtin_pipe):
     kwargs = dict(steps=3, height=64, width=64, output="np")
     a = builtin_pipe.generate(["a cat"], seeds=[1], **kwargs)[0]
