@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dawn",
            "a bowl of ramen, studio lighting", "an isometric city block at night"]
-BATCHED = "sdcore, rows batched"  # Pipeline.batch_rows_on_cpu, `sdbatch run --batch-rows-on-cpu`
 
 
 def log(msg: str) -> None:
@@ -197,20 +196,12 @@ def cpu_section(ours, ref, args) -> dict:
         def run_ours(steps=args.steps):
             images["sdcore"] = whole_image(ours, batch, args, steps)
 
-        def run_ours_batched(steps=args.steps):
-            ours.batch_rows_on_cpu = True
-            try:
-                images[BATCHED] = whole_image(ours, batch, args, steps)
-            finally:
-                ours.batch_rows_on_cpu = False
-
         def run_ref(steps=args.steps):
             gens = [torch.Generator().manual_seed(s) for s in range(batch)]
             images["diffusers"] = ref((PROMPTS * batch)[:batch], num_inference_steps=steps, guidance_scale=7.5,
                                       generator=gens, output_type="pil", height=args.size, width=args.size).images
 
-        # Batched rows (`--batch-rows-on-cpu`) are another sdcore figure only where there is more than one row.
-        fns = {"sdcore": run_ours, "diffusers": run_ref} | ({BATCHED: run_ours_batched} if batch > 1 else {})
+        fns = {"sdcore": run_ours, "diffusers": run_ref}
         # The components above ran every kernel, but not a whole image's pattern of allocations: sdcore's first
         # whole image, after diffusers' first, faulted in 0.1 million pages (0.4 GiB) and its VAE decode took
         # 3.7 s against the next image's 2.3. One step of each, untimed, keeps that out of the timed images.
@@ -221,13 +212,9 @@ def cpu_section(ours, ref, args) -> dict:
         times = interleaved(fns, reps, warmup=False, log=log, shares=shares)
         name, work = f"whole image ({args.steps} steps + decode)", batch * flops.image(args.size, args.steps)
         rows.append(_row(name, batch, times, shares, work))
-        for ours_name in [n for n in fns if n != "diffusers"]:
-            key = f"image_b{batch}_max_abs_uint8" + ("_rows_batched" if ours_name == BATCHED else "")
-            parity[key] = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-                              for a, b in zip(images[ours_name], images["diffusers"]))
-        if BATCHED in fns:
-            rows.append(_row(f"{name}, rows batched", batch, {**times, "sdcore": times[BATCHED]},
-                             {**shares, "sdcore": shares[BATCHED]}, work) | {"rows_batched": True})
+        parity[f"image_b{batch}_max_abs_uint8"] = max(
+            int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+            for a, b in zip(images["sdcore"], images["diffusers"]))
     return {"rows": rows, "parity": parity, "threads": torch.get_num_threads(),
             "matmul_peak_flops": flops.cpu_matmul_peak()}
 
@@ -261,8 +248,7 @@ def compiled_section(ours, cpu: dict, args) -> dict:
     for batch in args.compile_batches:
         log(f"CPU --compile batch {batch}: whole image ({args.steps} steps) x{reps}")
         times = interleaved({"compiled": lambda: whole_image(ours, batch, args)}, reps, warmup=False, log=log)
-        eager = next(r for r in cpu["rows"] if r["figure"].startswith("whole image") and r["batch"] == batch
-                     and not r.get("rows_batched"))
+        eager = next(r for r in cpu["rows"] if r["figure"].startswith("whole image") and r["batch"] == batch)
         compiled_s = median(times["compiled"])
         rows.append({"batch": batch, "compiled_s": compiled_s, "runs_s": times["compiled"],
                      "eager_s": eager["sdcore_s"], "diffusers_s": eager["diffusers_s"],
@@ -321,8 +307,15 @@ def render_compiled(c: dict, s: dict) -> list[str]:
     return lines
 
 
-def _whole_image_label(row: dict) -> str:
-    return f"batch {row['batch']}" + (" with rows batched" if row.get("rows_batched") else "")
+def _rows_together(rows: list[dict]) -> list[str]:
+    """What a batch's rows gain from sharing the UNet's calls, from the UNet steps measured in the table."""
+    steps = {row["batch"]: row["sdcore_s"] for row in rows if row["figure"].startswith("one UNet step")}
+    if 1 not in steps:
+        return []
+    return [f"Rows together: sdcore's UNet step for the {b} rows of a batch (CFG batch {2 * b}), the call `generate` "
+            f"makes on the CPU, took {steps[b]:.2f} s against {b} × {steps[1]:.2f} s for the rows one at a time "
+            f"({steps[b] / (b * steps[1]) - 1:+.0%}), each image to the same bytes as alone."
+            for b in sorted(steps) if b > 1]
 
 
 def _gib(n: float) -> str:
@@ -368,15 +361,12 @@ def render(r: dict) -> str:
                        f"{row['diffusers_flops_per_s'] / 1e9:.0f} | {row['reps']} | {row['min_cpu_share']:.2f} |")
         whole = [row for row in r["cpu"]["rows"] if row["figure"].startswith("whole image")]
         out += ["", "Whole image per image: " + ", ".join(
-            f"{_whole_image_label(w)}: sdcore {w['sdcore_s'] / w['batch']:.1f} s, diffusers {w['diffusers_s'] / w['batch']:.1f} s"
+            f"batch {w['batch']}: sdcore {w['sdcore_s'] / w['batch']:.1f} s, diffusers {w['diffusers_s'] / w['batch']:.1f} s"
             for w in whole) + ".",
             "Target (sdcore whole image ≤ 0.8 × diffusers): " + ", ".join(
-            f"{_whole_image_label(w)} {'met' if w['ratio'] <= 0.8 else 'NOT met'} ({w['ratio']:.2f})" for w in whole) + "."]
-        if any(w.get("rows_batched") for w in whole):
-            out.append("Rows batched: `sdbatch run --batch-rows-on-cpu` (`Pipeline.batch_rows_on_cpu`), every row of "
-                       "a batch through each network at once, as diffusers runs them; by default sdcore runs them one "
-                       "at a time on the CPU, so that an image's bytes never depend on its batch.")
-        few = [f"{w['reps']} × at batch {w['batch']}" for w in whole if w["reps"] < 3 and not w.get("rows_batched")]
+            f"batch {w['batch']} {'met' if w['ratio'] <= 0.8 else 'NOT met'} ({w['ratio']:.2f})" for w in whole) + "."]
+        out += _rows_together(r["cpu"]["rows"])
+        few = [f"{w['reps']} × at batch {w['batch']}" for w in whole if w["reps"] < 3]
         if few:
             out.append(f"Whole images ran {', '.join(few)} for each library (the time budget of `make bench`).")
         p = r["cpu"]["parity"]

@@ -45,7 +45,6 @@ class ActorConfig:
     dtype: str = "fp32"
     compile: bool = False  # Pipeline.compile() after loading
     batch_size: int = 4
-    batch_rows_on_cpu: bool = False  # Pipeline.batch_rows_on_cpu
     storage_options: dict = field(default_factory=dict)
     cpu_threads: int | None = None  # torch threads on the CPU (None: leave the process setting)
     keep_freed_memory: bool = False  # sdcore.allocator's setting, process-wide: for a CPU actor in a process of its own
@@ -64,7 +63,6 @@ class ShardRunner:
         self.allocator = allocator.keep_freed_memory() if config.keep_freed_memory else allocator.DEFAULT
         self.pipe = load_pipeline(config.model, device=devices.resolve_device(config.device),
                                   dtype=devices.resolve_dtype(config.dtype))
-        self.pipe.batch_rows_on_cpu = config.batch_rows_on_cpu
         if config.compile:
             self.pipe.compile()
         self.manifest = open_manifest(config.manifest, config.storage_options)

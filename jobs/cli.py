@@ -147,9 +147,6 @@ def run_command(
     output: Annotated[str, typer.Option("-o", "--output", help="Output dataset folder: a path or fsspec URL.")],
     actors: Annotated[int | None, typer.Option("--actors", help="Actors (default: one per GPU, or 1 without GPUs).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (same size, steps, scheduler, guidance).")] = 4,
-    batch_rows_on_cpu: Annotated[bool, typer.Option(
-        "--batch-rows-on-cpu", help="CPU actors run a batch's rows through the networks together, as GPUs do: faster, "
-        "but an image's low bits then depend on its batch, so only the same --batch-size and --shard-size give the same bytes again.")] = False,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Manifest rows per shard, the unit of work, commit and resume.")] = 200,
     device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu (resolved on each actor).")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
@@ -175,7 +172,7 @@ def run_command(
                         scheduler=scheduler, negative_prompt=negative_prompt)
     opts = driver.RunOptions(
         manifest=manifest, model=model, output=output, defaults=defaults, actors=actors, batch_size=batch_size,
-        batch_rows_on_cpu=batch_rows_on_cpu, shard_size=shard_size, device=device, dtype=dtype, compile=compile_unet, ray_address=ray_address,
+        shard_size=shard_size, device=device, dtype=dtype, compile=compile_unet, ray_address=ray_address,
         storage_options=storage.parse_storage_options(storage_option or []),
         mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,
     )

@@ -63,7 +63,6 @@ class RunOptions:
     defaults: Defaults = field(default_factory=Defaults)
     actors: int | None = None  # default: one per GPU, or 1 without GPUs
     batch_size: int = 4
-    batch_rows_on_cpu: bool = False  # Pipeline.batch_rows_on_cpu on every actor
     shard_size: int = 200
     device: str = "auto"
     dtype: str = "fp32"
@@ -166,7 +165,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
         rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults, dtype=opts.dtype,
         embed_images=opts.embed_images,
-        settings={"batch_size": opts.batch_size, "batch_rows_on_cpu": opts.batch_rows_on_cpu, "actors": opts.actors, "device": opts.device, "compile": opts.compile,
+        settings={"batch_size": opts.batch_size, "actors": opts.actors, "device": opts.device, "compile": opts.compile,
                   "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options},
     )
     out.check(job, mode=opts.mode)
@@ -297,8 +296,7 @@ class _Run:
         self.stream, self.on_dispatch = stream, on_dispatch
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, defaults=opts.defaults, device=plan.device,
-            dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size,
-            batch_rows_on_cpu=opts.batch_rows_on_cpu, storage_options=opts.storage_options,
+            dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}

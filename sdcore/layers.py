@@ -40,13 +40,14 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-# Conv3x3 switches to the matmul for at most this many positions (batch x height x width) and
+# Conv3x3 switches to the matmul for output maps of at most this many positions (height x width) and
 # kernels of at least this many numbers (32 MiB in float32), and to Winograd's algorithm on larger
 # maps where both sides have at least WINOGRAD_MIN_CHANNELS channels: its transforms cost per channel
 # what its products save per pair of channels, so with fewer they cost more than they save. Winograd
 # goes through a map in bands of about WINOGRAD_BAND_POSITIONS positions, which keeps the transformed
-# tiles in the caches between the transforms and the matmuls.
-MATMUL_MAX_POSITIONS = 256
+# tiles in the caches between the transforms and the matmuls. The choice goes by one image's map, never
+# by the batch: the algorithms round differently, and an image must come out the same in any batch.
+MATMUL_MAX_POSITIONS = 128
 MATMUL_MIN_KERNEL = 1 << 23
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_BAND_POSITIONS = 2048
@@ -74,7 +75,7 @@ class Conv3x3(nn.Conv2d):
         B, _, H, W = x.shape
         (s,), (p,) = set(self.stride), set(self.padding)
         Ho, Wo = (H + 2 * p - 3) // s + 1, (W + 2 * p - 3) // s + 1
-        positions = B * Ho * Wo
+        positions = Ho * Wo
         # Under torch.compile, inductor's freezing lays the direct convolution's kernel out once, which
         # is the cost the matmul avoids; its oneDNN matmul takes only frozen weights as the right-hand
         # side, and dynamo cannot trace Winograd's writes into strided views (a version without them,
@@ -216,6 +217,12 @@ def _output_transform(m, out) -> None:
     torch.sub(m[1] - m[2], m[3], out=out[1])
 
 
+# For float32 queries shorter than this, PyTorch's CPU attention kernel (flash attention) gives a sample a
+# result that depends on its place in the batch, so on the rows beside it (a 1x1-3x1 map at the UNet's
+# deepest level, in images of 64-192 pixels a side).
+FLASH_MIN_QUERY = 4
+
+
 class Attention(nn.Module):
     """Multi-head attention of a query sequence over itself or over a context sequence."""
 
@@ -236,7 +243,12 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
+        if N < FLASH_MIN_QUERY and q.device.type == "cpu" and q.dtype == torch.float32:
+            # Plain products, which treat every sample alike in any batch. Half precision keeps the kernel,
+            # whose rounding the tests hold to the reference's.
+            out = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
         out = out.transpose(1, 2).reshape(B, N, -1)
         return self.to_out[0](out)
 

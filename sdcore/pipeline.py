@@ -3,7 +3,7 @@
 Reproducibility rule: every row owns a CPU `torch.Generator` seeded with its seed. It draws the
 row's initial latents and then that row's stochastic step noise, in the reference pipeline's
 order, so an image depends only on its own row — not on batch size or neighbours. On the CPU its
-bytes do not depend on them either, unless `batch_rows_on_cpu` trades that for speed.
+bytes do not depend on them either (`_unet_rows_per_call`).
 """
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,26 +30,33 @@ class Pipeline:
     fingerprint: str  # identifies the weights: same string <=> same model
     device: torch.device
     dtype: torch.dtype
-    batch_rows_on_cpu: bool = False  # see rows_per_call
     _compiled_unet: Callable | None = field(default=None, init=False, repr=False)  # see compile()
     _cuda_graphs: bool = field(default=False, init=False, repr=False)  # the compiled UNet replays CUDA graphs
 
-    @property
-    def rows_per_call(self) -> int | None:
-        """How many rows go through a network in one call (None: the whole batch).
+    def _unet_rows_per_call(self, guided: bool) -> int | None:
+        """How many rows `generate` sends through the UNet in one call (None: the whole batch).
 
-        On CPU, oneDNN picks kernels by batch shape, so batching changes the low bits of an image.
-        Rows run one at a time there by default, which makes every image byte-identical whatever its
-        batch. `batch_rows_on_cpu` runs them together, as on a GPU: fewer passes over the weights
-        (6-16 % less time per image at 4 rows on two cores, 8 % on one; bench/levers.md), but an
-        image's bytes then depend on the rows beside it, so only the same batches give them again.
+        On the CPU an image's bytes must not depend on the rows beside it. The kernels there compute each
+        sample alike in any batch of two samples or more, on one or two torch threads (CPU actors run one).
+        A single sample takes other kernels (a one-row matmul, a minibatch-1 convolution), and over more
+        threads ATen cuts an elementwise op into chunks whose ends, where they fall off a vector's width,
+        run scalar code that rounds exp otherwise (SiLU), at places that move with the batch. With guidance
+        every row is two samples, unconditional and conditional, so there the whole batch goes through at
+        once: fewer passes over the weights, 15-20 % less time per image at 4 rows on two cores
+        (bench/levers.md). Otherwise the rows go one at a time, as through a compiled UNet, which compiles
+        every new batch shape and whose kernels make no such promise. A GPU takes the whole batch, and its
+        images agree across batches to float precision.
         """
-        return 1 if self.device.type == "cpu" and not self.batch_rows_on_cpu else None
+        if self.device.type != "cpu":
+            return None
+        together = guided and self._compiled_unet is None and torch.get_num_threads() <= 2
+        return None if together else 1
 
-    def _in_chunks(self, fn: Callable[..., torch.Tensor], *batches: torch.Tensor) -> torch.Tensor:
-        """fn over the row-aligned tensors `batches`, `rows_per_call` rows at a time."""
-        size = self.rows_per_call or len(batches[0])
-        return torch.cat([fn(*(b[i : i + size] for b in batches)) for i in range(0, len(batches[0]), size)])
+    @property
+    def _vae_rows_per_call(self) -> int | None:
+        """As `_unet_rows_per_call`, for the VAE decoder: one row at a time on the CPU, where a batch
+        brings it no speed (BENCHMARKS.md) and every row is a single sample."""
+        return 1 if self.device.type == "cpu" else None
 
     def compile(self, mode: str | None = None) -> None:
         """Run the UNet through torch.compile from now on, in `predict_noise` and so in `generate`
@@ -112,7 +119,8 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(prompts)).to(self.device)
-        return self._in_chunks(self.text_encoder, ids)  # [B, 77, D]
+        # A prompt is 77 rows of every matmul, so its encoding is the same in any batch.
+        return self.text_encoder(ids)  # [B, 77, D]
 
     @torch.no_grad()
     def generate(
@@ -162,11 +170,13 @@ class Pipeline:
             noise_uncond, noise_cond = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
             return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
+        unet_rows = self._unet_rows_per_call(use_cfg) or len(latents)
+        contexts = (context,) if uncond_context is None else (context, uncond_context)
         total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             model_input = sched.scale_model_input(latents, t)
-            contexts = (context,) if uncond_context is None else (context, uncond_context)
-            noise = self._in_chunks(lambda x, *c: guided_noise(x, t, *c), model_input, *contexts)
+            noise = torch.cat([guided_noise(model_input[r : r + unet_rows], t, *(c[r : r + unet_rows] for c in contexts))
+                               for r in range(0, len(latents), unet_rows)])
             latents = sched.step(noise, t, latents, generator=generators)
             if progress is not None:
                 progress(i + 1, total)
@@ -207,7 +217,7 @@ class Pipeline:
         """vae.decode(z) [B, 4, h, w] → [B, 3, 8h, 8w], in ever smaller groups of rows while the device runs
         out of memory: the decoder needs far more memory per row than the UNet (at large sizes, more than
         a whole batch of denoising), and the denoised latents are too costly to lose to it."""
-        rows = self.rows_per_call or len(z)
+        rows = self._vae_rows_per_call or len(z)
         while True:
             try:
                 return torch.cat([self.vae.decode(z[i : i + rows]) for i in range(0, len(z), rows)])

@@ -13,6 +13,17 @@ def pytest_configure(config):
 
 
 import pytest
+import torch
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def few_threads(request):
+    """One torch thread (a CPU actor's), then two: the counts on which sdcore computes a sample alike in any batch
+    (sdcore.pipeline.Pipeline._unet_rows_per_call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

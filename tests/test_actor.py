@@ -107,16 +107,6 @@ def test_nan_rows_inside_a_batch_keep_their_batch_mates(tmp_path, monkeypatch):
     assert sorted(meta) == ["0", "2"] and failures["1"]["attempts"] == 1
 
 
-def test_rows_batched_on_cpu_reach_the_pipeline_when_asked_for(tmp_path, monkeypatch):
-    manifest = write_manifest(tmp_path / "m.parquet", prompt=["one", "two", "three"])
-    for batched, expected in ((False, [2, 2, 2] * DEFAULTS.steps), (True, [6] * DEFAULTS.steps)):
-        runner = make_runner(manifest, tmp_path / f"out-{batched}", batch_size=3, batch_rows_on_cpu=batched)
-        unet_rows, forward = [], runner.pipe.unet.forward
-        monkeypatch.setattr(runner.pipe.unet, "forward", lambda x, *args: unet_rows.append(len(x)) or forward(x, *args))
-        assert [(r["images"], r["failures"]) for r in run_all(runner, 3, 3)] == [(3, 0)]
-        assert unet_rows == expected
-
-
 def test_a_failing_batch_is_retried_row_by_row_to_isolate_the_bad_row(tmp_path, pipe, monkeypatch):
     manifest = write_manifest(tmp_path / "m.parquet", prompt=["one", "boom", "three", "four"])
     runner = make_runner(manifest, tmp_path / "out", batch_size=3)
@@ -205,18 +195,6 @@ def test_output_does_not_depend_on_actors_batches_or_shards(tmp_path, local_ray,
     for out in ("a", "b"):
         success = json.loads((tmp_path / out / "_SUCCESS").read_text())
         assert success["images"] == 14 and success["failures"] == 0
-
-
-def test_rows_batched_on_cpu_give_the_same_bytes_again_for_the_same_batches(tmp_path, local_ray, varied_manifest):
-    # Same --batch-size and --shard-size, so the same batches, on one actor and then on two.
-    for out, actors in (("a", 1), ("b", 2)):
-        result, _ = run_driver(varied_manifest, tmp_path / out, actors=actors, batch_size=4, shard_size=7,
-                               batch_rows_on_cpu=True)
-        assert (result.images, result.failures) == (14, 0)
-        assert json.loads((tmp_path / out / "_sdbatch" / "job.json").read_text())["settings"]["batch_rows_on_cpu"]
-    meta_a, _ = read_dataset(tmp_path / "a")
-    pngs_a, pngs_b = check_images(tmp_path / "a", meta_a), check_images(tmp_path / "b", read_dataset(tmp_path / "b")[0])
-    assert pngs_a == pngs_b
 
 
 def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path, local_ray, pipe):

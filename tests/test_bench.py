@@ -191,27 +191,24 @@ def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
     ours, ref = run.load_both(folder)
     args = argparse.Namespace(size=64, steps=2, batches=[1, 2], image_reps=[1, 1], reps=2, slow_reps=1)
     calls, generate = [], ours.generate
-    ours.generate = lambda prompts, **kw: calls.append((len(prompts), kw["steps"], ours.batch_rows_on_cpu)) or generate(
-        prompts, **kw)
+    ours.generate = lambda prompts, **kw: calls.append((len(prompts), kw["steps"])) or generate(prompts, **kw)
     result = run.cpu_section(ours, ref, args)
-    # Each batch's timed images come after an untimed one-step image, which sets up their allocations; from
-    # two rows on, sdcore also makes them with its rows batched.
-    assert calls == [(1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True), (2, 2, False), (2, 2, True)]
-    assert not ours.batch_rows_on_cpu
+    # Each batch's timed images come after an untimed one-step image, which sets up their allocations.
+    assert calls == [(1, 1), (1, 2), (2, 1), (2, 2)]
     figures = [(row["figure"], row["batch"]) for row in result["rows"]]
     assert figures == [(name, b) for b in (1, 2) for name in ("text encoding (prompt + negative)", "one UNet step (CFG batch "
                                                                 f"{2 * b})", "VAE decode")] + [
-        ("whole image (2 steps + decode)", 1), ("whole image (2 steps + decode)", 2),
-        ("whole image (2 steps + decode), rows batched", 2)]
-    assert result["rows"][-1]["sdcore_runs_s"] != result["rows"][-2]["sdcore_runs_s"]
+        ("whole image (2 steps + decode)", 1), ("whole image (2 steps + decode)", 2)]
     for row in result["rows"]:
         assert row["sdcore_s"] > 0 and row["diffusers_s"] > 0 and row["ratio"] == row["sdcore_s"] / row["diffusers_s"]
     # The parity figures come from the timed calls' outputs: the same weights give the same numbers.
     parity = result["parity"]
-    assert sorted(parity) == ["image_b1_max_abs_uint8", "image_b2_max_abs_uint8", "image_b2_max_abs_uint8_rows_batched",
-                              "unet_b1", "unet_b2", "vae_b1", "vae_b2"]
+    assert sorted(parity) == ["image_b1_max_abs_uint8", "image_b2_max_abs_uint8", "unet_b1", "unet_b2", "vae_b1", "vae_b2"]
     assert max(parity[k] for k in ("unet_b1", "unet_b2")) < 1e-4 and max(parity["vae_b1"], parity["vae_b2"]) < 1e-3
     assert max(v for k, v in parity.items() if k.startswith("image")) <= 2
+    steps = [row["sdcore_s"] for row in result["rows"] if row["figure"].startswith("one UNet step")]
+    [together] = run._rows_together(result["rows"])
+    assert f"(CFG batch 4), the call `generate` makes on the CPU, took {steps[1]:.2f} s against 2 × {steps[0]:.2f} s" in together
 
 
 def test_levers_render_names_only_what_the_run_measured():

@@ -50,7 +50,7 @@ def _float64_conv(conv: layers.Conv3x3, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 @pytest.mark.parametrize("shape", [
-    (2, 24, 16, 16), (1, 24, 8, 34), (3, 24, 10, 12), (1, 24, 32, 64),
+    (2, 24, 16, 16), (1, 24, 8, 34), (3, 24, 10, 14), (1, 24, 32, 64),
     (2, 24, 40, 40),  # bands of 24 output rows and then of 16
     (1, 24, 2, 300),  # one band of the only two rows
 ])
@@ -102,6 +102,19 @@ def test_convolution_falls_back_to_conv2d(monkeypatch, shape, stride, channels):
     x = torch.randn(shape)
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=1))
     assert conv._from_weight is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("side, algorithm", [(4, "matmul"), (8, "matmul"), (16, "winograd")])
+@pytest.mark.usefixtures("few_threads")
+def test_a_full_size_convolution_computes_each_image_alike_in_any_batch(side, algorithm):
+    # One of SD v1.5's 1280-channel kernels, big enough for the matmul. The algorithm goes by the
+    # image's map, so 8 images (4 rows' CFG batches) come out as 2 at a time, to the bit.
+    conv = layers.Conv3x3(1280, 1280)
+    x = torch.randn(8, 1280, side, side)
+    whole = conv(x)
+    assert _took_winograd(conv) == (algorithm == "winograd")
+    assert torch.equal(whole, torch.cat([conv(pair) for pair in x.split(2)]))
 
 
 @torch.no_grad()
@@ -181,3 +194,18 @@ def test_packed_weight_gives_the_plain_weights_product(shape):
     # (for a single row oneDNN takes another kernel with a plain weight).
     w, b, x = torch.randn(20, 48), torch.randn(20), torch.randn(shape)
     assert torch.equal(layers.linear(x, layers.pack(w), b), layers.linear(x, w, b))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("queries", [1, 3, 4, 16])
+@pytest.mark.usefixtures("few_threads")
+def test_attention_computes_each_sample_alike_in_any_batch(queries):
+    # Queries of 1-3 positions: the UNet's deepest map in images of 64-192 pixels a side, where
+    # PyTorch's flash attention would give a sample another result in another place of its batch.
+    attn = layers.Attention(64, heads=4, head_dim=16, context_dim=48)
+    x, context = torch.randn(6, queries, 64), torch.randn(6, 77, 48)
+    whole = attn(x, context)
+    assert torch.equal(whole, torch.cat([attn(x[i : i + 2], context[i : i + 2]) for i in range(0, 6, 2)]))
+    q, k, v = (t.view(6, -1, 4, 16).transpose(1, 2) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
+    reference = attn.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(6, queries, 64))
+    assert (whole - reference).abs().max().item() <= 1e-6

@@ -46,9 +46,10 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "euler_a", "dpmpp_2m"])
-def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler):
-    kwargs = dict(steps=4, guidance_scale=7.5, height=64, width=48, scheduler=scheduler, output="np")
+@pytest.mark.parametrize("scheduler, guidance_scale", [("ddpm", 7.5), ("euler_a", 7.5), ("dpmpp_2m", 7.5), ("euler_a", 1.0)])
+@pytest.mark.usefixtures("few_threads")
+def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler, guidance_scale):
+    kwargs = dict(steps=4, guidance_scale=guidance_scale, height=64, width=48, scheduler=scheduler, output="np")
     seeds = [7, 8, 9, 10]
     together = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
     alone = [builtin_pipe.generate([p], seeds=[s], **kwargs)[0] for p, s in zip(PROMPTS, seeds)]
@@ -58,19 +59,30 @@ def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler):
     assert not np.array_equal(together[0], together[1]), "different rows should give different images"
 
 
-def test_rows_batched_on_cpu_go_through_the_unet_together_and_repeat_their_bytes(builtin_pipe, monkeypatch):
-    kwargs = dict(steps=2, guidance_scale=7.5, height=64, width=48, scheduler="euler_a", output="np")
-    seeds = [7, 8, 9, 10]
-    one_at_a_time = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
-    unet_rows, forward = [], builtin_pipe.unet.forward
+def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(builtin_pipe, monkeypatch):
+    unet_rows, decoded_rows = [], []
+    forward, decode = builtin_pipe.unet.forward, builtin_pipe.vae.decode
     monkeypatch.setattr(builtin_pipe.unet, "forward", lambda x, *args: unet_rows.append(len(x)) or forward(x, *args))
-    monkeypatch.setattr(builtin_pipe, "batch_rows_on_cpu", True)
-    together = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
-    again = builtin_pipe.generate(PROMPTS, seeds=seeds, **kwargs)
-    assert unet_rows == [8] * 4  # one CFG batch of all four rows per step, in each of the two calls
-    for alone, batched, repeated in zip(one_at_a_time, together, again):
-        assert png_bytes(batched) == png_bytes(repeated)
-        assert np.abs(batched.astype(int) - alone.astype(int)).max() <= 1
+    monkeypatch.setattr(builtin_pipe.vae, "decode", lambda z: decoded_rows.append(len(z)) or decode(z))
+
+    def calls(guidance_scale):
+        unet_rows.clear(), decoded_rows.clear()
+        builtin_pipe.generate(PROMPTS, seeds=[7, 8, 9, 10], steps=2, guidance_scale=guidance_scale, height=64, width=48,
+                              scheduler="euler_a", output="np")
+        return unet_rows[:], decoded_rows[:]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert calls(7.5) == ([8, 8], [1] * 4)  # each step one CFG batch of all four rows
+        assert calls(1.0) == ([1] * 8, [1] * 4)
+        monkeypatch.setattr(builtin_pipe, "_compiled_unet", builtin_pipe.unet)  # as after compile(): one shape to compile
+        assert calls(7.5) == ([2] * 8, [1] * 4)
+        monkeypatch.setattr(builtin_pipe, "_compiled_unet", None)
+        torch.set_num_threads(3)
+        assert calls(7.5) == ([2] * 8, [1] * 4)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_same_seed_same_image_other_seed_other_image(builtin_pipe):
@@ -202,7 +214,8 @@ def test_decode_out_of_device_memory_retries_in_smaller_groups_and_keeps_the_den
         return unet_forward(x, *args)
 
     # As on a GPU: the whole batch in one call, until memory runs out.
-    monkeypatch.setattr(type(builtin_pipe), "rows_per_call", property(lambda self: None))
+    monkeypatch.setattr(type(builtin_pipe), "_vae_rows_per_call", property(lambda self: None))
+    monkeypatch.setattr(type(builtin_pipe), "_unet_rows_per_call", lambda self, guided: None)
     monkeypatch.setattr(builtin_pipe.vae, "decode", decode_at_most(1))
     monkeypatch.setattr(builtin_pipe.unet, "forward", counting_unet)
     images = builtin_pipe.generate(prompts, seeds=seeds, **kwargs)

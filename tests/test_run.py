@@ -240,19 +240,6 @@ def test_compile_reaches_every_actor_and_keeps_the_images(tmp_path):
         assert np.abs(runs["compiled"][image_id] - eager).max() <= 2
 
 
-def test_batch_rows_on_cpu_option_reaches_the_run(tmp_path, monkeypatch, manifest):
-    asked = []
-
-    def run(opts):
-        asked.append(opts.batch_rows_on_cpu)
-        raise driver.RunError("stopped here", 2)
-
-    monkeypatch.setattr(driver, "run", run)
-    for extra in ([], ["--batch-rows-on-cpu"]):
-        assert_user_error(invoke("run", manifest, "--output", tmp_path / "out", *TINY, *extra), "stopped here")
-    assert asked == [False, True]
-
-
 def test_compile_without_a_compiler_stops_the_job_before_any_output(tmp_path, manifest):
     # CXX reaches the actors' processes: the local Ray cluster inherits the command's environment.
     r = sdbatch("run", manifest, "--output", tmp_path / "out", *TINY, "--compile", env={"CXX": "/nonexistent/c++"})

@@ -39,7 +39,7 @@ def test_decode_matches_reference(reference, ours, latent_hw):
 @torch.no_grad()
 def test_decode_matches_reference_through_winograd_convolutions(monkeypatch, reference):
     # The tiny decoder's channels are below Winograd's minimum. Lowered, its 3x3 convolutions on maps of
-    # over 256 positions run Winograd's on the channels-last maps the decoder works in, in bands of a few rows.
+    # over 128 positions run Winograd's on the channels-last maps the decoder works in, in bands of a few rows.
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
     monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 300)
     ours = _ours_like(reference)  # its own: the module's shared decoder keeps no Winograd kernels

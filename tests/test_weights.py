@@ -582,6 +582,21 @@ def test_full_size_single_file_matches_reference(full):
 
 
 @pytest.mark.full_size
+@pytest.mark.parametrize("few_threads", [2], indirect=True)  # CI's count; a CPU actor's one is the tiny models' test
+@pytest.mark.parametrize("height, width", [
+    (256, 256),  # 1280-channel convolutions on 8x8 maps, where the matmul meets Winograd's algorithm
+    (128, 64),  # maps of 2x1 positions at the deepest level
+])
+def test_full_size_denoising_gives_a_row_the_same_latents_in_any_batch(full, few_threads, height, width):
+    pipe = sdcore.load_pipeline(full.folder)
+    prompts, seeds = ["a red fox in the snow", "a lighthouse", "two cups of tea"], [11, 12, 13]
+    kwargs = dict(steps=1, height=height, width=width, scheduler="euler_a", output="latent")
+    together = pipe.generate(prompts, seeds=seeds, **kwargs)
+    for prompt, seed, batched in zip(prompts, seeds, together):
+        assert torch.equal(pipe.generate([prompt], seeds=[seed], **kwargs)[0], batched)
+
+
+@pytest.mark.full_size
 def test_full_size_diffusers_converters_map_our_single_file_onto_reference(full):
     def reference_state(c):  # what the reference saved with save_pretrained
         return load_file(next((full.folder / c).glob("*.safetensors")))
