@@ -37,7 +37,8 @@ class Pipeline:
         """How many rows `generate` sends through the UNet in one call (None: the whole batch).
 
         On the CPU an image's bytes must not depend on the rows beside it. The kernels there compute each
-        sample alike in any batch of two samples or more, on one or two torch threads (CPU actors run one).
+        float32 sample alike in any batch of two samples or more, on one or two torch threads (CPU actors run
+        one; half precision, with other kernels, is not held to it and keeps its rows apart).
         A single sample takes other kernels (a one-row matmul, a minibatch-1 convolution), and over more
         threads ATen cuts an elementwise op into chunks whose ends, where they fall off a vector's width,
         run scalar code that rounds exp otherwise (SiLU), at places that move with the batch. With guidance
@@ -49,7 +50,8 @@ class Pipeline:
         """
         if self.device.type != "cpu":
             return None
-        together = guided and self._compiled_unet is None and torch.get_num_threads() <= 2
+        together = (guided and self.dtype == torch.float32 and self._compiled_unet is None
+                    and torch.get_num_threads() <= 2)
         return None if together else 1
 
     @property

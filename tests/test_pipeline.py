@@ -79,6 +79,9 @@ def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(b
         monkeypatch.setattr(builtin_pipe, "_compiled_unet", builtin_pipe.unet)  # as after compile(): one shape to compile
         assert calls(7.5) == ([2] * 8, [1] * 4)
         monkeypatch.setattr(builtin_pipe, "_compiled_unet", None)
+        monkeypatch.setattr(builtin_pipe, "dtype", torch.bfloat16)
+        assert builtin_pipe._unet_rows_per_call(guided=True) == 1
+        monkeypatch.setattr(builtin_pipe, "dtype", torch.float32)
         torch.set_num_threads(3)
         assert calls(7.5) == ([2] * 8, [1] * 4)
     finally:
