@@ -1,7 +1,8 @@
 """Job-system section of `make bench`: what `sdbatch run` costs over a plain loop, and what its driver holds.
 
 1. Efficiency: the same manifest rows made by `sdbatch run` (1 and 2 CPU actors, each one core and
-   one torch thread) and by `bench.loop` on the same cores (one process, a torch thread per actor),
+   one torch thread) and by `bench.loop` on the same cores (one process, a torch thread per actor,
+   making the job's calls: as many rows per call as the job's batches, which never span shards),
    each in fresh processes, with the benchmark's SD v1.5 weights. "Steady" rates leave out each
    side's start and end: the job's (manifest check, Ray start, model load; Ray's shutdown; it
    reports the time between as `working_seconds` in `_SUCCESS`) and the loop's model load. End to
@@ -74,6 +75,9 @@ def section(sd_model: Path | str, work: Path, log, *, sd_rows_per_actor: int = 2
 def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, steps: int, shard_size: int, reps: int,
             work: Path, log) -> dict:
     """`sdbatch run` and the plain loop over the same `rows` rows, `reps` times each, alternating."""
+    # The loop makes the job's calls: a batch never spans shards, and on the CPU rows in one call share the
+    # UNet's passes over the weights, so a loop with larger calls would be measuring its batches, not the job.
+    batch = min(BATCH_SIZE, shard_size)
     manifest = work / f"rows-{rows}-{size}px-{steps}steps.parquet"
     write_manifest(manifest, rows, size, steps)
     jobs, loops = [], []
@@ -82,14 +86,14 @@ def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, step
             if side == "job":
                 jobs.append(run_job(manifest, model, work / "job-out", n_actors, shard_size))
             else:
-                loops.append(run_loop(manifest, model, work / "loop-out", n_actors))
+                loops.append(run_loop(manifest, model, work / "loop-out", n_actors, batch))
         log(f"{label}, {n_actors} actor(s), {rows} images: job {jobs[-1]['steady_s']:.1f}s steady "
             f"({jobs[-1]['startup_s']:.1f}s start), loop {loops[-1]['images_s']:.1f}s "
             f"({loops[-1]['load_s']:.1f}s load)")
     job_steady, loop_steady = median([j["steady_s"] for j in jobs]), median([loop["images_s"] for loop in loops])
     return {
         "model": label, "actors": n_actors, "images": rows, "size": size, "steps": steps, "shard_size": shard_size,
-        "loop_threads": n_actors, "reps": reps, "job_runs": jobs, "loop_runs": loops,
+        "rows_per_call": batch, "loop_threads": n_actors, "reps": reps, "job_runs": jobs, "loop_runs": loops,
         "loop_steady_images_per_s": rows / loop_steady, "job_steady_images_per_s": rows / job_steady,
         "efficiency": loop_steady / job_steady,
         "job_startup_s": median([j["startup_s"] for j in jobs]),
@@ -135,9 +139,9 @@ def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: in
             "steady_s": last["working_seconds"], "busy_s": busy_s, "images": last["images"]}
 
 
-def run_loop(manifest: Path, model: str, out: Path, threads: int) -> dict:
+def run_loop(manifest: Path, model: str, out: Path, threads: int, batch: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    result, process_s = child_json(["-m", "bench.loop", str(manifest), model, str(out), str(threads), str(BATCH_SIZE)],
+    result, process_s = child_json(["-m", "bench.loop", str(manifest), model, str(out), str(threads), str(batch)],
                                    "bench.loop", timeout=3600)
     return {"process_s": process_s, **result}
 
@@ -192,20 +196,21 @@ def plan(manifest: str) -> dict:
 
 def render(j: dict) -> list[str]:
     s = j["settings"]
-    lines = [f"`sdbatch run` against `bench.loop` (a plain in-process loop over `Pipeline.generate`, "
-             f"{BATCH_SIZE} rows a call like the job, saving each PNG with PIL) on the same manifest rows, both in fresh processes. The job's actors get one core and "
+    lines = [f"`sdbatch run` against `bench.loop` (a plain in-process loop over `Pipeline.generate` with the job's "
+             f"calls: `--batch-size` {BATCH_SIZE} within a shard, the rows a call in the table; saving each PNG with PIL) on the same manifest rows, both in fresh processes. The job's actors get one core and "
              "one torch thread each; the loop gets one process with a torch thread per actor. Steady: images/s "
              "between each side's start and end (the job: from the first actor ready to the last shard committed, "
              "`working_seconds` in `_SUCCESS`; the loop: after its model load). Efficiency = job steady rate / loop steady rate.", "",
              "Medians of the runs, job and loop alternating.", "",
              "| model | images | actors | loop images/s | job images/s | **efficiency** | job start s | "
-             "loop end to end s | job end to end s | largest pixel difference | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "loop end to end s | job end to end s | largest pixel difference | rows a call | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in [*j["efficiency"], j["tiny"]]:
         lines.append(f"| {e['model']}, {e['size']}², {e['steps']} steps | {e['images']} | {e['actors']} | "
                      f"{e['loop_steady_images_per_s']:.3f} | {e['job_steady_images_per_s']:.3f} | "
                      f"**{100 * e['efficiency']:.0f} %** | {e['job_startup_s']:.1f} | {e['loop_end_to_end_s']:.1f} | "
-                     f"{e['job_end_to_end_s']:.1f} | {e['max_pixel_difference']} | {e['reps']} |")
+                     f"{e['job_end_to_end_s']:.1f} | {e['max_pixel_difference']} | "
+                     f"{e['rows_per_call']} | {e['reps']} |")
     lines += ["", f"Framework cost per image (builtin:tiny, 1 actor, {s['tiny_rows']} images, {j['tiny']['reps']} runs "
               f"each): **{j['framework_ms_per_image']:.1f} ms**, the median of the differences between each job run "
               "and the loop run beside it (job then loop in alternating order): "

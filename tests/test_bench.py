@@ -82,6 +82,9 @@ def test_job_section_makes_the_loops_images(tmp_path):
     # One actor and one torch thread on each side: the job's images are the loop's, bit for bit.
     assert sd["max_pixel_difference"] == 0 and tiny["max_pixel_difference"] == 0
     assert (sd["images"], sd["actors"], sd["shard_size"]) == (4, 1, 2)
+    # The loop makes the job's calls: --batch-size 4 within shards of 2 and of 100 rows.
+    assert (sd["rows_per_call"], tiny["rows_per_call"]) == (2, 4)
+    assert all(loop["batch_size"] == figure["rows_per_call"] for figure in (sd, tiny) for loop in figure["loop_runs"])
     for figure in (sd, tiny):
         assert figure["efficiency"] > 0 and figure["job_startup_s"] > 0
         assert figure["job_end_to_end_s"] > figure["job_runs"][0]["steady_s"] > figure["job_runs"][0]["busy_s"] > 0
