@@ -43,8 +43,8 @@ class Pipeline:
         threads ATen cuts an elementwise op into chunks whose ends, where they fall off a vector's width,
         run scalar code that rounds exp otherwise (SiLU), at places that move with the batch. With guidance
         every row is two samples, unconditional and conditional, so there the whole batch goes through at
-        once: fewer passes over the weights, 15-20 % less time per image at 4 rows on two cores
-        (bench/levers.md). Otherwise the rows go one at a time, as through a compiled UNet, which compiles
+        once: fewer passes over the weights, about 6 % less time per UNet step at 4 rows (bench/levers.md).
+        Otherwise the rows go one at a time, as through a compiled UNet, which compiles
         every new batch shape and whose kernels make no such promise. A GPU takes the whole batch, and its
         images agree across batches to float precision.
         """
