@@ -60,6 +60,11 @@ class Pipeline:
         brings it no speed (BENCHMARKS.md) and every row is a single sample."""
         return 1 if self.device.type == "cpu" else None
 
+    @staticmethod
+    def _in_chunks(fn: Callable[..., torch.Tensor], rows: int, *batches: torch.Tensor) -> torch.Tensor:
+        """fn over the row-aligned tensors `batches`, `rows` rows at a time."""
+        return torch.cat([fn(*(b[i : i + rows] for b in batches)) for i in range(0, len(batches[0]), rows)])
+
     def compile(self, mode: str | None = None) -> None:
         """Run the UNet through torch.compile from now on, in `predict_noise` and so in `generate`
         (`mode`: torch.compile's, e.g. "reduce-overhead" for CUDA graphs). `self.unet` stays eager.
@@ -177,8 +182,7 @@ class Pipeline:
         total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             model_input = sched.scale_model_input(latents, t)
-            noise = torch.cat([guided_noise(model_input[r : r + unet_rows], t, *(c[r : r + unet_rows] for c in contexts))
-                               for r in range(0, len(latents), unet_rows)])
+            noise = self._in_chunks(lambda x, *c: guided_noise(x, t, *c), unet_rows, model_input, *contexts)
             latents = sched.step(noise, t, latents, generator=generators)
             if progress is not None:
                 progress(i + 1, total)
@@ -222,7 +226,7 @@ class Pipeline:
         rows = self._vae_rows_per_call or len(z)
         while True:
             try:
-                return torch.cat([self.vae.decode(z[i : i + rows]) for i in range(0, len(z), rows)])
+                return self._in_chunks(self.vae.decode, rows, z)
             except torch.OutOfMemoryError:
                 if rows == 1:
                     raise

@@ -59,7 +59,8 @@ def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler, guidance_sc
     assert not np.array_equal(together[0], together[1]), "different rows should give different images"
 
 
-def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(builtin_pipe, monkeypatch):
+@pytest.mark.parametrize("few_threads", [2], indirect=True)
+def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(builtin_pipe, monkeypatch, few_threads):
     unet_rows, decoded_rows = [], []
     forward, decode = builtin_pipe.unet.forward, builtin_pipe.vae.decode
     monkeypatch.setattr(builtin_pipe.unet, "forward", lambda x, *args: unet_rows.append(len(x)) or forward(x, *args))
@@ -71,21 +72,16 @@ def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(b
                               scheduler="euler_a", output="np")
         return unet_rows[:], decoded_rows[:]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert calls(7.5) == ([8, 8], [1] * 4)  # each step one CFG batch of all four rows
-        assert calls(1.0) == ([1] * 8, [1] * 4)
-        monkeypatch.setattr(builtin_pipe, "_compiled_unet", builtin_pipe.unet)  # as after compile(): one shape to compile
-        assert calls(7.5) == ([2] * 8, [1] * 4)
-        monkeypatch.setattr(builtin_pipe, "_compiled_unet", None)
-        monkeypatch.setattr(builtin_pipe, "dtype", torch.bfloat16)
-        assert builtin_pipe._unet_rows_per_call(guided=True) == 1
-        monkeypatch.setattr(builtin_pipe, "dtype", torch.float32)
-        torch.set_num_threads(3)
-        assert calls(7.5) == ([2] * 8, [1] * 4)
-    finally:
-        torch.set_num_threads(threads)
+    assert calls(7.5) == ([8, 8], [1] * 4)  # each step one CFG batch of all four rows
+    assert calls(1.0) == ([1] * 8, [1] * 4)
+    monkeypatch.setattr(builtin_pipe, "_compiled_unet", builtin_pipe.unet)  # as after compile(): one shape to compile
+    assert calls(7.5) == ([2] * 8, [1] * 4)
+    monkeypatch.setattr(builtin_pipe, "_compiled_unet", None)
+    monkeypatch.setattr(builtin_pipe, "dtype", torch.bfloat16)
+    assert builtin_pipe._unet_rows_per_call(guided=True) == 1
+    monkeypatch.setattr(builtin_pipe, "dtype", torch.float32)
+    torch.set_num_threads(3)  # the few_threads fixture sets the count back
+    assert calls(7.5) == ([2] * 8, [1] * 4)
 
 
 def test_same_seed_same_image_other_seed_other_image(builtin_pipe):
