@@ -6,7 +6,8 @@ of the library is timed apart: it is paid once per process whatever the weights.
 
 "Ready" RSS counts only pages touched so far; memory-mapped weights that are not touched until
 first use are not in it, so the peak after a first use (a text encoding, a UNet call on an 8x8
-latent and a VAE decode, which read every weight) is reported too.
+latent and a VAE decode, which read every weight) is reported too, with the part of it that is
+sdcore's transformed convolution kernels, made on first use and kept (`sdcore.layers.Conv3x3`).
 """
 import json
 import os
@@ -63,7 +64,18 @@ def main(library: str, path: str, config_folder: str | None = None) -> dict:
         first_use(pipe)
     first_use_s = time.perf_counter() - t2
     return {"import_s": import_s, "load_s": ready_s, "rss_before_load": rss_before, "peak_rss_ready": peak_ready,
-            "first_use_s": first_use_s, "peak_rss_after_first_use": peak_rss_bytes()}
+            "first_use_s": first_use_s, "peak_rss_after_first_use": peak_rss_bytes(),
+            "kernels_made_bytes": made_kernel_bytes(pipe) if library == "sdcore" else 0}
+
+
+def made_kernel_bytes(pipe) -> int:
+    """Bytes of what sdcore's convolutions made from their weights so far (Winograd's kernels)."""
+    from sdcore.layers import Conv3x3
+
+    made = [m._from_weight[2].values() for net in (pipe.unet, pipe.vae) for m in net.modules()
+            if isinstance(m, Conv3x3) and m._from_weight is not None]
+    tensors = [t for values in made for value in values for t in (value if isinstance(value, list) else [value])]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 if __name__ == "__main__":

@@ -40,28 +40,31 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-# Conv3x3 switches to the matmul for output maps of at most this many positions (height x width) and
-# kernels of at least this many numbers (32 MiB in float32), and to Winograd's algorithm on larger
-# maps where both sides have at least WINOGRAD_MIN_CHANNELS channels: its transforms cost per channel
-# what its products save per pair of channels, so with fewer they cost more than they save. Winograd
-# goes through a map in bands of about WINOGRAD_BAND_POSITIONS positions, which keeps the transformed
-# tiles in the caches between the transforms and the matmuls. The choice goes by one image's map, never
-# by the batch: the algorithms round differently, and an image must come out the same in any batch.
-MATMUL_MAX_POSITIONS = 128
+# Conv3x3 runs Winograd's algorithm where both sides have at least WINOGRAD_MIN_CHANNELS channels: its
+# transforms cost per channel what its products save per pair of channels, so with fewer they cost more than
+# they save. On maps of more than SMALL_MAP_POSITIONS positions (height x width) that is enough; on smaller
+# ones, where a call's fixed cost weighs more, the kernel must also have WINOGRAD_SMALL_MAP_MIN_KERNEL numbers
+# or more (640 -> 1280 channels and up: SD's two deepest levels). What Winograd cannot take there (a stride
+# of 2, an odd side) runs as a matmul if its kernel has at least MATMUL_MIN_KERNEL numbers (32 MiB in
+# float32). Winograd goes through a map in bands of about WINOGRAD_BAND_POSITIONS positions, which keeps the
+# transformed tiles in the caches between the transforms and the matmuls. The choice goes by one image's
+# map, never by the batch: the algorithms round differently, and an image must come out the same in any batch.
+SMALL_MAP_POSITIONS = 128
 MATMUL_MIN_KERNEL = 1 << 23
 WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_SMALL_MAP_MIN_KERNEL = 1 << 22
 WINOGRAD_BAND_POSITIONS = 2048
 
 
 class Conv3x3(nn.Conv2d):
-    """A 3x3 convolution that runs as im2col + matmul or as Winograd's F(2x2, 3x3) where that is faster.
+    """A 3x3 convolution that runs as Winograd's F(2x2, 3x3) or as im2col + matmul where that is faster.
 
-    On the CPU, oneDNN's direct convolution re-lays out the whole kernel on every call. Once a kernel
-    outgrows the caches (the UNet's 1280-2560-channel ones, 56-113 MiB) that copy costs more than
-    the arithmetic on a few hundred positions, as at the UNet's two deepest levels; a matmul reads
-    the kernel as it is stored. On larger maps with a few hundred channels or more (the UNet's upper
-    levels, the VAE decoder's 256- and 512-channel ones), Winograd's algorithm does 2.25x fewer multiplications,
-    with a transformed kernel made on first use and kept (16/9 the kernel's size). BENCHMARKS.md, "Levers".
+    Winograd's algorithm does 2.25x fewer multiplications, as 16 matmuls with a transformed kernel made on
+    first use and kept (16/9 the kernel's size): on the UNet's maps of a few hundred channels or more and on
+    the VAE decoder's 256- and 512-channel ones. On the CPU, oneDNN's direct convolution also re-lays out the
+    whole kernel on every call, which on the UNet's small deepest maps, with kernels of 1280-2560 channels
+    (56-113 MiB), costs more than the arithmetic; Winograd's matmuls, and the im2col matmul where Winograd
+    does not apply (the stride-2 downsampling), read their kernels as stored. BENCHMARKS.md, "Levers".
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, padding: int = 1):
@@ -82,7 +85,13 @@ class Conv3x3(nn.Conv2d):
         # compiled, ran no faster than the compiled direct convolution: BENCHMARKS.md, "Levers").
         if not _use_onednn(x) or torch.compiler.is_compiling():
             return super().forward(x)
-        if positions <= MATMUL_MAX_POSITIONS and self.weight.numel() >= MATMUL_MIN_KERNEL:
+        small_map, kernel_numbers = positions <= SMALL_MAP_POSITIONS, self.weight.numel()
+        tiles_the_map = (s, p) == (1, 1) and H % 2 == W % 2 == 0  # Winograd's 2x2 output blocks
+        if (tiles_the_map and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+                and (not small_map or kernel_numbers >= WINOGRAD_SMALL_MAP_MIN_KERNEL)):
+            kernel = self.from_weight(packed_winograd_kernel if PACK_WINOGRAD_KERNELS else winograd_transform_kernel)
+            return winograd_conv3x3(x, kernel, self.bias)
+        if small_map and kernel_numbers >= MATMUL_MIN_KERNEL:
             cols = F.unfold(x, 3, padding=p, stride=s)  # [B, C*9, Ho*Wo], the 3x3 neighbourhoods as columns
             # kernel [out, C*9] @ cols: an image's output comes out as [out, Ho*Wo], in NCHW order,
             # and the columns are read as unfold lays them out (`linear` takes its weight's transpose).
@@ -91,11 +100,6 @@ class Conv3x3(nn.Conv2d):
             if self.bias is not None:
                 out += self.bias[:, None]
             return out.view(B, -1, Ho, Wo)
-        winograd = (s, p) == (1, 1) and H % 2 == W % 2 == 0
-        channels = min(self.in_channels, self.out_channels)
-        if winograd and positions > MATMUL_MAX_POSITIONS and channels >= WINOGRAD_MIN_CHANNELS:
-            kernel = self.from_weight(packed_winograd_kernel if PACK_WINOGRAD_KERNELS else winograd_transform_kernel)
-            return winograd_conv3x3(x, kernel, self.bias)
         return super().forward(x)
 
     def from_weight(self, make: Callable[[torch.Tensor], object]):
@@ -131,9 +135,18 @@ class Conv3x3(nn.Conv2d):
 
 def winograd_transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     """G g G^T of each 3x3 kernel: [out, in, 3, 3] -> [16, out, in]."""
-    g = weight.detach().permute(2, 3, 0, 1).contiguous()  # [3 rows, 3 columns, out, in]
-    u = _kernel_transform(_kernel_transform(g).transpose(0, 1))  # [4 columns, 4 rows, out, in]
-    return u.transpose(0, 1).reshape(16, *weight.shape[:2])
+    weight = weight.detach()
+    n_out, n_in = weight.shape[:2]
+    u = weight.new_empty(16, n_out, n_in)
+    # About 1 MiB of the weight at a time, so that the temporaries stay in the caches instead of being whole
+    # copies of a kernel of up to 113 MiB: this runs once per convolution, but inside an actor's first image
+    # (bench/levers.md, "Winograd's algorithm on the UNet's smallest maps").
+    rows = max(1, (1 << 18) // (9 * n_in))
+    for top in range(0, n_out, rows):
+        g = weight[top : top + rows].permute(2, 3, 0, 1)  # [3 rows, 3 columns, rows, in]
+        t = _kernel_transform(_kernel_transform(g).transpose(0, 1))  # [4 columns, 4 rows, rows, in]
+        u[:, top : top + rows].view(4, 4, -1, n_in).copy_(t.transpose(0, 1))
+    return u
 
 
 # oneDNN's matmul copies a plain [out, in] weight into its own blocked layout as it goes, at every call;

@@ -93,7 +93,7 @@ def test_winograd_convolution_keeps_channels_last():
 @pytest.mark.parametrize("shape, stride, channels", [
     ((2, 8, 16, 16), 2, 0),  # stride 2
     ((2, 8, 15, 16), 1, 0),  # an odd side: the 2x2 output blocks would not tile it
-    ((1, 8, 8, 8), 1, 0),  # 64 positions: too few to pay
+    ((1, 8, 8, 8), 1, 0),  # 64 positions and a kernel far below WINOGRAD_SMALL_MAP_MIN_KERNEL: too little work
     ((2, 8, 16, 16), 1, 9),  # 8 channels where Winograd needs 9
 ])
 def test_convolution_falls_back_to_conv2d(monkeypatch, shape, stride, channels):
@@ -105,16 +105,32 @@ def test_convolution_falls_back_to_conv2d(monkeypatch, shape, stride, channels):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("side, algorithm", [(4, "matmul"), (8, "matmul"), (16, "winograd")])
+@pytest.mark.parametrize("side, algorithm", [(2, "winograd"), (3, "matmul"), (8, "winograd"), (16, "winograd")])
 @pytest.mark.usefixtures("few_threads")
 def test_a_full_size_convolution_computes_each_image_alike_in_any_batch(side, algorithm):
-    # One of SD v1.5's 1280-channel kernels, big enough for the matmul. The algorithm goes by the
-    # image's map, so 8 images (4 rows' CFG batches) come out as 2 at a time, to the bit.
+    # One of SD v1.5's 1280-channel kernels, big enough for Winograd on the smallest even maps and for the
+    # matmul on an odd one. The algorithm goes by the image's map, so 8 images (4 rows' CFG batches) come
+    # out as 2 at a time, to the bit.
     conv = layers.Conv3x3(1280, 1280)
     x = torch.randn(8, 1280, side, side)
     whole = conv(x)
     assert _took_winograd(conv) == (algorithm == "winograd")
     assert torch.equal(whole, torch.cat([conv(pair) for pair in x.split(2)]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("side", [2, 4, 8, 16])
+@pytest.mark.usefixtures("winograd_for_any_channels")
+def test_winograd_takes_small_maps_only_with_large_kernels(monkeypatch, side):
+    conv = layers.Conv3x3(8, 8)  # 576 numbers
+    x = torch.randn(2, 8, side, side)
+    small_map = side * side <= layers.SMALL_MAP_POSITIONS
+    monkeypatch.setattr(layers, "WINOGRAD_SMALL_MAP_MIN_KERNEL", 577)
+    conv(x)
+    assert _took_winograd(conv) == (not small_map)
+    monkeypatch.setattr(layers, "WINOGRAD_SMALL_MAP_MIN_KERNEL", 576)
+    assert (conv(x) - _float64_conv(conv, x)).abs().max().item() <= 1e-5
+    assert _took_winograd(conv)
 
 
 @torch.no_grad()
