@@ -44,15 +44,17 @@ class Linear(nn.Linear):
 # transforms cost per channel what its products save per pair of channels, so with fewer they cost more than
 # they save. On maps of more than SMALL_MAP_POSITIONS positions (height x width) that is enough; on smaller
 # ones, where a call's fixed cost weighs more, the kernel must also have WINOGRAD_SMALL_MAP_MIN_KERNEL numbers
-# or more (640 -> 1280 channels and up: SD's two deepest levels). What Winograd cannot take there (a stride
-# of 2, an odd side) runs as a matmul if its kernel has at least MATMUL_MIN_KERNEL numbers (32 MiB in
-# float32). Winograd goes through a map in bands of about WINOGRAD_BAND_POSITIONS positions, which keeps the
+# or more (640 -> 1280 channels and up: SD's two deepest levels), and the map at least WINOGRAD_MIN_POSITIONS
+# (4x4: one 2x2 tile per image saves nothing for two images, and costs the kernel's memory). What Winograd
+# does not take there (a stride of 2, an odd side, the smallest maps) runs as a matmul if its kernel has at
+# least MATMUL_MIN_KERNEL numbers (32 MiB in float32). Winograd goes through a map in bands of about WINOGRAD_BAND_POSITIONS positions, which keeps the
 # transformed tiles in the caches between the transforms and the matmuls. The choice goes by one image's
 # map, never by the batch: the algorithms round differently, and an image must come out the same in any batch.
 SMALL_MAP_POSITIONS = 128
 MATMUL_MIN_KERNEL = 1 << 23
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_SMALL_MAP_MIN_KERNEL = 1 << 22
+WINOGRAD_MIN_POSITIONS = 16
 WINOGRAD_BAND_POSITIONS = 2048
 
 
@@ -88,6 +90,7 @@ class Conv3x3(nn.Conv2d):
         small_map, kernel_numbers = positions <= SMALL_MAP_POSITIONS, self.weight.numel()
         tiles_the_map = (s, p) == (1, 1) and H % 2 == W % 2 == 0  # Winograd's 2x2 output blocks
         if (tiles_the_map and min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+                and positions >= WINOGRAD_MIN_POSITIONS
                 and (not small_map or kernel_numbers >= WINOGRAD_SMALL_MAP_MIN_KERNEL)):
             kernel = self.from_weight(packed_winograd_kernel if PACK_WINOGRAD_KERNELS else winograd_transform_kernel)
             return winograd_conv3x3(x, kernel, self.bias)
