@@ -48,9 +48,9 @@ LEVERS = {
                           "odd sides) as im2col + matmul instead of oneDNN's direct conv", layers.Conv3x3,
                           lambda module: _limit("MATMUL_MIN_KERNEL", math.inf)),
     "winograd_conv": (f"3x3 convs of {layers.WINOGRAD_MIN_CHANNELS} channels or more (on maps of "
-                      f"{layers.SMALL_MAP_POSITIONS} positions or fewer, from {layers.WINOGRAD_MIN_POSITIONS} and with kernels of "
-                      f"{layers.WINOGRAD_SMALL_MAP_MIN_KERNEL / 2**20:.0f} M numbers or more) as Winograd's F(2x2, 3x3) "
-                      "instead of oneDNN's direct conv or, on small maps, the im2col matmul",
+                      f"{layers.SMALL_MAP_POSITIONS} positions or fewer, from {layers.WINOGRAD_MIN_POSITIONS} "
+                      f"and with kernels of {layers.WINOGRAD_SMALL_MAP_MIN_KERNEL / 2**20:.0f} M numbers or more) "
+                      "as Winograd's F(2x2, 3x3) instead of oneDNN's direct conv or, on small maps, the im2col matmul",
                       layers.Conv3x3,
                       lambda module: _limit("WINOGRAD_MIN_CHANNELS", math.inf)),
     "packed_winograd_kernels": ("Winograd's transformed kernels kept laid out for oneDNN's matmul instead of re-laid "

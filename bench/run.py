@@ -383,8 +383,9 @@ def render(r: dict) -> str:
                 "one small UNet call and VAE decode, which read every weight) is the honest one. Of it, sdcore's "
                 "kept kernels: the transformed kernels its convolutions make on their first call at a map size "
                 "where Winograd's algorithm runs, and keep (`bench/levers.md`); this first use, on an 8×8 latent, "
-                "makes few of them; an image of 256² or more makes them all (UNet 3.45 GiB, VAE 0.31 GiB). × weights: peak RSS after first use without the "
-                "kept kernels, the memory the loading itself costs.", "",
+                "makes few of them; an image of 256² or more makes them all (UNet 3.45 GiB, VAE 0.31 GiB). "
+                "× weights: peak RSS after first use without the kept kernels, the memory the loading itself "
+                "costs.", "",
                 "| layout | library | load s | import s | peak RSS ready | peak RSS after first use | of it, kept kernels "
                 "| × weights | runs |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

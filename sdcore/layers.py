@@ -47,9 +47,10 @@ class Linear(nn.Linear):
 # or more (640 -> 1280 channels and up: SD's two deepest levels), and the map at least WINOGRAD_MIN_POSITIONS
 # (4x4: one 2x2 tile per image saves nothing for two images, and costs the kernel's memory). What Winograd
 # does not take there (a stride of 2, an odd side, the smallest maps) runs as a matmul if its kernel has at
-# least MATMUL_MIN_KERNEL numbers (32 MiB in float32). Winograd goes through a map in bands of about WINOGRAD_BAND_POSITIONS positions, which keeps the
-# transformed tiles in the caches between the transforms and the matmuls. The choice goes by one image's
-# map, never by the batch: the algorithms round differently, and an image must come out the same in any batch.
+# least MATMUL_MIN_KERNEL numbers (32 MiB in float32). Winograd goes through a map in bands of about
+# WINOGRAD_BAND_POSITIONS positions, which keeps the transformed tiles in the caches between the transforms
+# and the matmuls. The choice goes by one image's map, never by the batch: the algorithms round differently,
+# and an image must come out the same in any batch.
 SMALL_MAP_POSITIONS = 128
 MATMUL_MIN_KERNEL = 1 << 23
 WINOGRAD_MIN_CHANNELS = 256
@@ -144,11 +145,11 @@ def winograd_transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     # About 1 MiB of the weight at a time, so that the temporaries stay in the caches instead of being whole
     # copies of a kernel of up to 113 MiB: this runs once per convolution, but inside an actor's first image
     # (bench/levers.md, "Winograd's algorithm on the UNet's smallest maps").
-    rows = max(1, (1 << 18) // (9 * n_in))
-    for top in range(0, n_out, rows):
-        g = weight[top : top + rows].permute(2, 3, 0, 1)  # [3 rows, 3 columns, rows, in]
-        t = _kernel_transform(_kernel_transform(g).transpose(0, 1))  # [4 columns, 4 rows, rows, in]
-        u[:, top : top + rows].view(4, 4, -1, n_in).copy_(t.transpose(0, 1))
+    per_slice = max(1, (1 << 18) // (9 * n_in))  # output channels
+    for first in range(0, n_out, per_slice):
+        g = weight[first : first + per_slice].permute(2, 3, 0, 1)  # [3 rows, 3 columns, per_slice, in]
+        t = _kernel_transform(_kernel_transform(g).transpose(0, 1))  # [4 columns, 4 rows, per_slice, in]
+        u[:, first : first + per_slice].view(4, 4, -1, n_in).copy_(t.transpose(0, 1))
     return u
 
 

@@ -109,8 +109,8 @@ def test_convolution_falls_back_to_conv2d(monkeypatch, shape, stride, channels):
 @pytest.mark.usefixtures("few_threads")
 def test_a_full_size_convolution_computes_each_image_alike_in_any_batch(side, algorithm):
     # One of SD v1.5's 1280-channel kernels, big enough for Winograd on small even maps and for the matmul
-    # on an odd one or one of a single 2x2 tile. The algorithm goes by the image's map, so 8 images (4 rows' CFG batches) come
-    # out as 2 at a time, to the bit.
+    # on an odd one or one of a single 2x2 tile. The algorithm goes by the image's map, so 8 images (4 rows'
+    # CFG batches) come out as 2 at a time, to the bit.
     conv = layers.Conv3x3(1280, 1280)
     x = torch.randn(8, 1280, side, side)
     whole = conv(x)
