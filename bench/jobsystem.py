@@ -8,7 +8,11 @@
    reports the time between as `working_seconds` in `_SUCCESS`) and the loop's model load. End to
    end counts everything, process start included. The model's files are read once before the
    first run: both sides memory-map them, and whichever ran first would otherwise pay for reading
-   them from disk inside its steady time.
+   them from disk inside its steady time. A process's first `generate` call also makes what the
+   model keeps after it (Winograd's kernels for the image's size) and faults in its memory; each
+   side's first and later calls are reported apart (the job's from its metadata, whose
+   `generation_seconds` are each call's seconds shared among its rows), which tells that one-time
+   cost from the job's cost per image.
 2. Framework cost: the same with `builtin:tiny`, whose images take milliseconds, so the difference
    per image is the job's own work: reading shards, PNGs with their parameters, fsync'd writes,
    metadata, Ray. That difference of two runs moves with the machine's speed between them, so the
@@ -33,6 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bench.timing import child_json, median, peak_rss_bytes, rss_bytes, run_child
+from jobs.plan import shard_id
 
 SDBATCH = Path(sys.executable).parent / "sdbatch"
 PLAN_ROWS = (100_000, 1_000_000, 10_000_000)
@@ -40,8 +45,8 @@ BATCH_SIZE = 4  # `sdbatch run`'s default, used by both sides
 MANIFEST_CHUNK_ROWS = 1_000_000
 
 
-def section(sd_model: Path | str, work: Path, log, *, sd_rows_per_actor: int = 2, sd_size: int = 64, sd_steps: int = 4,
-            sd_reps: int = 3, tiny_rows: int = 200, tiny_reps: int = 5, actors=(1, 2), plan_rows=PLAN_ROWS) -> dict:
+def section(sd_model: Path | str, work: Path, log, *, sd_rows_per_actor: int = 8, sd_size: int = 64, sd_steps: int = 4,
+            sd_reps: int = 2, tiny_rows: int = 200, tiny_reps: int = 5, actors=(1, 2), plan_rows=PLAN_ROWS) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     if Path(sd_model).exists():
         started = time.perf_counter()
@@ -84,7 +89,7 @@ def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, step
     for rep in range(reps):
         for side in (("loop", "job") if rep % 2 == 0 else ("job", "loop")):
             if side == "job":
-                jobs.append(run_job(manifest, model, work / "job-out", n_actors, shard_size))
+                jobs.append(run_job(manifest, model, work / "job-out", n_actors, shard_size, batch))
             else:
                 loops.append(run_loop(manifest, model, work / "loop-out", n_actors, batch))
         log(f"{label}, {n_actors} actor(s), {rows} images: job {jobs[-1]['steady_s']:.1f}s steady "
@@ -97,6 +102,10 @@ def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, step
         "loop_steady_images_per_s": rows / loop_steady, "job_steady_images_per_s": rows / job_steady,
         "efficiency": loop_steady / job_steady,
         "job_startup_s": median([j["startup_s"] for j in jobs]),
+        "loop_first_call_s": median([loop["call_s"][0] for loop in loops]),
+        "loop_later_call_s": median([median(loop["call_s"][1:]) for loop in loops if loop["call_s"][1:]] or [float("nan")]),
+        "job_first_call_s": median([median(j["first_call_s"]) for j in jobs]),
+        "job_later_call_s": median([median(j["later_call_s"]) for j in jobs if j["later_call_s"]] or [float("nan")]),
         "loop_end_to_end_s": median([loop["process_s"] for loop in loops]),
         "job_end_to_end_s": median([j["process_s"] for j in jobs]),
         "max_pixel_difference": pixel_difference(work / "job-out", work / "loop-out"),
@@ -124,7 +133,7 @@ def write_manifest(path: Path, rows: int, size: int, steps: int) -> None:
     }), path)
 
 
-def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: int) -> dict:
+def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: int, batch: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     _, process_s = run_child([str(SDBATCH), "run", str(manifest), "--model", model, "--output", str(out),
                               "--actors", str(n_actors), "--shard-size", str(shard_size), "--batch-size", str(BATCH_SIZE)],
@@ -135,8 +144,19 @@ def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: in
     # Busy: the actors' time inside batches (generating, handing images to the writer); the rest of
     # the steady time is reading shards, committing them and waiting for the driver's next shard.
     busy_s = sum(a["busy_seconds"] for a in last["actors"]) / n_actors
+    # The driver hands the first shards out in order, one to each actor as it starts.
+    calls = [call_seconds(out, shard, batch) for shard in range(last["shards"])]
     return {"process_s": process_s, "wall_s": last["wall_seconds"], "startup_s": last["startup_seconds"],
-            "steady_s": last["working_seconds"], "busy_s": busy_s, "images": last["images"]}
+            "steady_s": last["working_seconds"], "busy_s": busy_s, "images": last["images"],
+            "first_call_s": [c[0] for c in calls[:n_actors]],
+            "later_call_s": [*(t for c in calls[:n_actors] for t in c[1:]), *(t for c in calls[n_actors:] for t in c)]}
+
+
+def call_seconds(out: Path, shard: int, batch: int) -> list[float]:
+    """Seconds of each `generate` call of a shard, in order: its rows' `generation_seconds`, `batch` rows a call."""
+    seconds = pq.read_table(out / "metadata" / f"{shard_id(shard)}.parquet", columns=["generation_seconds"])
+    seconds = seconds.column(0).to_pylist()
+    return [sum(seconds[i:i + batch]) for i in range(0, len(seconds), batch)]
 
 
 def run_loop(manifest: Path, model: str, out: Path, threads: int, batch: int) -> dict:
@@ -201,15 +221,20 @@ def render(j: dict) -> list[str]:
              "one torch thread each; the loop gets one process with a torch thread per actor. Steady: images/s "
              "between each side's start and end (the job: from the first actor ready to the last shard committed, "
              "`working_seconds` in `_SUCCESS`; the loop: after its model load). Efficiency = job steady rate / loop steady rate.", "",
-             "Medians of the runs, job and loop alternating.", "",
-             "| model | images | actors | loop images/s | job images/s | **efficiency** | job start s | "
-             "loop end to end s | job end to end s | largest pixel difference | rows a call | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Medians of the runs, job and loop alternating. A call is one `generate` of the rows a call; the first "
+             "one in a process (in the job, each actor's) also makes what the model keeps for the image's size and "
+             "faults in its memory.", "",
+             "| model | images | actors | loop images/s | job images/s | **efficiency** | first call s, loop / job | "
+             "later calls s, loop / job | job start s | loop end to end s | job end to end s | largest pixel difference "
+             "| rows a call | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in [*j["efficiency"], j["tiny"]]:
+        first = f"{e['loop_first_call_s']:.2f} / {e['job_first_call_s']:.2f}" if "job_first_call_s" in e else "-"
+        later = f"{e['loop_later_call_s']:.2f} / {e['job_later_call_s']:.2f}" if "job_later_call_s" in e else "-"
         lines.append(f"| {e['model']}, {e['size']}², {e['steps']} steps | {e['images']} | {e['actors']} | "
                      f"{e['loop_steady_images_per_s']:.3f} | {e['job_steady_images_per_s']:.3f} | "
-                     f"**{100 * e['efficiency']:.0f} %** | {e['job_startup_s']:.1f} | {e['loop_end_to_end_s']:.1f} | "
-                     f"{e['job_end_to_end_s']:.1f} | {e['max_pixel_difference']} | "
+                     f"**{100 * e['efficiency']:.0f} %** | {first} | {later} | {e['job_startup_s']:.1f} | "
+                     f"{e['loop_end_to_end_s']:.1f} | {e['job_end_to_end_s']:.1f} | {e['max_pixel_difference']} | "
                      f"{e['rows_per_call']} | {e['reps']} |")
     lines += ["", f"Framework cost per image (builtin:tiny, 1 actor, {s['tiny_rows']} images, {j['tiny']['reps']} runs "
               f"each): **{j['framework_ms_per_image']:.1f} ms**, the median of the differences between each job run "

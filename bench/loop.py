@@ -3,7 +3,7 @@
 `python -m bench.loop MANIFEST MODEL OUT_FOLDER THREADS BATCH` loads the pipeline in this process,
 makes the rows' images with `Pipeline.generate`, BATCH rows per call (as `sdbatch run
 --batch-size` does), saves each as `OUT_FOLDER/<id>.png` with PIL, and prints one JSON line:
-seconds to load, seconds to make and save the images, images. The manifest must spell out every
+seconds to load, seconds to make and save the images, each call's seconds, images. The manifest must spell out every
 parameter, the same in every row (bench.jobsystem writes it so): no job defaults, no seed
 derivation, nothing of sdbatch's job code. The process keeps freed memory as the job's CPU actors
 do (`sdcore.allocator`), so that the comparison is of the job's own work, not of the allocator.
@@ -30,15 +30,19 @@ def main(manifest: str, model: str, out: str, threads: int, batch_size: int) -> 
     t0 = time.perf_counter()
     pipe = sdcore.load_pipeline(model)
     t1 = time.perf_counter()
+    calls = []
     for i in range(0, len(rows), batch_size):
         batch, first = rows[i:i + batch_size], rows[i]
+        started = time.perf_counter()
         images = pipe.generate([r["prompt"] for r in batch], seeds=[r["seed"] for r in batch], steps=first["steps"],
                                height=first["height"], width=first["width"], guidance_scale=first["guidance_scale"],
                                scheduler=first["scheduler"], output="np")
+        calls.append(time.perf_counter() - started)
         for row, image in zip(batch, images):
             Image.fromarray(image).save(folder / f"{row['id']}.png")
     t2 = time.perf_counter()
-    return {"load_s": t1 - t0, "images_s": t2 - t1, "images": len(rows), "threads": threads, "batch_size": batch_size}
+    return {"load_s": t1 - t0, "images_s": t2 - t1, "call_s": calls, "images": len(rows), "threads": threads,
+            "batch_size": batch_size}
 
 
 if __name__ == "__main__":

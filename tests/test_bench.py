@@ -87,11 +87,19 @@ def test_job_section_makes_the_loops_images(tmp_path):
     assert all(loop["batch_size"] == figure["rows_per_call"] for figure in (sd, tiny) for loop in figure["loop_runs"])
     for figure in (sd, tiny):
         assert figure["efficiency"] > 0 and figure["job_startup_s"] > 0
-        assert figure["job_end_to_end_s"] > figure["job_runs"][0]["steady_s"] > figure["job_runs"][0]["busy_s"] > 0
+        job, loop = figure["job_runs"][0], figure["loop_runs"][0]
+        assert figure["job_end_to_end_s"] > job["steady_s"] > job["busy_s"] > 0
+        # Two calls on each side (SD: a shard of 2 rows each; tiny: 4 rows and 2 of one shard), the first
+        # apart; the job's, read back from its metadata, make up its actor's time inside batches.
+        assert len(loop["call_s"]) == 2 and len(job["first_call_s"]) == 1 and len(job["later_call_s"]) == 1
+        assert 0 < sum(job["first_call_s"] + job["later_call_s"]) <= job["busy_s"]
+        assert 0 < sum(loop["call_s"]) <= loop["images_s"]
+        assert figure["job_first_call_s"] == job["first_call_s"][0]
     (planned,) = result["plans"]
     assert (planned["rows"], planned["shards"]) == (1000, 5) and planned["peak_rss"] >= planned["rss_after_import"]
     text = "\n".join(jobsystem.render(result))
     assert "| builtin:tiny, 64², 1 steps | 6 | 1 |" in text and "| 1,000 | 5 |" in text
+    assert f"| {tiny['loop_first_call_s']:.2f} / {tiny['job_first_call_s']:.2f} |" in text
     assert f"spent {result['outside_batches_ms_per_image']:.1f} ms per image outside its batches" in text
     assert len(logged) == 3
 
