@@ -149,7 +149,7 @@ def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: in
     return {"process_s": process_s, "wall_s": last["wall_seconds"], "startup_s": last["startup_seconds"],
             "steady_s": last["working_seconds"], "busy_s": busy_s, "images": last["images"],
             "first_call_s": [c[0] for c in calls[:n_actors]],
-            "later_call_s": [*(t for c in calls[:n_actors] for t in c[1:]), *(t for c in calls[n_actors:] for t in c)]}
+            "later_call_s": [t for shard, c in enumerate(calls) for t in (c[1:] if shard < n_actors else c)]}
 
 
 def call_seconds(out: Path, shard: int, batch: int) -> list[float]:
@@ -229,8 +229,8 @@ def render(j: dict) -> list[str]:
              "| rows a call | runs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in [*j["efficiency"], j["tiny"]]:
-        first = f"{e['loop_first_call_s']:.2f} / {e['job_first_call_s']:.2f}" if "job_first_call_s" in e else "-"
-        later = f"{e['loop_later_call_s']:.2f} / {e['job_later_call_s']:.2f}" if "job_later_call_s" in e else "-"
+        first = f"{e['loop_first_call_s']:.2f} / {e['job_first_call_s']:.2f}"
+        later = f"{e['loop_later_call_s']:.2f} / {e['job_later_call_s']:.2f}"
         lines.append(f"| {e['model']}, {e['size']}², {e['steps']} steps | {e['images']} | {e['actors']} | "
                      f"{e['loop_steady_images_per_s']:.3f} | {e['job_steady_images_per_s']:.3f} | "
                      f"**{100 * e['efficiency']:.0f} %** | {first} | {later} | {e['job_startup_s']:.1f} | "

@@ -390,7 +390,7 @@ def render(r: dict) -> str:
                 "| × weights | runs |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in r["cold_start"]:
-            kernels = row.get("kernels_made_bytes", 0)
+            kernels = row["kernels_made_bytes"]
             out.append(f"| {row['layout']} | {row['library']} | {row['load_s']:.2f} | {row['import_s']:.2f} | "
                        f"{_gib(row['peak_rss_ready'])} | {_gib(row['peak_rss_after_first_use'])} | {_gib(kernels)} | "
                        f"{(row['peak_rss_after_first_use'] - kernels) / r['weights_bytes']:.2f} | {len(row['runs'])} |")
