@@ -36,13 +36,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from bench.timing import child_json, median, peak_rss_bytes, rss_bytes, run_child
+from bench.timing import child_json, median, peak_rss_bytes, rss_bytes, run_child, verdict
 from jobs.plan import shard_id
 
 SDBATCH = Path(sys.executable).parent / "sdbatch"
 PLAN_ROWS = (100_000, 1_000_000, 10_000_000)
 BATCH_SIZE = 4  # `sdbatch run`'s default, used by both sides
 MANIFEST_CHUNK_ROWS = 1_000_000
+# Issue 6's targets for the job: its steady images/s at least this share of the loop's, its own cost per
+# image at most this many ms, and the driver's peak memory under this many bytes at 10 M rows.
+TARGET_EFFICIENCY = 0.95
+TARGET_FRAMEWORK_MS = 5.0
+TARGET_DRIVER_BYTES = 10**9
 
 
 def section(sd_model: Path | str, work: Path, log, *, sd_rows_per_actor: int = 8, sd_size: int = 64, sd_steps: int = 4,
@@ -236,6 +241,12 @@ def render(j: dict) -> list[str]:
                      f"**{100 * e['efficiency']:.0f} %** | {first} | {later} | {e['job_startup_s']:.1f} | "
                      f"{e['loop_end_to_end_s']:.1f} | {e['job_end_to_end_s']:.1f} | {e['max_pixel_difference']} | "
                      f"{e['rows_per_call']} | {e['reps']} |")
+    sd = [(f"{e['actors']} actor{'s' if e['actors'] > 1 else ''}", e) for e in j["efficiency"]]
+    lines += ["", f"Target (job ≥ {100 * TARGET_EFFICIENCY:.0f} % of the loop's steady images/s), SD rows: " + ", ".join(
+        f"{actors} {verdict(e['efficiency'] >= TARGET_EFFICIENCY)} ({100 * e['efficiency']:.0f} %)" for actors, e in sd)
+        + ". In the calls after each process's first (actors × the loop's later call ÷ the job's): " + ", ".join(
+        f"{actors} {100 * e['actors'] * e['loop_later_call_s'] / e['job_later_call_s']:.0f} %" for actors, e in sd)
+        + f"; in a longer job than these {s['sd_rows_per_actor']} images per actor, the efficiency comes closer to those."]
     lines += ["", f"Framework cost per image (builtin:tiny, 1 actor, {s['tiny_rows']} images, {j['tiny']['reps']} runs "
               f"each): **{j['framework_ms_per_image']:.1f} ms**, the median of the differences between each job run "
               "and the loop run beside it (job then loop in alternating order): "
@@ -244,13 +255,18 @@ def render(j: dict) -> list[str]:
               f"{1e3 / j['tiny']['loop_steady_images_per_s']:.1f} ms per image). Of the job's steady time, the actor "
               f"spent {j['outside_batches_ms_per_image']:.1f} ms per image outside its batches (reading shards of "
               f"{j['tiny']['shard_size']} rows, committing them, waiting for the next): the job's own serial work, "
-              "measured directly, free of the machine's drift between runs.", "",
+              "measured directly, free of the machine's drift between runs. "
+              f"Target (≤ {TARGET_FRAMEWORK_MS:g} ms): {verdict(j['framework_ms_per_image'] <= TARGET_FRAMEWORK_MS)}.", "",
               "Driver memory while planning (fresh process: every row validated, OUT checked, every shard "
               "listed; string ids, so the duplicate check holds 8 bytes per row):", "",
               "| manifest rows | shards | seconds | RSS after imports | peak RSS |", "|---:|---:|---:|---:|---:|"]
     for p in j["plans"]:
         lines.append(f"| {p['rows']:,} | {p['shards']:,} | {p['seconds']:.1f} | {p['rss_after_import'] / 2**20:.0f} MiB | "
                      f"{p['peak_rss'] / 2**20:.0f} MiB |")
+    largest = max(j["plans"], key=lambda p: p["rows"])
+    lines += ["", f"Target (driver memory flat in the manifest's size: peak under {TARGET_DRIVER_BYTES / 1e9:g} GB at 10 M rows): "
+              f"{verdict(largest['peak_rss'] < TARGET_DRIVER_BYTES)} at {largest['rows']:,} rows "
+              f"({largest['peak_rss'] / 1e9:.2f} GB)."]
     return lines
 
 

@@ -20,10 +20,16 @@ import numpy as np
 import torch
 
 from bench import fixtures, flops, gpu, jobsystem, levers
-from bench.timing import child_json, interleaved, machine, median, versions
+from bench.timing import child_json, interleaved, machine, median, verdict, versions
 from sdcore.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
+# Issue 6's targets for this report's CPU figures: sdcore's whole image at most this × diffusers' time;
+# a cold start no slower than diffusers' `from_pretrained` on the folder, with a peak memory after first
+# use (the kernels sdcore keeps aside) at most this × the weights.
+CPU_TARGET_RATIO = 0.8
+COLD_START_TARGET_MEMORY = 1.2
+FOLDER, SINGLE_FILE = "diffusers folder", "single .safetensors"
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dawn",
            "a bowl of ramen, studio lighting", "an isometric city block at night"]
@@ -128,15 +134,14 @@ def write_json(out: Path, result: dict) -> None:
 # --- cold start -----------------------------------------------------------------------------------
 
 def cold_start(folder: Path, single: Path, reps: int) -> list[dict]:
-    cases = [("diffusers folder", "sdcore", [folder]), ("diffusers folder", "diffusers", [folder]),
-             ("single .safetensors", "sdcore", [single]),
+    cases = [(FOLDER, "sdcore", [folder]), (FOLDER, "diffusers", [folder]), (SINGLE_FILE, "sdcore", [single]),
              # diffusers reads the configs of a single file from a folder; it converts every tensor.
-             ("single .safetensors", "diffusers", [single, folder])]
+             (SINGLE_FILE, "diffusers", [single, folder])]
     rows = []
     for layout, library, paths in cases:
         runs = []
         # diffusers' single-file load takes tens of seconds and twice the weights' memory: once is enough.
-        for _ in range(1 if (library, layout) == ("diffusers", "single .safetensors") else reps):
+        for _ in range(1 if (library, layout) == ("diffusers", SINGLE_FILE) else reps):
             run, _ = child_json(["-m", "bench.coldstart", library, *map(str, paths)], f"cold start {library} {layout}",
                                 timeout=900)
             runs.append(run)
@@ -301,8 +306,8 @@ def render_compiled(c: dict, s: dict) -> list[str]:
     for w in c["whole_images"]:
         lines.append(f"| whole image ({s['steps']} steps + decode) | {w['batch']} | {w['compiled_s']:.3f} | "
                      f"{w['eager_s']:.3f} | {w['diffusers_s']:.3f} | **{w['ratio']:.2f}** | {len(w['runs_s'])} |")
-    lines += ["", "Target with `--compile` (sdcore whole image ≤ 0.8 × diffusers): " + ", ".join(
-        f"batch {w['batch']} {'met' if w['ratio'] <= 0.8 else 'NOT met'} ({w['ratio']:.2f})"
+    lines += ["", f"Target with `--compile` (sdcore whole image ≤ {CPU_TARGET_RATIO} × diffusers): " + ", ".join(
+        f"batch {w['batch']} {verdict(w['ratio'] <= CPU_TARGET_RATIO)} ({w['ratio']:.2f})"
         for w in c["whole_images"]) + ".", ""]
     return lines
 
@@ -316,6 +321,21 @@ def _rows_together(rows: list[dict]) -> list[str]:
             f"makes on the CPU, took {steps[b]:.2f} s against {b} × {steps[1]:.2f} s for the rows one at a time "
             f"({steps[b] / (b * steps[1]) - 1:+.0%}), each image to the same bytes as alone."
             for b in sorted(steps) if b > 1]
+
+
+def _memory_over_weights(row: dict, weights_bytes: int) -> float:
+    """Peak RSS after first use, less the kernels sdcore makes and keeps, over the weights' size."""
+    return (row["peak_rss_after_first_use"] - row["kernels_made_bytes"]) / weights_bytes
+
+
+def _cold_start_target(r: dict) -> str:
+    reference = next(row for row in r["cold_start"] if (row["library"], row["layout"]) == ("diffusers", FOLDER))
+    ours = [row for row in r["cold_start"] if row["library"] == "sdcore"]
+    return (f"Target (load no slower than diffusers' `from_pretrained` on the folder, {reference['load_s']:.2f} s; peak "
+            f"memory after first use, kept kernels aside, ≤ {COLD_START_TARGET_MEMORY} × the weights): " + ", ".join(
+                f"{row['layout']} {verdict(row['load_s'] <= reference['load_s'] and memory <= COLD_START_TARGET_MEMORY)} "
+                f"({row['load_s']:.2f} s, {memory:.2f} ×)"
+                for row in ours for memory in [_memory_over_weights(row, r["weights_bytes"])]) + ".")
 
 
 def _gib(n: float) -> str:
@@ -363,8 +383,8 @@ def render(r: dict) -> str:
         out += ["", "Whole image per image: " + ", ".join(
             f"batch {w['batch']}: sdcore {w['sdcore_s'] / w['batch']:.1f} s, diffusers {w['diffusers_s'] / w['batch']:.1f} s"
             for w in whole) + ".",
-            "Target (sdcore whole image ≤ 0.8 × diffusers): " + ", ".join(
-            f"batch {w['batch']} {'met' if w['ratio'] <= 0.8 else 'NOT met'} ({w['ratio']:.2f})" for w in whole) + "."]
+            f"Target (sdcore whole image ≤ {CPU_TARGET_RATIO} × diffusers): " + ", ".join(
+            f"batch {w['batch']} {verdict(w['ratio'] <= CPU_TARGET_RATIO)} ({w['ratio']:.2f})" for w in whole) + "."]
         out += _rows_together(r["cpu"]["rows"])
         few = [f"{w['reps']} × at batch {w['batch']}" for w in whole if w["reps"] < 3]
         if few:
@@ -393,9 +413,9 @@ def render(r: dict) -> str:
             kernels = row["kernels_made_bytes"]
             out.append(f"| {row['layout']} | {row['library']} | {row['load_s']:.2f} | {row['import_s']:.2f} | "
                        f"{_gib(row['peak_rss_ready'])} | {_gib(row['peak_rss_after_first_use'])} | {_gib(kernels)} | "
-                       f"{(row['peak_rss_after_first_use'] - kernels) / r['weights_bytes']:.2f} | {len(row['runs'])} |")
+                       f"{_memory_over_weights(row, r['weights_bytes']):.2f} | {len(row['runs'])} |")
         out += ["", "diffusers has no single-file loader that reads as fast as `from_pretrained`; its "
-                "`from_single_file` (configs from the folder) is shown for the same file.", ""]
+                "`from_single_file` (configs from the folder) is shown for the same file.", _cold_start_target(r), ""]
     if "jobs" in r:
         out += ["## 3. Job system", ""] + jobsystem.render(r["jobs"]) + [""]
     if "gpu" in r:

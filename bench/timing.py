@@ -71,6 +71,11 @@ def child_json(args: list[str], what: str, *, timeout: float) -> tuple[dict, flo
     return json.loads(stdout.strip().splitlines()[-1]), seconds
 
 
+def verdict(ok: bool) -> str:
+    """How a report line judges a figure against the issue's target."""
+    return "met" if ok else "NOT met"
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

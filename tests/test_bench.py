@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 import sdcore
 from bench import flops, gpu, jobsystem, levers, run
+from bench.timing import verdict
 from sdcore import layers
 from tests.reference import TINY_CLIP, TINY_UNET, TINY_VAE, reference_text_encoder, reference_unet, reference_vae, write_diffusers_folder
 
@@ -101,6 +102,12 @@ def test_job_section_makes_the_loops_images(tmp_path):
     assert "| builtin:tiny, 64², 1 steps | 6 | 1 |" in text and "| 1,000 | 5 |" in text
     assert f"| {tiny['loop_first_call_s']:.2f} / {tiny['job_first_call_s']:.2f} |" in text
     assert f"spent {result['outside_batches_ms_per_image']:.1f} ms per image outside its batches" in text
+    # Each target judged on the figures above it.
+    assert (f"SD rows: 1 actor {verdict(sd['efficiency'] >= 0.95)} ({100 * sd['efficiency']:.0f} %). In the calls after "
+            f"each process's first (actors × the loop's later call ÷ the job's): 1 actor "
+            f"{100 * sd['loop_later_call_s'] / sd['job_later_call_s']:.0f} %; in a longer job than these 4 images") in text
+    assert f"Target (≤ 5 ms): {verdict(result['framework_ms_per_image'] <= 5)}." in text
+    assert f"10 M rows): {verdict(planned['peak_rss'] < 1e9)} at 1,000 rows ({planned['peak_rss'] / 1e9:.2f} GB)." in text
     assert len(logged) == 3
 
 
@@ -194,6 +201,45 @@ def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
     text = (tmp_path / "BENCH.md").read_text()
     assert "Measured apart: `python -m bench.run --sections gpu`" in text and "torch 2.11.0" in text
     assert "the run stopped before its end" in text and "| bfloat16 | 16 | 8.00 | 5.00 | **1.60** | 65 % | 65 % |" in text
+    assert ("Target (512², 50 steps, batch 16: ≥ 6 images/s and ≥ 1.5 × diffusers eager): bfloat16 met (eager: 8.00 "
+            "images/s, 1.60 × diffusers eager, 65 % of peak).") in text
+
+
+def test_gpu_target_takes_the_fastest_lever_and_needs_both_figures():
+    def row(dtype, batch, per_s, speedup):
+        return {"dtype": dtype, "batch": batch, "sdcore": {"images_per_s": per_s, "peak_fraction": None},
+                "speedup_vs_diffusers": speedup}
+
+    figures = {"size": 512, "steps": 50, "rows": [row("bfloat16", 16, 5.0, 1.2), row("bfloat16", 1, 0.9, 1.9),
+                                                   row("float16", 16, 6.5, 1.4)],
+               "levers": [{"lever": "compile", "dtype": "bfloat16", "batch": 16, "images_per_s": 7.0,
+                           "speedup_vs_diffusers": 1.7, "peak_fraction": 0.5},
+                          {"lever": "channels_last", "dtype": "bfloat16", "batch": 16, "images_per_s": 5.5,
+                           "speedup_vs_diffusers": 1.3, "peak_fraction": 0.4},
+                          {"lever": "cuda_graphs", "dtype": "bfloat16", "batch": 16, "error": "RuntimeError: no"}]}
+    assert gpu.target_line(figures).endswith(
+        "bfloat16 met (compile: 7.00 images/s, 1.70 × diffusers eager, 50 % of peak), "
+        "float16 NOT met (eager: 6.50 images/s, 1.40 × diffusers eager).")
+    figures["rows"] = figures["rows"][1:2]  # a run cut short before the target batch
+    assert gpu.target_line(figures).endswith(": batch 16 not measured.")
+
+
+@pytest.mark.parametrize("single_load_s, single_peak_gib, judged", [
+    (0.4, 4.5, "single .safetensors met (0.40 s, 1.00 ×)"),
+    (0.6, 4.5, "single .safetensors NOT met (0.60 s, 1.00 ×)"),  # slower than diffusers' from_pretrained
+    (0.4, 5.5, "single .safetensors NOT met (0.40 s, 1.25 ×)"),  # over 1.2 × the weights once the kernels are aside
+])
+def test_cold_start_target_against_from_pretrained_and_the_weights(single_load_s, single_peak_gib, judged):
+    def row(layout, library, load_s, peak_gib, kernels_gib):
+        return {"layout": layout, "library": library, "load_s": load_s, "peak_rss_after_first_use": peak_gib * 2**30,
+                "kernels_made_bytes": kernels_gib * 2**30}
+
+    rows = [row(run.FOLDER, "sdcore", 0.3, 4.4, 0.4), row(run.FOLDER, "diffusers", 0.5, 4.3, 0),
+            row(run.SINGLE_FILE, "sdcore", single_load_s, single_peak_gib, 0.5),
+            row(run.SINGLE_FILE, "diffusers", 17.0, 8.5, 0)]
+    line = run._cold_start_target({"cold_start": rows, "weights_bytes": 4 * 2**30})
+    assert line.startswith("Target (load no slower than diffusers' `from_pretrained` on the folder, 0.50 s;")
+    assert line.endswith(f": diffusers folder met (0.30 s, 1.00 ×), {judged}.")
 
 
 def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
