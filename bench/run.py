@@ -26,7 +26,7 @@ from sdcore.allocator import keep_freed_memory
 REPO = Path(__file__).resolve().parents[1]
 # Issue 6's targets for this report's CPU figures: sdcore's whole image at most this × diffusers' time;
 # a cold start no slower than diffusers' `from_pretrained` on the folder, with a peak memory after first
-# use (the kernels sdcore keeps aside) at most this × the weights.
+# use, less the kernels sdcore makes and keeps, at most this × the weights.
 CPU_TARGET_RATIO = 0.8
 COLD_START_TARGET_MEMORY = 1.2
 FOLDER, SINGLE_FILE = "diffusers folder", "single .safetensors"
