@@ -26,9 +26,10 @@ from sdcore.allocator import keep_freed_memory
 REPO = Path(__file__).resolve().parents[1]
 # Issue 6's targets for this report's CPU figures: sdcore's whole image at most this × diffusers' time;
 # a cold start no slower than diffusers' `from_pretrained` on the folder, with a peak memory after first
-# use, less the kernels sdcore makes and keeps, at most this × the weights.
+# use at most this × the weights. The targets are judged on unrounded figures.
 CPU_TARGET_RATIO = 0.8
 COLD_START_TARGET_MEMORY = 1.2
+# The cold start's two layouts of the same weights.
 FOLDER, SINGLE_FILE = "diffusers folder", "single .safetensors"
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dawn",
@@ -306,10 +307,13 @@ def render_compiled(c: dict, s: dict) -> list[str]:
     for w in c["whole_images"]:
         lines.append(f"| whole image ({s['steps']} steps + decode) | {w['batch']} | {w['compiled_s']:.3f} | "
                      f"{w['eager_s']:.3f} | {w['diffusers_s']:.3f} | **{w['ratio']:.2f}** | {len(w['runs_s'])} |")
-    lines += ["", f"Target with `--compile` (sdcore whole image ≤ {CPU_TARGET_RATIO} × diffusers): " + ", ".join(
-        f"batch {w['batch']} {verdict(w['ratio'] <= CPU_TARGET_RATIO)} ({w['ratio']:.2f})"
-        for w in c["whole_images"]) + ".", ""]
+    lines += ["", _whole_image_target("Target with `--compile`", c["whole_images"]), ""]
     return lines
+
+
+def _whole_image_target(label: str, whole_images: list[dict]) -> str:
+    return f"{label} (sdcore whole image ≤ {CPU_TARGET_RATIO} × diffusers): " + ", ".join(
+        f"batch {w['batch']} {verdict(w['ratio'] <= CPU_TARGET_RATIO)} ({w['ratio']:.2f})" for w in whole_images) + "."
 
 
 def _rows_together(rows: list[dict]) -> list[str]:
@@ -323,19 +327,20 @@ def _rows_together(rows: list[dict]) -> list[str]:
             for b in sorted(steps) if b > 1]
 
 
-def _memory_over_weights(row: dict, weights_bytes: int) -> float:
-    """Peak RSS after first use, less the kernels sdcore makes and keeps, over the weights' size."""
-    return (row["peak_rss_after_first_use"] - row["kernels_made_bytes"]) / weights_bytes
-
-
 def _cold_start_target(r: dict) -> str:
+    """Judged on the whole peak after the first use, its kernels included; the larger images' kernels, which
+    come on top, are the CPU actors' cost, set out in the section's text and in the README."""
     reference = next(row for row in r["cold_start"] if (row["library"], row["layout"]) == ("diffusers", FOLDER))
-    ours = [row for row in r["cold_start"] if row["library"] == "sdcore"]
+    judged = []
+    for row in r["cold_start"]:
+        if row["library"] != "sdcore":
+            continue
+        memory = row["peak_rss_after_first_use"] / r["weights_bytes"]
+        ok = row["load_s"] <= reference["load_s"] and memory <= COLD_START_TARGET_MEMORY
+        judged.append(f"{row['layout']} {verdict(ok)} ({row['load_s']:.2f} s, {memory:.2f} ×)")
     return (f"Target (load no slower than diffusers' `from_pretrained` on the folder, {reference['load_s']:.2f} s; peak "
-            f"memory after first use, kept kernels aside, ≤ {COLD_START_TARGET_MEMORY} × the weights): " + ", ".join(
-                f"{row['layout']} {verdict(row['load_s'] <= reference['load_s'] and memory <= COLD_START_TARGET_MEMORY)} "
-                f"({row['load_s']:.2f} s, {memory:.2f} ×)"
-                for row in ours for memory in [_memory_over_weights(row, r["weights_bytes"])]) + ".")
+            f"memory after the first use ≤ {COLD_START_TARGET_MEMORY} × the weights, before the kernels of 256² and "
+            "larger images): " + ", ".join(judged) + ".")
 
 
 def _gib(n: float) -> str:
@@ -383,8 +388,7 @@ def render(r: dict) -> str:
         out += ["", "Whole image per image: " + ", ".join(
             f"batch {w['batch']}: sdcore {w['sdcore_s'] / w['batch']:.1f} s, diffusers {w['diffusers_s'] / w['batch']:.1f} s"
             for w in whole) + ".",
-            f"Target (sdcore whole image ≤ {CPU_TARGET_RATIO} × diffusers): " + ", ".join(
-            f"batch {w['batch']} {verdict(w['ratio'] <= CPU_TARGET_RATIO)} ({w['ratio']:.2f})" for w in whole) + "."]
+            _whole_image_target("Target", whole)]
         out += _rows_together(r["cpu"]["rows"])
         few = [f"{w['reps']} × at batch {w['batch']}" for w in whole if w["reps"] < 3]
         if few:
@@ -413,7 +417,7 @@ def render(r: dict) -> str:
             kernels = row["kernels_made_bytes"]
             out.append(f"| {row['layout']} | {row['library']} | {row['load_s']:.2f} | {row['import_s']:.2f} | "
                        f"{_gib(row['peak_rss_ready'])} | {_gib(row['peak_rss_after_first_use'])} | {_gib(kernels)} | "
-                       f"{_memory_over_weights(row, r['weights_bytes']):.2f} | {len(row['runs'])} |")
+                       f"{(row['peak_rss_after_first_use'] - kernels) / r['weights_bytes']:.2f} | {len(row['runs'])} |")
         out += ["", "diffusers has no single-file loader that reads as fast as `from_pretrained`; its "
                 "`from_single_file` (configs from the folder) is shown for the same file.", _cold_start_target(r), ""]
     if "jobs" in r:

@@ -107,7 +107,7 @@ def test_job_section_makes_the_loops_images(tmp_path):
             f"each process's first (actors × the loop's later call ÷ the job's): 1 actor "
             f"{100 * sd['loop_later_call_s'] / sd['job_later_call_s']:.0f} %; in a longer job than these 4 images") in text
     assert f"Target (≤ 5 ms): {verdict(result['framework_ms_per_image'] <= 5)}." in text
-    assert f"10 M rows): {verdict(planned['peak_rss'] < 1e9)} at 1,000 rows ({planned['peak_rss'] / 1e9:.2f} GB)." in text
+    assert "10,000,000 rows): not judged, the largest manifest planned had 1,000 rows." in text
     assert len(logged) == 3
 
 
@@ -201,8 +201,8 @@ def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
     text = (tmp_path / "BENCH.md").read_text()
     assert "Measured apart: `python -m bench.run --sections gpu`" in text and "torch 2.11.0" in text
     assert "the run stopped before its end" in text and "| bfloat16 | 16 | 8.00 | 5.00 | **1.60** | 65 % | 65 % |" in text
-    assert ("Target (512², 50 steps, batch 16: ≥ 6 images/s and ≥ 1.5 × diffusers eager): bfloat16 met (eager: 8.00 "
-            "images/s, 1.60 × diffusers eager, 65 % of peak).") in text
+    assert ("Target (H100-class, 512², 50 steps, batch 16: ≥ 6 images/s and ≥ 1.5 × diffusers eager): bfloat16 met "
+            "(eager: 8.00 images/s, 1.60 × diffusers eager, 65 % of peak).") in text
 
 
 def test_gpu_target_takes_the_fastest_lever_and_needs_both_figures():
@@ -210,8 +210,9 @@ def test_gpu_target_takes_the_fastest_lever_and_needs_both_figures():
         return {"dtype": dtype, "batch": batch, "sdcore": {"images_per_s": per_s, "peak_fraction": None},
                 "speedup_vs_diffusers": speedup}
 
-    figures = {"size": 512, "steps": 50, "rows": [row("bfloat16", 16, 5.0, 1.2), row("bfloat16", 1, 0.9, 1.9),
-                                                   row("float16", 16, 6.5, 1.4)],
+    figures = {"device": "NVIDIA H100 80GB HBM3", "size": 512, "steps": 50,
+               "rows": [row("bfloat16", 16, 5.0, 1.2), row("bfloat16", 1, 0.9, 1.9), row("float16", 16, 6.5, 1.4),
+                        row("float32", 16, 5.5, 1.6)],
                "levers": [{"lever": "compile", "dtype": "bfloat16", "batch": 16, "images_per_s": 7.0,
                            "speedup_vs_diffusers": 1.7, "peak_fraction": 0.5},
                           {"lever": "channels_last", "dtype": "bfloat16", "batch": 16, "images_per_s": 5.5,
@@ -219,27 +220,43 @@ def test_gpu_target_takes_the_fastest_lever_and_needs_both_figures():
                           {"lever": "cuda_graphs", "dtype": "bfloat16", "batch": 16, "error": "RuntimeError: no"}]}
     assert gpu.target_line(figures).endswith(
         "bfloat16 met (compile: 7.00 images/s, 1.70 × diffusers eager, 50 % of peak), "
-        "float16 NOT met (eager: 6.50 images/s, 1.40 × diffusers eager).")
+        "float16 NOT met (eager: 6.50 images/s, 1.40 × diffusers eager, peak unknown), "
+        "float32 NOT met (eager: 5.50 images/s, 1.60 × diffusers eager, peak unknown).")
+    assert gpu.target_line({**figures, "device": "NVIDIA L4"}).endswith(": not judged on NVIDIA L4.")
     figures["rows"] = figures["rows"][1:2]  # a run cut short before the target batch
     assert gpu.target_line(figures).endswith(": batch 16 not measured.")
 
 
+def test_job_targets_judge_each_figure_at_its_threshold():
+    def sd_row(actors, efficiency, loop_later, job_later):
+        return {"actors": actors, "efficiency": efficiency, "loop_later_call_s": loop_later, "job_later_call_s": job_later}
+
+    line = jobsystem.efficiency_target([sd_row(1, 0.95, 9.0, 9.0), sd_row(2, 0.949, 5.0, 11.0)], 8)
+    assert line == ("Target (job ≥ 95 % of the loop's steady images/s), SD rows: 1 actor met (95 %), 2 actors NOT met (95 %). "
+                    "In the calls after each process's first (actors × the loop's later call ÷ the job's): 1 actor 100 %, "
+                    "2 actors 91 %; in a longer job than these 8 images per actor, the efficiency comes closer to those.")
+    # One call per process: no later calls to compare.
+    assert jobsystem.efficiency_target([sd_row(1, 0.9, float("nan"), float("nan"))], 1).endswith("1 actor NOT met (90 %).")
+    plans = [{"rows": 100_000, "peak_rss": 400 * 2**20}, {"rows": 10_000_000, "peak_rss": 10**9}]
+    assert jobsystem.driver_target(plans).endswith(": NOT met (954 MiB, against 400 MiB at 100,000 rows).")
+    plans[1]["peak_rss"] = 10**9 - 1
+    assert ": met (954 MiB" in jobsystem.driver_target(plans)
+
+
 @pytest.mark.parametrize("single_load_s, single_peak_gib, judged", [
-    (0.4, 4.5, "single .safetensors met (0.40 s, 1.00 ×)"),
-    (0.6, 4.5, "single .safetensors NOT met (0.60 s, 1.00 ×)"),  # slower than diffusers' from_pretrained
-    (0.4, 5.5, "single .safetensors NOT met (0.40 s, 1.25 ×)"),  # over 1.2 × the weights once the kernels are aside
+    (0.4, 4.6, "single .safetensors met (0.40 s, 1.15 ×)"),
+    (0.6, 4.6, "single .safetensors NOT met (0.60 s, 1.15 ×)"),  # slower than diffusers' from_pretrained
+    (0.4, 5.0, "single .safetensors NOT met (0.40 s, 1.25 ×)"),  # over 1.2 × the weights, its kernels included
 ])
 def test_cold_start_target_against_from_pretrained_and_the_weights(single_load_s, single_peak_gib, judged):
-    def row(layout, library, load_s, peak_gib, kernels_gib):
-        return {"layout": layout, "library": library, "load_s": load_s, "peak_rss_after_first_use": peak_gib * 2**30,
-                "kernels_made_bytes": kernels_gib * 2**30}
+    def row(layout, library, load_s, peak_gib):
+        return {"layout": layout, "library": library, "load_s": load_s, "peak_rss_after_first_use": peak_gib * 2**30}
 
-    rows = [row(run.FOLDER, "sdcore", 0.3, 4.4, 0.4), row(run.FOLDER, "diffusers", 0.5, 4.3, 0),
-            row(run.SINGLE_FILE, "sdcore", single_load_s, single_peak_gib, 0.5),
-            row(run.SINGLE_FILE, "diffusers", 17.0, 8.5, 0)]
+    rows = [row(run.FOLDER, "sdcore", 0.3, 4.4), row(run.FOLDER, "diffusers", 0.5, 4.3),
+            row(run.SINGLE_FILE, "sdcore", single_load_s, single_peak_gib), row(run.SINGLE_FILE, "diffusers", 17.0, 8.5)]
     line = run._cold_start_target({"cold_start": rows, "weights_bytes": 4 * 2**30})
     assert line.startswith("Target (load no slower than diffusers' `from_pretrained` on the folder, 0.50 s;")
-    assert line.endswith(f": diffusers folder met (0.30 s, 1.00 ×), {judged}.")
+    assert line.endswith(f": diffusers folder met (0.30 s, 1.10 ×), {judged}.")
 
 
 def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
