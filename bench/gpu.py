@@ -192,7 +192,8 @@ def render(g: dict) -> list[str]:
     if g["levers"]:
         lines += ["", "Levers, each alone on top of sdcore's eager pipeline (first call = the compile, where there "
                   "is one; left out of images/s):", "",
-                  "| lever | dtype | batch | images/s | × eager sdcore | speedup vs diffusers eager above | % of peak | first call s |",
+                  "| lever | dtype | batch | images/s | × eager sdcore | speedup vs diffusers eager above | % of peak "
+                  "| first call s |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for row in g["levers"]:
             if "error" in row:

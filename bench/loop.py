@@ -3,9 +3,9 @@
 `python -m bench.loop MANIFEST MODEL OUT_FOLDER THREADS BATCH` loads the pipeline in this process,
 makes the rows' images with `Pipeline.generate`, BATCH rows per call (as `sdbatch run
 --batch-size` does), saves each as `OUT_FOLDER/<id>.png` with PIL, and prints one JSON line:
-seconds to load, seconds to make and save the images, each call's seconds, images. The manifest must spell out every
-parameter, the same in every row (bench.jobsystem writes it so): no job defaults, no seed
-derivation, nothing of sdbatch's job code. The process keeps freed memory as the job's CPU actors
+seconds to load, seconds to make and save the images, each call's seconds, images. The manifest
+must spell out every parameter, the same in every row (bench.jobsystem writes it so): no job
+defaults, no seed derivation, nothing of sdbatch's job code. The process keeps freed memory as the job's CPU actors
 do (`sdcore.allocator`), so that the comparison is of the job's own work, not of the allocator.
 """
 import json
