@@ -14,9 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SD15 = SHARED / "sd15"
-CLIP_BPE = SHARED / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+SD15 = REPO / "tests" / "data" / "sd15"  # the SD v1.5 release's config files, as published
 
 # Same block structure as SD v1.5 (four levels, the same block types), tiny widths.
 TINY_UNET = {
