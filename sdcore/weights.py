@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -47,15 +47,12 @@ SD15_SCHEDULER_CONFIG = {
 COMPONENTS = ("unet", "vae", "text_encoder")
 MODULES = {"unet": (UNet, UNetConfig), "vae": (AutoencoderKL, VAEConfig), "text_encoder": (CLIPTextEncoder, CLIPTextConfig)}
 
-# The weight files a diffusers folder may hold per component, most preferred first: float32
-# before the fp16 variant (no rounding), safetensors before pickles (memory-mapped, no pickle code).
-_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
-FOLDER_WEIGHT_FILES = {
-    "unet": _DIFFUSERS_FILES,
-    "vae": _DIFFUSERS_FILES,
-    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
-}
+# The small files of a diffusers folder that loading reads (each optional but the configs, which
+# `folder_files` requires): configs, scheduler, vocabulary. The tokenizer's other two files are
+# not read, but a folder is not a diffusers folder without them.
+FOLDER_SMALL_FILES = ("model_index.json", *(f"{c}/config.json" for c in COMPONENTS), "scheduler/scheduler_config.json",
+                      "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+                      "tokenizer/special_tokens_map.json")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 # Where each module lives in a single file (the text encoder's older files lack `text_model.`).
@@ -84,7 +81,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype
 
 def load_folder(root: Path, *, device="cpu", dtype=torch.float32, source: str | None = None) -> Pipeline:
     index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
-    family = _folder_family(root, index)
+    family = _folder_family({p.name for p in root.iterdir() if p.is_dir()}, index)
     if family:
         raise UnsupportedModelError(f"{root} looks like {family}; sdbatch supports Stable Diffusion 1.x only")
     missing = [f"{c}/" for c in COMPONENTS if not (root / c).is_dir()]
@@ -105,7 +102,7 @@ def load_folder(root: Path, *, device="cpu", dtype=torch.float32, source: str | 
 
     files, sources = {}, {}
     for c in COMPONENTS:
-        file = _pick_weight_file(root / c, FOLDER_WEIGHT_FILES[c])
+        file = _pick_weight_file(root / c, weight_file_names(c, dtype))
         files[f"{c}/{file.name}"] = tensors = TensorFile(file)
         sources[c] = {}
         for key in tensors.shapes:
@@ -131,15 +128,46 @@ def load_folder(root: Path, *, device="cpu", dtype=torch.float32, source: str | 
                     source=source or str(root), fingerprint=fingerprint, device=torch.device(device), dtype=dtype)
 
 
-def _folder_family(root: Path, index: dict) -> str | None:
+def weight_file_names(component: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The weight files a diffusers component folder may hold, most preferred first: safetensors
+    before pickles (memory-mapped, no pickle code), and within each the variant closest to the dtype
+    that will run: the fp16 files for half precision (half the bytes), the full ones otherwise."""
+    stem, pickle_stem = ("model", "pytorch_model") if component == "text_encoder" else ("diffusion_pytorch_model",) * 2
+    variants = (".fp16", "") if dtype in (torch.float16, torch.bfloat16) else ("", ".fp16")
+    return (*(f"{stem}{v}.safetensors" for v in variants), *(f"{pickle_stem}{v}.bin" for v in variants))
+
+
+def folder_files(available: Iterable[str], dtype: torch.dtype = torch.float32) -> list[str]:
+    """The files of a diffusers folder that `load_folder` reads at `dtype`, given every relative
+    path the folder holds (e.g. a remote listing): what to fetch to generate, and nothing more — no
+    other weight variants, no non-EMA UNet, no safety checker, no single-file checkpoints."""
+    available = set(available)
+    family = _folder_family({p.split("/", 1)[0] for p in available if "/" in p}, {})
+    if family:
+        raise UnsupportedModelError(f"it looks like {family}; sdbatch supports Stable Diffusion 1.x only")
+    chosen = [f for f in FOLDER_SMALL_FILES if f in available]
+    missing = [f"{c}/config.json" for c in COMPONENTS if f"{c}/config.json" not in available]
+    for c in COMPONENTS:
+        names = weight_file_names(c, dtype)
+        found = next((f"{c}/{n}" for n in names if f"{c}/{n}" in available), None)
+        if found is None:
+            missing.append(f"{c}/{names[0]} (or {', '.join(names[1:])})")
+        else:
+            chosen.append(found)
+    if missing:
+        raise WeightsError(f"not a complete diffusers folder: no {'; no '.join(missing)}")
+    return chosen
+
+
+def _folder_family(subfolders: set[str], index: dict) -> str | None:
     """What a diffusers folder looks like if its layout alone shows it is not SD 1.x.
 
     SD 2.x folders have the SD 1.x layout; their configs give them away (see the config readers).
     """
     name = index.get("_class_name", "")
-    if (root / "text_encoder_2").is_dir() or "text_encoder_2" in index or "XL" in name:
+    if "text_encoder_2" in subfolders or "text_encoder_2" in index or "XL" in name:
         return f"SDXL{f' ({name})' if name else ''}: it has a second text encoder, text_encoder_2/"
-    if (root / "transformer").is_dir() or "transformer" in index:
+    if "transformer" in subfolders or "transformer" in index:
         return f"a diffusion-transformer model{f' ({name})' if name else ''} (SD3, Flux, PixArt, ...): it has transformer/ instead of unet/"
     return None
 

@@ -263,7 +263,7 @@ def test_folder_variants_load(tiny, variant):
             assert torch.equal(loaded[k], v.to(dtype).float()), f"{c}: {k}"
 
 
-def test_folder_prefers_float32_safetensors(tiny):
+def test_folder_picks_the_variant_of_the_dtype(tiny):
     fp16_only = write_variant_folder(tiny.folder, tiny.root / "fp16_only", legacy=False, suffix=".fp16.safetensors",
                                      dtype=torch.float16)
     both = tiny.root / "fp32_and_fp16"
@@ -275,6 +275,10 @@ def test_folder_prefers_float32_safetensors(tiny):
     assert pipe.fingerprint == sdcore.load_pipeline(tiny.folder).fingerprint
     assert pipe.fingerprint != sdcore.load_pipeline(fp16_only).fingerprint
     assert_matches_reference(pipe, tiny.inputs, tiny.expected)
+    for half in (torch.float16, torch.bfloat16):
+        assert (sdcore.load_pipeline(both, dtype=half).fingerprint
+                == sdcore.load_pipeline(fp16_only, dtype=half).fingerprint
+                != sdcore.load_pipeline(tiny.folder, dtype=half).fingerprint)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
