@@ -66,6 +66,7 @@ METADATA_FIELDS = [
     pa.field("scheduler_config", pa.string()),  # JSON
     pa.field("model", pa.string()),
     pa.field("model_fingerprint", pa.string()),
+    pa.field("model_revision", pa.string()),  # the Hub's commit or the remote files' versions; null for a local model
     pa.field("image_path", pa.string()),  # relative to OUT
     pa.field("image_sha256", pa.string()),
     pa.field("generation_seconds", pa.float64()),
@@ -112,13 +113,14 @@ def failures_path(shard: str) -> str:
     return f"failures/{shard}.parquet"
 
 
-def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, model_fingerprint: str) -> dict:
+def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, model_fingerprint: str,
+                      model_revision: str | None) -> dict:
     """What the PNG text chunk records: everything needed to make the image again."""
     return {
         "id": item.id, "prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
         "steps": item.steps, "guidance_scale": item.guidance_scale, "width": item.width, "height": item.height,
         "scheduler": item.scheduler, "scheduler_config": scheduler_config, "model": model,
-        "model_fingerprint": model_fingerprint, "sdbatch_version": SDBATCH_VERSION,
+        "model_fingerprint": model_fingerprint, "model_revision": model_revision, "sdbatch_version": SDBATCH_VERSION,
     }
 
 
@@ -502,16 +504,17 @@ class ShardWriter:
     """
 
     def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, model: str, model_fingerprint: str,
-                 embed_images: bool = False):
+                 model_revision: str | None = None, embed_images: bool = False):
         self.out, self.writer, self.rows, self.embed_images = out, writer, rows, embed_images
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
+        self.model_revision = model_revision
         self.shard = rows.shard.id
         self._records: dict[str, _Done | _Failed] = {}
 
     def add(self, item: WorkItem, image, *, scheduler_config: dict, seconds: float) -> None:
         """Hand one generated image to the writer (blocks only while the writer's queue is full)."""
         params = generation_params(item, scheduler_config=scheduler_config, model=self.model,
-                                   model_fingerprint=self.model_fingerprint)
+                                   model_fingerprint=self.model_fingerprint, model_revision=self.model_revision)
         future = self.writer.submit(image_path(self.shard, item.id), image, params, keep=self.embed_images)
         self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds)
 
@@ -553,6 +556,7 @@ class ShardWriter:
             "scheduler_config": [r.scheduler_config for r in done],
             "model": [self.model] * len(done),
             "model_fingerprint": [self.model_fingerprint] * len(done),
+            "model_revision": [self.model_revision] * len(done),
             "image_path": paths,
             "image_sha256": [w[0] for w in written] if self.embed_images else written,
             "generation_seconds": [r.seconds for r in done],
