@@ -25,7 +25,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from jobs import devices, storage
+from jobs import devices, sources, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Output, ShardWriter
@@ -41,6 +41,7 @@ class ActorConfig:
     output: str
     model: str
     defaults: Defaults
+    model_cache: str | None = None  # None: sources.default_cache() of the actor's node
     device: str = "auto"  # resolved on the actor's node
     dtype: str = "fp32"
     compile: bool = False  # Pipeline.compile() after loading
@@ -61,8 +62,10 @@ class ShardRunner:
     def __init__(self, config: ActorConfig):
         self.config = config
         self.allocator = allocator.keep_freed_memory() if config.keep_freed_memory else allocator.DEFAULT
-        self.pipe = load_pipeline(config.model, device=devices.resolve_device(config.device),
-                                  dtype=devices.resolve_dtype(config.dtype))
+        dtype = devices.resolve_dtype(config.dtype)
+        self.model = sources.resolve(config.model, storage_options=config.storage_options, dtype=dtype,
+                                     cache=config.model_cache)
+        self.pipe = load_pipeline(self.model.path, device=devices.resolve_device(config.device), dtype=dtype)
         if config.compile:
             self.pipe.compile()
         self.manifest = open_manifest(config.manifest, config.storage_options)
@@ -76,7 +79,8 @@ class ShardRunner:
 
     def info(self) -> dict:
         return {
-            "model": self.pipe.source, "fingerprint": self.pipe.fingerprint, "device": str(self.pipe.device),
+            "model": self.config.model, "fingerprint": self.pipe.fingerprint, "source": self.model.report(),
+            "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "node": ray_node(), "pid": os.getpid(),
             "allocator": self.allocator,
         }
@@ -92,8 +96,9 @@ class ShardRunner:
             torch.set_num_threads(self.config.cpu_threads)  # here: Ray runs each call on one of its threads
         rows = storage.DEFAULT_RETRY.call(f"reading the rows of {shard.id}", read_shard, self.manifest, shard,
                                           self.config.defaults)
-        shard_writer = ShardWriter(self.out, self.writer, rows, model=self.pipe.source,
-                                   model_fingerprint=self.pipe.fingerprint, embed_images=self.config.embed_images)
+        shard_writer = ShardWriter(self.out, self.writer, rows, model=self.config.model,
+                                   model_fingerprint=self.pipe.fingerprint, model_revision=self.model.revision,
+                                   embed_images=self.config.embed_images)
         generating, errors = 0.0, []
         for batch in batches(rows.items, self.config.batch_size):
             t = time.perf_counter()

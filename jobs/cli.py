@@ -3,13 +3,12 @@
 Bad input (a manifest that breaks the schema, an unusable output folder, storage that refuses
 us) exits with code 2 and the message on stderr, without a traceback; a traceback means a bug.
 """
-import os
 from typing import Annotated
 
 import typer
 
 from jobs import manifest as manifests
-from jobs import devices, sink, storage
+from jobs import devices, sink, sources, storage
 from jobs.cli_common import StorageOptions, user_errors
 from jobs.manifest import Defaults
 from jobs.manifest_build import manifest_app
@@ -26,6 +25,12 @@ WidthOption = Annotated[int, typer.Option("--width", help="Image width for rows 
 HeightOption = Annotated[int, typer.Option("--height", help="Image height for rows without `height` (multiple of 8).")]
 SchedulerOption = Annotated[str, typer.Option("--scheduler", help="Scheduler for rows without `scheduler`.")]
 NegativeOption = Annotated[str, typer.Option("--negative-prompt", help="Negative prompt for rows without `negative_prompt`.")]
+ModelOption = Annotated[str, typer.Option("--model", help=(
+    "A diffusers folder or single .safetensors/.ckpt file: a local path, an fsspec URI (s3://, gs://, ...), "
+    "or a Hugging Face repo id owner/name[/file][@revision]; or builtin:tiny."))]
+ModelCacheOption = Annotated[str | None, typer.Option("--model-cache", help=(
+    "Where each node keeps downloaded model files (default: $SDBATCH_MODEL_CACHE, else $HF_HOME/sdbatch, "
+    "else ~/.cache/sdbatch; Hub files go to the Hugging Face cache unless this is given)."))]
 CompileOption = Annotated[bool, typer.Option(
     "--compile", help="Run the UNet through torch.compile: minutes of compiling per image size, then faster steps.")]
 
@@ -79,7 +84,7 @@ def status_command(
 def generate_command(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    model: Annotated[str, typer.Option("--model", help="A diffusers folder, a single .safetensors/.ckpt file, or builtin:tiny.")],
+    model: ModelOption,
     output: Annotated[str, typer.Option("-o", "--output", help="Where to write the PNG (path or fsspec URL).")] = "out.png",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial noise and of every stochastic step.")] = Defaults.seed,
     steps: StepsOption = Defaults.steps,
@@ -91,6 +96,7 @@ def generate_command(
     device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
     compile_unet: CompileOption = False,
+    model_cache: ModelCacheOption = None,
     storage_option: StorageOptions = None,
 ) -> None:
     """Generate one image; its PNG text chunk records every generation parameter."""
@@ -101,16 +107,17 @@ def generate_command(
         torch_device, torch_dtype = devices.resolve_device(device), devices.resolve_dtype(dtype)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    if not model.startswith("builtin:") and not os.path.exists(model):
-        raise FileNotFoundError(f"--model {model}: no such file or directory")
-    fs, path = storage.resolve(output, storage.parse_storage_options(storage_option or []))
+    options = storage.parse_storage_options(storage_option or [])
+    sources.check(model, options, torch_dtype, model_cache)
+    fs, path = storage.resolve(output, options)
 
     from sdcore import load_pipeline
     from sdcore.allocator import keep_freed_memory
 
     if torch_device.type == "cpu" and (ctx.obj or {}).get("owns_process"):
         keep_freed_memory()  # reuse the activations' memory from one step to the next
-    pipe = load_pipeline(model, device=torch_device, dtype=torch_dtype)
+    resolved = sources.resolve(model, storage_options=options, dtype=torch_dtype, cache=model_cache)
+    pipe = load_pipeline(resolved.path, device=torch_device, dtype=torch_dtype)
     if compile_unet:
         pipe.compile()
 
@@ -128,7 +135,8 @@ def generate_command(
     record = {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
         "guidance_scale": guidance_scale, "width": width, "height": height, "scheduler": params.scheduler,
-        "scheduler_config": sched_config, "model": pipe.source, "model_fingerprint": pipe.fingerprint,
+        "scheduler_config": sched_config, "model": storage.redact_url(model), "model_fingerprint": pipe.fingerprint,
+        "model_revision": resolved.revision,
         "sdbatch_version": sink.SDBATCH_VERSION,
     }
     storage.write_atomic(fs, path, sink.encode_png(image, record))
@@ -143,8 +151,9 @@ app.command("preview")(preview_command)
 @user_errors
 def run_command(
     manifest: Annotated[str, typer.Argument(help="Parquet manifest: a path or fsspec URL.")],
-    model: Annotated[str, typer.Option("--model", help="A diffusers folder, a single .safetensors/.ckpt file, or builtin:tiny.")],
+    model: ModelOption,
     output: Annotated[str, typer.Option("-o", "--output", help="Output dataset folder: a path or fsspec URL.")],
+    model_cache: ModelCacheOption = None,
     actors: Annotated[int | None, typer.Option("--actors", help="Actors (default: one per GPU, or 1 without GPUs).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (same size, steps, scheduler, guidance).")] = 4,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Manifest rows per shard, the unit of work, commit and resume.")] = 200,
@@ -171,7 +180,8 @@ def run_command(
     defaults = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                         scheduler=scheduler, negative_prompt=negative_prompt)
     opts = driver.RunOptions(
-        manifest=manifest, model=model, output=output, defaults=defaults, actors=actors, batch_size=batch_size,
+        manifest=manifest, model=model, model_cache=model_cache, output=output, defaults=defaults, actors=actors,
+        batch_size=batch_size,
         shard_size=shard_size, device=device, dtype=dtype, compile=compile_unet, ray_address=ray_address,
         storage_options=storage.parse_storage_options(storage_option or []),
         mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,

@@ -27,13 +27,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import ray
 import torch
 
-from jobs import devices, storage
+from jobs import devices, sources, storage
 from jobs.actor import ActorConfig, ShardActor
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, read_shard, shards
@@ -61,6 +60,7 @@ class RunOptions:
     model: str
     output: str
     defaults: Defaults = field(default_factory=Defaults)
+    model_cache: str | None = None  # on each node; None: jobs.sources.default_cache() there
     actors: int | None = None  # default: one per GPU, or 1 without GPUs
     batch_size: int = 4
     shard_size: int = 200
@@ -81,6 +81,7 @@ class ActorStats:
     device: str = "?"
     node: str = "?"
     allocator: str = "?"  # sdcore.allocator's report from the actor's process
+    model_files_downloaded: int = 0  # by this slot's actors: the node's cache had the others
     images: int = 0
     failures: int = 0
     shards: int = 0
@@ -90,7 +91,7 @@ class ActorStats:
     def as_dict(self) -> dict:
         rate = self.images / self.busy_seconds if self.busy_seconds else 0.0
         return {"actor": self.slot, "device": self.device, "node": self.node, "allocator": self.allocator,
-                "images": self.images, "failures": self.failures, "shards": self.shards,
+                "model_files_downloaded": self.model_files_downloaded, "images": self.images, "failures": self.failures, "shards": self.shards,
                 "busy_seconds": round(self.busy_seconds, 3), "images_per_second": round(rate, 3), "restarts": self.restarts}
 
 
@@ -123,31 +124,15 @@ def check_options(opts: RunOptions) -> None:
         problems.append(f"--dtype must be one of {', '.join(devices.DTYPES)}, got {opts.dtype!r}")
     if opts.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
-    if (problem := check_model(opts.model)) is not None:
-        problems.append(problem)
+    try:  # a listing or an API call: seconds, nothing downloaded
+        sources.check(opts.model, opts.storage_options, devices.DTYPES.get(opts.dtype, torch.float32), opts.model_cache)
+    except (sources.SourceError, storage.StorageError, PermissionError) as e:
+        problems.append(str(e))
     if opts.device == "cuda" and not joins_cluster(opts) and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible here, and the local Ray cluster would have none; "
                         "use --device auto or cpu, or --ray-address of a cluster with GPUs")
     if problems:
         raise RunError("; ".join(problems), 2)
-
-
-def check_model(model: str) -> str | None:
-    """Why `model` cannot be a model source, judged without loading it (that happens on the actors)."""
-    from sdcore import builtin, weights
-
-    if model.startswith("builtin:"):
-        return None if model == builtin.NAME else f"--model {model}: unknown built-in model; the only one is {builtin.NAME}"
-    path = Path(model)
-    if not path.exists():
-        return f"--model {model}: no such file or directory"
-    if path.is_dir():
-        missing = [f"{c}/" for c in weights.COMPONENTS if not (path / c).is_dir()]
-        if missing:
-            return f"--model {model}: not a diffusers model folder (no {', '.join(missing)})"
-    elif path.suffix not in weights.SINGLE_FILE_SUFFIXES:
-        return f"--model {model}: expected a diffusers folder or a {' / '.join(weights.SINGLE_FILE_SUFFIXES)} file"
-    return None
 
 
 def joins_cluster(opts: RunOptions) -> bool:
@@ -166,7 +151,8 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
         rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults, dtype=opts.dtype,
         embed_images=opts.embed_images,
         settings={"batch_size": opts.batch_size, "actors": opts.actors, "device": opts.device, "compile": opts.compile,
-                  "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options},
+                  "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options,
+                  "model_cache": opts.model_cache},
     )
     out.check(job, mode=opts.mode)
     return job, out
@@ -295,7 +281,8 @@ class _Run:
         self.opts, self.job, self.out, self.plan = opts, job, out, plan
         self.stream, self.on_dispatch = stream, on_dispatch
         self.config = ActorConfig(
-            manifest=opts.manifest, output=opts.output, model=opts.model, defaults=opts.defaults, device=plan.device,
+            manifest=opts.manifest, output=opts.output, model=opts.model, model_cache=opts.model_cache,
+            defaults=opts.defaults, device=plan.device,
             dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
         )
@@ -350,10 +337,16 @@ class _Run:
             self.lose_actor(slot, f"died while loading the model ({_first_line(e)})")
             return
         slot.stats.device, slot.stats.node, slot.stats.allocator = info["device"], info["node"], info["allocator"]
+        source = info["source"]
+        slot.stats.model_files_downloaded += source["downloaded_files"]
+        if source["downloaded_files"]:
+            self.say(f"actor {slot.stats.slot} on node {info['node']}: downloaded {source['downloaded_files']} model "
+                     f"file(s), {source['downloaded_bytes'] / 2**20:,.1f} MiB in {source['seconds']:.1f} s")
         if self.first_ready is None:
             self.first_ready = time.monotonic()
         if self.job.model_fingerprint is None:
             self.job.model_fingerprint = info["fingerprint"]
+            self.job.settings["model_source"] = {"revision": source["revision"], "files": source["files"]}
             self.prepare_output()
         elif info["fingerprint"] != self.job.model_fingerprint:
             raise RunError(f"actor {slot.stats.slot} on node {info['node']} loaded a different model "
@@ -436,7 +429,9 @@ class _Run:
         if self._driver_writer is None:
             self._driver_writer = ImageWriter(self.out, threads=1)
         writer = ShardWriter(self.out, self._driver_writer, rows, model=self.opts.model,
-                             model_fingerprint=self.job.model_fingerprint, embed_images=self.opts.embed_images)
+                             model_fingerprint=self.job.model_fingerprint,
+                             model_revision=self.job.settings["model_source"]["revision"],
+                             embed_images=self.opts.embed_images)
         for item in rows.items:
             writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard; the last: {error}",
                         attempts=SHARD_ATTEMPTS)

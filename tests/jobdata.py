@@ -8,10 +8,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from jobs import sink
 from jobs.manifest import Defaults, derive_seed
+from sdcore import builtin
+from tests.reference import SD15, write_clip_vocab_folder
 
 MODEL = "builtin:tiny"
 # Tiny and quick: 64×64 images, 2 denoising steps of builtin:tiny take ~0.05 s on one core.
@@ -74,3 +78,46 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     """Every file under `folder` with its mtime and bytes."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# The SD v1.5 release's files that sdbatch must never fetch to generate (a safety checker, other
+# weight variants, pickles beside safetensors, non-EMA weights, single-file checkpoints).
+UNUSED_RELEASE_FILES = (
+    "feature_extractor/preprocessor_config.json", "safety_checker/config.json", "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin", "text_encoder/pytorch_model.bin", "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.non_ema.safetensors", "vae/diffusion_pytorch_model.bin",
+    "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "v1-inference.yaml",
+)
+
+
+def write_tiny_folder(root: Path, *, release_layout: bool = False, text_encoder_padding: int = 0) -> Path:
+    """builtin:tiny's weights as a diffusers folder: the same images, but another model to sdbatch
+    (its fingerprint comes from the files).
+
+    `release_layout` adds what the SD v1.5 release's folder holds besides: model_index.json,
+    scheduler and tokenizer files, fp16 variants, and (as junk bytes that fail to load) the files in
+    UNUSED_RELEASE_FILES. `text_encoder_padding` bytes of a tensor the loader skips (the position ids
+    2022-era files carry) make the text encoder's file large enough to be caught mid-download.
+    """
+    tensors = builtin.random_weights(builtin.configs())
+    for component, config in (("unet", builtin.TINY_UNET), ("vae", builtin.TINY_VAE), ("text_encoder", builtin.TINY_CLIP)):
+        (root / component).mkdir(parents=True)
+        (root / component / "config.json").write_text(json.dumps(config))
+        prefix = "text_model." if component == "text_encoder" else ""
+        stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
+        state = {prefix + k: v.contiguous() for k, v in tensors[component].items()}
+        if component == "text_encoder" and text_encoder_padding:
+            state["text_model.embeddings.position_ids"] = torch.zeros(1, text_encoder_padding // 8, dtype=torch.int64)
+        save_file(state, str(root / component / f"{stem}.safetensors"))
+        if release_layout:
+            save_file({k: v.half() for k, v in state.items() if v.is_floating_point()}, str(root / component / f"{stem}.fp16.safetensors"))
+    if release_layout:
+        for name in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes((SD15 / name).read_bytes())
+        write_clip_vocab_folder(root / "tokenizer")
+        (root / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|startoftext|>"}))
+        for name in UNUSED_RELEASE_FILES:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(b"not for generation")
+    return root

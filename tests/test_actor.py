@@ -9,17 +9,16 @@ import time
 import pytest
 import ray
 import torch
-from safetensors.torch import save_file
 
 import sdcore
 from jobs import driver
 from jobs.actor import ActorConfig, ShardFailed, ShardRunner
 from jobs.plan import shards
 from jobs.sink import Output, OutputError
-from sdcore import allocator, builtin
+from sdcore import allocator
 from sdcore.errors import NonFiniteOutputError
 from tests.jobdata import (DEFAULTS, MODEL, TIMING, check_images, pixels, read_dataset, seed_of, snapshot,
-                           start_local_ray, write_manifest)
+                           start_local_ray, write_manifest, write_tiny_folder)
 
 # --- the runner, without Ray ------------------------------------------------------------------------
 
@@ -245,19 +244,6 @@ def test_a_shard_that_keeps_killing_its_actor_goes_to_failures(tmp_path, local_r
     assert not (out / "images" / "shard-000001").exists() or not any((out / "images" / "shard-000001").iterdir())
     assert json.loads((out / "_SUCCESS").read_text())["failures"] == 2
     assert "shard-000001: gave up" in log
-
-
-def write_tiny_folder(root):
-    """builtin:tiny's weights as a diffusers folder: the same images, but another model to sdbatch
-    (its fingerprint comes from the files)."""
-    tensors = builtin.random_weights(builtin.configs())
-    for component, config in (("unet", builtin.TINY_UNET), ("vae", builtin.TINY_VAE), ("text_encoder", builtin.TINY_CLIP)):
-        (root / component).mkdir(parents=True)
-        (root / component / "config.json").write_text(json.dumps(config))
-        prefix = "text_model." if component == "text_encoder" else ""
-        name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
-        save_file({prefix + k: v.contiguous() for k, v in tensors[component].items()}, str(root / component / name))
-    return root
 
 
 def test_a_rerun_of_a_finished_job_changes_nothing_and_another_model_needs_overwrite(tmp_path, local_ray):

@@ -29,7 +29,7 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
     assert params | {"scheduler_config": None} == {
         "prompt": "a red fox in snow", "negative_prompt": "blurry", "seed": 7, "steps": 3, "guidance_scale": 5.0,
         "width": 64, "height": 72, "scheduler": "dpmpp_2m", "scheduler_config": None, "model": "builtin:tiny",
-        "model_fingerprint": "builtin:tiny/v1", "sdbatch_version": sink.SDBATCH_VERSION,
+        "model_fingerprint": "builtin:tiny/v1", "model_revision": None, "sdbatch_version": sink.SDBATCH_VERSION,
     }
     assert params["scheduler_config"]["name"] == "dpmpp_2m" and params["scheduler_config"]["beta_schedule"] == "scaled_linear"
     expected = sdcore.load_pipeline("builtin:tiny").generate(

@@ -2,8 +2,11 @@
 - the submission path users take: a head started with `ray start --head` (loopback, free ports,
   dashboard on so the job server runs), `sdbatch run` submitted with JobSubmissionClient;
 - a worker node lost mid-job (`ray.cluster_utils.Cluster`): the job completes with every row
-  exactly once and PNGs byte-identical to a clean run.
+  exactly once and PNGs byte-identical to a clean run;
+- the model taken from S3 by the actors into a cache per node, the driver holding no weights: one
+  download per node, none for the next job, none left half-written by an actor killed mid-download.
 Every wait has a timeout, so a hang fails the test rather than the CI job."""
+import json
 import os
 import shutil
 import signal
@@ -12,17 +15,18 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 
-from jobs import driver
+from jobs import driver, sources
 from jobs.actor import ActorConfig, ShardRunner
 from jobs.manifest import open_manifest
 from jobs.plan import shards
-from tests.jobdata import DEFAULTS, MODEL, check_images, read_dataset, write_manifest
+from tests.jobdata import DEFAULTS, MODEL, check_images, read_dataset, write_manifest, write_tiny_folder
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 SDBATCH = str(VENV_BIN / "sdbatch")
@@ -219,3 +223,119 @@ def run_with_timeout(fn, timeout: float):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+# --- the model from object storage, cached once per node ------------------------------------------------
+
+def upload_model(s3_server, folder: Path) -> str:
+    bucket = s3_server.make_bucket(f"models-{uuid.uuid4().hex[:8]}")
+    s3_server.filesystem().put(str(folder), f"{bucket}/sd15", recursive=True)
+    return f"s3://{bucket}/sd15/"
+
+
+def cached_files(cache: Path) -> set[str]:
+    """The model files in a node's cache (records, locks and temporary files left out)."""
+    (source,) = (cache / "fsspec").iterdir()
+    return {p.relative_to(source).as_posix() for p in source.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.relative_to(source).parts[0] not in (".sdbatch", ".partial")}
+
+
+def partial_files(cache: Path) -> list[Path]:
+    return [p for p in (cache / "fsspec").rglob("*.part")] if (cache / "fsspec").exists() else []
+
+
+def test_model_from_s3_downloaded_once_per_node(tmp_path, s3_server, monkeypatch):
+    """Two worker nodes with two actors each and a cache of their own; the driver has no weights."""
+    from ray.cluster_utils import Cluster
+
+    release = write_tiny_folder(tmp_path / "sd15", release_layout=True)
+    model = upload_model(s3_server, release)
+    wanted = set(sources.select([p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()],
+                                torch.float32, model)[1])
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "driver-cache"))  # the driver's (and the head's) cache
+    rows = 8
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(rows)])
+    caches = {name: tmp_path / f"cache-{name}" for name in "ab"}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        nodes = {name: cluster.add_node(num_cpus=2, env_vars={sources.CACHE_ENV: str(cache)})
+                 for name, cache in caches.items()}
+        cluster.wait_for_nodes(timeout=60)
+        ray.init(address=cluster.address, log_to_driver=False)
+        names = {node.node_id[:8]: name for name, node in nodes.items()}
+        results = []
+        for out in ("out1", "out2"):
+            opts = driver.RunOptions(manifest=str(manifest), model=model, output=str(tmp_path / out), defaults=DEFAULTS,
+                                     actors=4, batch_size=2, shard_size=1, storage_options=s3_server.storage_options)
+            results.append(run_with_timeout(lambda: driver.run(opts), 180))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    first, second = results
+    assert sorted(names[a.node] for a in first.actors) == ["a", "a", "b", "b"]  # two actors on each node
+    for name in "ab":  # each node fetched each file once, whichever of its actors did
+        assert sum(a.model_files_downloaded for a in first.actors if names[a.node] == name) == len(wanted)
+        assert cached_files(caches[name]) == wanted and not partial_files(caches[name])
+    assert [a.model_files_downloaded for a in second.actors] == [0] * 4  # the next job finds the caches full
+    assert not (tmp_path / "driver-cache").exists()
+
+    meta, failures = read_dataset(tmp_path / "out1")
+    assert not failures and len(meta) == rows
+    check_images(tmp_path / "out1", meta)
+    job = json.loads((tmp_path / "out1" / "_sdbatch" / "job.json").read_text())
+    revision = job["settings"]["model_source"]["revision"]
+    assert {f["path"] for f in job["settings"]["model_source"]["files"]} == wanted
+    assert revision.startswith("files:") and {m["model_revision"] for m in meta.values()} == {revision}
+    assert {m["model"] for m in meta.values()} == {model}
+
+
+def processes_with_open(folder: Path) -> list[int]:
+    """Pids of processes holding a file under `folder` open."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if any(os.readlink(fd).startswith(str(folder)) for fd in (entry / "fd").iterdir()):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_an_actor_killed_mid_download(tmp_path, s3_server):
+    """The actor downloading the model dies; its node's other actor takes over the download and a
+    replacement actor finds the cache full. No temporary file is left, and the job completes."""
+    from ray.cluster_utils import Cluster
+
+    folder = write_tiny_folder(tmp_path / "sd15", text_encoder_padding=256 << 20)  # ~1 s to download
+    model = upload_model(s3_server, folder)
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(4)])
+    cache = tmp_path / "cache"
+    killed = []
+
+    def kill_the_downloader():
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for part in partial_files(cache):
+                for pid in processes_with_open(part.parent):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2, env_vars={sources.CACHE_ENV: str(cache)})
+        cluster.wait_for_nodes(timeout=60)
+        ray.init(address=cluster.address, log_to_driver=False)
+        threading.Thread(target=kill_the_downloader, daemon=True).start()
+        opts = driver.RunOptions(manifest=str(manifest), model=model, output=str(tmp_path / "out"), defaults=DEFAULTS,
+                                 actors=2, batch_size=2, shard_size=2, storage_options=s3_server.storage_options)
+        result = run_with_timeout(lambda: driver.run(opts), 240)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert killed and result.actor_restarts >= 1 and result.images == 4
+    assert not partial_files(cache)
+    (source,) = (cache / "fsspec").iterdir()
+    for rel in cached_files(cache):
+        assert (source / rel).read_bytes() == (folder / rel).read_bytes(), rel
