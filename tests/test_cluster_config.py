@@ -1,11 +1,14 @@
-"""cluster.yaml, k8s/rayjob.yaml, k8s/Dockerfile and docs/cluster.md: valid, consistent, runnable commands.
+"""cluster.yaml, k8s/rayjob.yaml, the image (docker/Dockerfile and the Makefile's pins) and
+docs/cluster.md: valid, consistent, runnable commands.
 
-Nothing here reaches a cloud: cluster.yaml goes through the same schema check and default
-filling that `ray up` does before it contacts AWS.
+Nothing here builds an image or reaches a cloud: cluster.yaml goes through the same schema check
+and default filling that `ray up` does before it contacts AWS.
 """
+import fnmatch
 import json
 import re
 import shlex
+from importlib.metadata import version
 from pathlib import Path
 
 import jsonschema
@@ -13,12 +16,21 @@ import pytest
 import ray.autoscaler
 import typer.main
 import yaml
+from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest brings tomli there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster.yaml"
 RAYJOB = ROOT / "k8s" / "rayjob.yaml"
-DOCKERFILE = ROOT / "k8s" / "Dockerfile"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+MAKEFILE = ROOT / "Makefile"
+PYPROJECT = ROOT / "pyproject.toml"
 DOCS = ROOT / "docs" / "cluster.md"
 
 
@@ -31,6 +43,34 @@ def ray_image_version(image: str) -> str:
     match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-gpu", image)
     assert match, f"not a rayproject/ray GPU image: {image}"
     return match.group(1)
+
+
+def makefile_vars() -> dict[str, str]:
+    """NAME := value, NAME ?= value and NAME = value lines of the Makefile."""
+    found = re.findall(r"^([A-Z_]+)\s*[:?]?=[ \t]*(.*?)\s*$", MAKEFILE.read_text(), re.M)
+    return dict(found)
+
+
+def makefile_recipe(target: str) -> str:
+    """The recipe of `target`, its continuation lines joined."""
+    match = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", MAKEFILE.read_text(), re.M)
+    assert match, f"Makefile has no target {target}"
+    return match.group(1).replace("\\\n", " ")
+
+
+def dockerfile_args() -> dict[str, str]:
+    """ARG NAME=default, before and after FROM."""
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)\s*$", DOCKERFILE.read_text(), re.M))
+
+
+def dockerfile_instructions(name: str) -> list[str]:
+    """The arguments of every `name` instruction, continuation lines joined."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    return [m.strip() for m in re.findall(rf"^{name}\s+(.*)$", text, re.M)]
+
+
+def pyproject() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())
 
 
 def sdbatch_run_commands() -> list[tuple[str, list[str]]]:
@@ -116,19 +156,93 @@ def test_rayjob_is_a_gpu_cluster_running_sdbatch():
 
 
 def test_ray_versions_agree():
-    from_line = next(l for l in DOCKERFILE.read_text().splitlines() if l.startswith("FROM "))
-    dockerfile = ray_image_version(from_line.split()[1])
-    assert ray_image_version(load(CLUSTER)["docker"]["image"]) == dockerfile
-    assert load(RAYJOB)["spec"]["rayClusterSpec"]["rayVersion"] == dockerfile
+    ray_version = makefile_vars()["RAY_VERSION"]
+    assert ray_image_version(load(CLUSTER)["docker"]["image"]) == ray_version
+    assert load(RAYJOB)["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
+
+# --- the image: docker/Dockerfile, .dockerignore, the Makefile, pyproject.toml -----------------
 
 
-def test_dockerfile_installs_torch_before_sdbatch():
-    runs = [l for l in DOCKERFILE.read_text().splitlines() if l.startswith("RUN ")]
-    assert re.search(r"pip install .*\btorch\b", runs[0])
-    assert "[s3]" in runs[-1]
-    copied = " ".join(l for l in DOCKERFILE.read_text().splitlines() if l.startswith("COPY "))
-    for needed in ["pyproject.toml", "sdcore", "jobs"]:
-        assert needed in copied
+def test_image_pins_are_the_makefiles_and_pyprojects():
+    args, make = dockerfile_args(), makefile_vars()
+    for name in ("TORCH_VERSION", "RAY_VERSION", "TORCH_CUDA", "CUDA_VERSION"):
+        assert args[name] == make[name], f"Dockerfile ARG {name}={args[name]}, Makefile {name}={make[name]}"
+    # PyTorch's index cu128 is CUDA 12.8, the base image's.
+    assert args["TORCH_CUDA"] == "cu" + "".join(args["CUDA_VERSION"].split(".")[:2])
+    requires = {Requirement(r).name: Requirement(r) for r in pyproject()["project"]["dependencies"]}
+    assert requires["torch"].specifier.contains(args["TORCH_VERSION"]), requires["torch"]
+    assert requires["ray"].specifier.contains(args["RAY_VERSION"]), requires["ray"]
+
+
+def test_image_pins_are_what_the_tests_run():
+    make = makefile_vars()
+    assert version("torch").split("+")[0] == make["TORCH_VERSION"]
+    assert version("ray") == make["RAY_VERSION"]
+    venv = makefile_recipe(r"\$\(STAMP\)")
+    assert "torch==$(TORCH_VERSION)" in venv and "ray[default]==$(RAY_VERSION)" in venv
+
+
+def test_dockerfile_installs_the_pins():
+    runs = " ".join(dockerfile_instructions("RUN"))
+    assert '"torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in runs
+    assert '"ray[default]==${RAY_VERSION}"' in runs
+    (base,) = dockerfile_instructions("FROM")
+    assert base.startswith("nvidia/cuda:${CUDA_VERSION}-")
+    # torch before sdbatch, and sdbatch installed with torch and Ray held at their pins.
+    install = next(r for r in dockerfile_instructions("RUN") if "[s3,gcs,hub]" in r)
+    assert '"torch==${TORCH_VERSION}"' in install and '"ray[default]==${RAY_VERSION}"' in install
+    assert runs.index("--index-url") < runs.index("[s3,gcs,hub]")
+
+
+def test_make_image_builds_the_dockerfile_with_the_makefiles_pins():
+    recipe = makefile_recipe("image")
+    assert "docker build -f docker/Dockerfile" in recipe and "-t $(IMAGE) ." in recipe
+    for name in dockerfile_args():
+        assert f"--build-arg {name}=$({name})" in recipe, name
+    assert "docker push $(IMAGE)" in makefile_recipe("push")
+
+
+def test_image_installs_sdbatch_with_its_extras_and_runs_it():
+    project = pyproject()
+    extras = re.search(r"\[([\w,]+)\]\"", next(r for r in dockerfile_instructions("RUN") if "/tmp/sdbatch[" in r))
+    assert set(extras.group(1).split(",")) == {"s3", "gcs", "hub"} <= set(project["project"]["optional-dependencies"])
+    (entrypoint,) = dockerfile_instructions("ENTRYPOINT")
+    assert json.loads(entrypoint) == ["sdbatch"]
+    assert project["project"]["scripts"]["sdbatch"] == "jobs.cli:program"
+    # What pip needs to install the checkout: the metadata pyproject.toml names, every package.
+    copied = " ".join(dockerfile_instructions("COPY")).split()
+    needed = {"pyproject.toml", project["project"]["readme"], *project["project"]["license-files"]}
+    needed |= {p.split(".")[0] for p in project["tool"]["setuptools"]["packages"]}
+    assert needed <= set(copied), needed - set(copied)
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves `path` out of the build context: the last pattern that matches it or
+    one of its parent folders decides (`!` lets it in). fnmatch stands in for Go's filepath.Match."""
+    prefixes = ["/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 2)]
+    ignored = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if pattern.startswith("**/"):
+            matches = any(fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], pattern[3:]) for p in prefixes)
+        else:
+            matches = any(fnmatch.fnmatchcase(p, pattern) for p in prefixes)
+        if matches:
+            ignored = not keep
+    return ignored
+
+
+def test_build_context_is_only_the_package():
+    patterns = [l.strip() for l in DOCKERIGNORE.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    for path in ["pyproject.toml", "README.md", "LICENSE", "jobs/cli.py", "sdcore/pipeline.py",
+                 "sdcore/assets/bpe_simple_vocab_16e6.txt.gz"]:
+        assert (ROOT / path).exists() and not dockerignored(path, patterns), path
+    for path in [".venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so", "out/images/0.png", ".git/HEAD",
+                 "sd15/unet/diffusion_pytorch_model.fp16.safetensors", "v1-5-pruned-emaonly.ckpt",
+                 "sdcore/__pycache__/pipeline.cpython-311.pyc", "sdcore/weights.safetensors", "jobs/model.bin",
+                 ".pytest_cache/v/cache/nodeids", "bench/results/run.json", "manifests/demo.parquet", "tests/data/x"]:
+        assert dockerignored(path, patterns), path
 
 
 @pytest.mark.parametrize("where, argv", sdbatch_run_commands(), ids=lambda v: v if isinstance(v, str) else v[2])
