@@ -32,6 +32,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 MAKEFILE = ROOT / "Makefile"
 PYPROJECT = ROOT / "pyproject.toml"
 DOCS = ROOT / "docs" / "cluster.md"
+CACHE_ENV = "SDBATCH_MODEL_CACHE"  # the variable sdbatch reads its model cache folder from
 
 
 def load(path: Path) -> dict:
@@ -91,6 +92,10 @@ def sdbatch_run_commands() -> list[tuple[str, list[str]]]:
     return found
 
 
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
 def test_cluster_yaml_passes_rays_own_validation():
     config = load(CLUSTER)
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
@@ -125,40 +130,8 @@ def test_cluster_yaml_layout():
     assert {"**/.venv", "**/.git"} <= set(config["rsync_exclude"])
 
 
-def test_rayjob_is_a_gpu_cluster_running_sdbatch():
-    job = load(RAYJOB)
-    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
-    cluster = job["spec"]["rayClusterSpec"]
-    head = cluster["headGroupSpec"]
-    assert head["rayStartParams"]["num-cpus"] == "0"
-    (gpu,) = cluster["workerGroupSpecs"]
-    worker = gpu["template"]["spec"]["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] >= 1
-    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
-    # rayStartParams are command-line flags: Kubernetes wants them as strings.
-    for params in [head["rayStartParams"], gpu["rayStartParams"]]:
-        assert all(isinstance(v, str) for v in params.values())
-
-    argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[2].startswith("s3://") and argv[argv.index("--output") + 1].startswith("s3://")
-    assert int(argv[argv.index("--actors") + 1]) == gpu["replicas"] * worker["resources"]["limits"]["nvidia.com/gpu"]
-    # Weights land where --model points, on the head and on every worker.
-    model = argv[argv.index("--model") + 1]
-    for pod in [head["template"]["spec"], gpu["template"]["spec"]]:
-        fetch = pod["initContainers"][0]
-        mount = fetch["volumeMounts"][0]["mountPath"]
-        assert model.startswith(mount + "/") and model in " ".join(fetch["command"])
-        assert mount in [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
-
-    images = {c["image"] for spec in [head["template"]["spec"], gpu["template"]["spec"]]
-              for c in spec["containers"] + spec["initContainers"]}
-    assert len(images) == 1  # one image, built from k8s/Dockerfile
-
-
 def test_ray_versions_agree():
-    ray_version = makefile_vars()["RAY_VERSION"]
-    assert ray_image_version(load(CLUSTER)["docker"]["image"]) == ray_version
-    assert load(RAYJOB)["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
+    assert ray_image_version(load(CLUSTER)["docker"]["image"]) == makefile_vars()["RAY_VERSION"]
 
 # --- the image: docker/Dockerfile, .dockerignore, the Makefile, pyproject.toml -----------------
 
@@ -243,6 +216,63 @@ def test_build_context_is_only_the_package():
                  "sdcore/__pycache__/pipeline.cpython-311.pyc", "sdcore/weights.safetensors", "jobs/model.bin",
                  ".pytest_cache/v/cache/nodeids", "bench/results/run.json", "manifests/demo.parquet", "tests/data/x"]:
         assert dockerignored(path, patterns), path
+
+
+# --- k8s/rayjob.yaml ---------------------------------------------------------------------------
+
+
+def pod_specs(job: dict) -> list[dict]:
+    cluster = job["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+def test_rayjob_is_a_gpu_cluster_running_sdbatch():
+    job = load(RAYJOB)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    (gpu,) = cluster["workerGroupSpecs"]
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    # rayStartParams are command-line flags: Kubernetes wants them as strings.
+    for params in [head["rayStartParams"], gpu["rayStartParams"]]:
+        assert all(isinstance(v, str) for v in params.values())
+
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[2].startswith("s3://") and option(argv, "--output").startswith("s3://")
+    assert int(option(argv, "--actors")) == gpu["replicas"] * worker["resources"]["limits"]["nvidia.com/gpu"]
+
+
+def test_rayjob_runs_the_image_and_fetches_nothing_before_ray_starts():
+    job = load(RAYJOB)
+    images = {c["image"] for spec in pod_specs(job) for c in spec["containers"]}
+    assert images == {makefile_vars()["IMAGE"]}
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == makefile_vars()["RAY_VERSION"]
+    for spec in pod_specs(job):
+        assert not spec.get("initContainers"), "the actors fetch the model themselves"
+
+
+def test_rayjob_workers_cache_the_model_on_their_node():
+    (gpu,) = load(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    spec = gpu["template"]["spec"]
+    (container,) = spec["containers"]
+    cache = {e["name"]: e["value"] for e in container["env"]}[CACHE_ENV]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == cache]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert {"emptyDir", "hostPath"} & set(volume), volume  # on the node, not a network volume
+
+
+def test_rayjob_retries_and_cleans_up():
+    spec = load(RAYJOB)["spec"]
+    assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] > 0  # a failed attempt runs again (and resumes)
+    assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
+    # ttlSecondsAfterFinished only counts with shutdownAfterJobFinishes; it deletes the RayCluster.
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and 0 <= spec["ttlSecondsAfterFinished"] <= 3600
+    comment = RAYJOB.read_text().split("ttlSecondsAfterFinished:")[0].rsplit("shutdownAfterJobFinishes:", 1)[1]
+    assert "RayCluster" in comment and "RayJob" in comment
 
 
 @pytest.mark.parametrize("where, argv", sdbatch_run_commands(), ids=lambda v: v if isinstance(v, str) else v[2])
