@@ -37,6 +37,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 MAKEFILE = ROOT / "Makefile"
 PYPROJECT = ROOT / "pyproject.toml"
+DOCS = ROOT / "docs" / "cluster.md"
 IAM = ROOT / "docs" / "aws-iam"
 CACHE_ENV = "SDBATCH_MODEL_CACHE"  # the variable sdbatch reads its model cache folder from
 
@@ -79,6 +80,7 @@ def shell_lines() -> dict[str, list[str]]:
         "k8s/rayjob.yaml": [load(RAYJOB)["spec"]["entrypoint"]],
         # The commands in cluster.yaml's header comment, indented by three spaces.
         "cluster.yaml": [l[1:] for l in CLUSTER.read_text().splitlines() if l.startswith("#   ")],
+        "docs/cluster.md": re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.S),
     }
     return {where: "\n".join(t).replace("\\\n", " ").splitlines() for where, t in texts.items()}
 
@@ -102,6 +104,12 @@ def cluster_run_commands() -> list[tuple[str, list[str]]]:
             if argv[1] == "run" and (where == "k8s/rayjob.yaml" or before[:3] == ["ray", "job", "submit"])]
 
 
+def iam_commands() -> list[list[str]]:
+    """Every `aws iam ...` command of docs/cluster.md, as argv."""
+    lines = shell_lines()["docs/cluster.md"]
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("aws iam ")]
+
+
 def option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
@@ -113,6 +121,12 @@ def instance_profiles() -> tuple[str, dict[str, str]]:
     profile = {name: t["node_config"].get("IamInstanceProfile", {}).get("Name") for name, t in types.items()}
     head = config["head_node_type"]
     return profile.pop(head), profile
+
+
+def role_of_profile() -> dict[str, str]:
+    """{instance profile: role}, as docs/cluster.md's commands put the roles in the profiles."""
+    return {option(a, "--instance-profile-name"): option(a, "--role-name")
+            for a in iam_commands() if a[2] == "add-role-to-instance-profile"}
 
 
 def policy(name: str) -> dict:
@@ -253,9 +267,39 @@ def test_trust_policy_lets_ec2_instances_take_the_roles():
     assert (s["Effect"], s["Principal"], s["Action"]) == ("Allow", {"Service": "ec2.amazonaws.com"}, "sts:AssumeRole")
 
 
+def test_documented_iam_commands_make_the_profiles_cluster_yaml_names():
+    head, workers = instance_profiles()
+    commands = iam_commands()
+    roles = role_of_profile()
+    assert all(role == profile for profile, role in roles.items()), roles  # head-policy.json names the role
+    created_profiles = {option(a, "--instance-profile-name") for a in commands if a[2] == "create-instance-profile"}
+    created_roles = {option(a, "--role-name") for a in commands if a[2] == "create-role"}
+    assert {head, *workers.values()} <= created_profiles
+    assert {roles[head], *(roles[p] for p in workers.values())} <= created_roles
+    for a in commands:
+        if a[2] == "create-role":
+            assert option(a, "--assume-role-policy-document") == "file://docs/aws-iam/trust-policy.json"
+    # Every policy document is one of docs/aws-iam/, as is or with its placeholders filled in by sed.
+    inline = {}
+    for a in commands:
+        if a[2] == "put-role-policy":
+            document = option(a, "--policy-document")
+            source = re.search(r"(head|worker)-policy\.json$", document)
+            assert source and (IAM / source.group(0)).exists(), document
+            inline.setdefault(option(a, "--role-name"), set()).add(source.group(0))
+    for p in workers.values():
+        assert inline[roles[p]] == {"worker-policy.json"}
+    assert inline[roles[head]] == {"worker-policy.json", "head-policy.json"}
+    docs = DOCS.read_text()
+    for name in ("worker-policy.json", "head-policy.json"):
+        placeholders = set(re.findall(r"\b(BUCKET|ACCOUNT_ID)\b", (IAM / name).read_text()))
+        for placeholder in placeholders:
+            assert re.search(rf'sed "s/{placeholder}/\${placeholder}/g" docs/aws-iam/{name} >', docs), (name, placeholder)
+
+
 def test_gpu_quota_is_named():
     """New AWS accounts may run 0 vCPUs of G and VT instances: the workers never launch."""
-    for text in (CLUSTER.read_text(),):
+    for text in (CLUSTER.read_text(), DOCS.read_text()):
         assert "L-DB2E81BA" in text and "G and VT" in text
 
 
@@ -419,7 +463,9 @@ COMMANDS = sdbatch_commands()
 
 def test_there_are_documented_commands_to_check():
     where = {w for w, _ in cluster_run_commands()}
-    assert where == {"cluster.yaml", "k8s/rayjob.yaml"}, where
+    assert where == {"cluster.yaml", "docs/cluster.md", "k8s/rayjob.yaml"}, where
+    assert any(argv[1] == "status" for w, _, argv in COMMANDS if w == "docs/cluster.md")
+
 
 @pytest.mark.parametrize("where, before, argv", COMMANDS, ids=[f"{w}: {' '.join(a)[:50]}" for w, _, a in COMMANDS])
 def test_documented_commands_parse(where, before, argv):
@@ -446,6 +492,6 @@ def test_ray_job_commands_name_the_job_server():
     """`ray job ...` from your machine reaches the head only through `ray dashboard`'s tunnel."""
     jobs = [(where, shlex.split(l, comments=True)) for where, lines in shell_lines().items() if where != "k8s/rayjob.yaml"
             for l in lines if l.lstrip().startswith("ray job")]
-    assert len(jobs) >= 1
+    assert len(jobs) >= 4
     for where, argv in jobs:
         assert "--address" in argv and option(argv, "--address") == "http://localhost:8265", f"{where}: {shlex.join(argv)}"
