@@ -1,5 +1,5 @@
-# Both entry points create .venv/ when it is missing. torch is pinned and installed first so
-# that a CPU-only machine never resolves a multi-GB CUDA build through a bare `torch` requirement.
+# Both entry points create .venv/ when it is missing. torch is pinned and installed first, from
+# TORCH_INDEX when it is set, so that sdbatch's own `torch` requirement is already met.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,6 +15,9 @@ CUDA_VERSION := 12.8.1
 # The image's name: cluster.yaml and k8s/rayjob.yaml name the same placeholder. Push to your own
 # registry with `make push IMAGE=<registry>/sdbatch:<tag>`, and put that name in both files.
 IMAGE ?= registry.example.com/sdbatch:0.1.0
+# Where pip takes torch for .venv/: PyPI's default (on Linux, the CUDA build) unless set, e.g.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build on a machine without a GPU.
+TORCH_INDEX ?=
 
 .PHONY: test demo bench venv image push
 
@@ -23,7 +26,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test]' 'ray[default]==$(RAY_VERSION)'
 	touch $(STAMP)
 
