@@ -1,5 +1,7 @@
 """Every `sdbatch` command line in README.md's code blocks is one the CLI accepts, and the ones that
-run locally do run: with `builtin:tiny` in place of real weights and outputs redirected to tmp."""
+run locally do run: with `builtin:tiny` in place of real weights and outputs redirected to tmp.
+The `hf download` line fetches exactly the release files that sdbatch reads."""
+import fnmatch
 import re
 import shlex
 import subprocess
@@ -11,7 +13,11 @@ from typer._click.core import Context  # typer carries its own click
 from typer._click.exceptions import UsageError
 from typer.testing import CliRunner
 
+import torch
+
 from jobs.cli import app
+from reference import SD15
+from sdcore.weights import folder_files
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -19,14 +25,14 @@ SDBATCH = str(ROOT / ".venv" / "bin" / "sdbatch")
 TINY_SIZE = ["--width", "64", "--height", "64", "--steps", "2"]
 
 
-def readme_commands() -> list[list[str]]:
-    """argv (from `sdbatch` on) of every command in the README's shell code blocks, in order."""
+def readme_commands(program: str = "sdbatch") -> list[list[str]]:
+    """argv (from `program` on) of every command in the README's shell code blocks, in order."""
     blocks = re.findall(r"```(?:sh|bash)\n(.*?)```", README.read_text(), re.S)
     found = []
     for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
         argv = shlex.split(line, comments=True)
-        if "sdbatch" in argv:
-            found.append(argv[argv.index("sdbatch"):])
+        if program in argv:
+            found.append(argv[argv.index(program):])
     return found
 
 
@@ -104,3 +110,13 @@ def test_readme_commands_run(tmp_path):
     assert "_SUCCESS  yes" in status and "images/s" in status
     preview = next(a for p, a, _ in ran if p == ["preview"])
     assert Path(preview[preview.index("-o") + 1]).stat().st_size > 0
+
+
+def test_the_hf_download_line_fetches_what_sdbatch_reads_at_fp16():
+    (argv,) = [a for a in readme_commands("hf") if a[1] == "download"]
+    assert argv[2] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    start = argv.index("--include") + 1
+    patterns = argv[start:next((i for i, a in enumerate(argv) if i >= start and a.startswith("-")), len(argv))]
+    release = (SD15 / "files.txt").read_text().split()
+    fetched = {f for f in release if any(fnmatch.fnmatch(f, p) for p in patterns)}
+    assert fetched == set(folder_files(release, torch.float16))
