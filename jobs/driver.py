@@ -1,7 +1,8 @@
 """`sdbatch run`: check everything, start or join Ray, hand shards to actors, finish the dataset.
 
 1. Check, with nothing written and no Ray: options, job defaults, every manifest row, the model
-   source, and OUT (empty, or the same job). Bad input stops here (exit code 2).
+   source, and OUT (empty, or the same job, and writable: a probe file). Bad input stops here
+   (exit code 2).
 2. Ray: start a local cluster, or join one (`--ray-address`, or RAY_ADDRESS as set inside
    `ray job submit`).
 3. Actors: one per GPU (`num_gpus=1`); without GPUs, CPU actors of one core each. Each loads
@@ -140,8 +141,8 @@ def joins_cluster(opts: RunOptions) -> bool:
 
 
 def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
-    """Validate the whole manifest and check OUT, writing nothing. The model's fingerprint stays
-    None until an actor has loaded the model."""
+    """Validate the whole manifest and check OUT, writing nothing but a probe file that is removed
+    at once. The model's fingerprint stays None until an actor has loaded the model."""
     check_options(opts)
     with open_manifest(opts.manifest, opts.storage_options) as m:
         summary = validate(m, opts.defaults)
@@ -155,6 +156,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
                   "model_cache": opts.model_cache},
     )
     out.check(job, mode=opts.mode)
+    out.check_writable()
     return job, out
 
 

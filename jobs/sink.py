@@ -26,6 +26,7 @@ import io
 import json
 import posixpath
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -340,6 +341,20 @@ class Output:
                 self.write(JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
                 return set()
             return self.done_shards()
+
+    def check_writable(self) -> None:
+        """Write and remove a small file: storage that refuses writes (read-only, full, no permission)
+        is found in seconds, before Ray starts and the model loads."""
+        probe = f".sdbatch-write-probe-{uuid.uuid4().hex}"  # hidden: listings skip it if a kill leaves it
+        made_folder = storage.is_local(self.fs) and not self.fs.exists(self.root)
+        with self._errors():
+            try:
+                self.write(probe, b"sdbatch checks that it can write here\n")
+            except storage.StorageError as e:
+                raise OutputError(f"{self.name}: cannot write here: {e}") from None
+            self.remove(probe)
+            if made_folder:  # a job that stops before it starts leaves no trace
+                self.fs.rmdir(self.root)
 
     @contextlib.contextmanager
     def _errors(self):

@@ -249,3 +249,28 @@ def test_compile_without_a_compiler_stops_the_job_before_any_output(tmp_path, ma
                             "cannot build code for cpu"), r.stderr
     assert "/nonexistent/c++" in error and "run without --compile" in error and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+needs_mounts = pytest.mark.skipif(
+    subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
+    reason="needs `unshare -m` (a private mount namespace) to make a read-only or full file system")
+
+
+@needs_mounts
+@pytest.mark.parametrize("store, message", [
+    ("ro", "read-only file system (Read-only file system); not retried"),
+    ("full", "no space left (No space left on device); not retried"),
+])
+def test_read_only_or_full_output_exits_2_before_ray_starts(tmp_path, manifest, store, message):
+    # A small tmpfs in a mount namespace of the command's own: read-only, or filled to the last byte.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    prepare = {"ro": f"mount -t tmpfs -o ro,size=1m tmpfs {disk}",
+               "full": f"mount -t tmpfs -o size=64k tmpfs {disk} && mkdir {disk}/out && "
+                       f"(dd if=/dev/zero of={disk}/fill bs=4k 2>/dev/null; true)"}[store]
+    command = f"{prepare} && exec {SDBATCH} run {manifest} --output {disk}/out {' '.join(TINY)}"
+    start = time.monotonic()
+    r = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=120)
+    assert_user_error(r, f"{disk}/out: cannot write here: ", message)
+    assert time.monotonic() - start < 15  # no retries, no Ray, no model
+    assert "actor" not in r.stderr
