@@ -27,7 +27,6 @@ manifest after this expansion and usable as file names.
 import difflib
 import hashlib
 import math
-import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ SIZE_RANGE = (64, 2048)
 MAX_ID_BYTES = 200
 READ_BATCH_ROWS = 16_384
 READ_BUFFER_BYTES = 8 << 20  # read column chunks in pieces: a huge row group must not be loaded whole
+FINGERPRINT_READ_BYTES = 8 << 20
 SHOW = 5  # offending rows quoted per violation
 
 STRING_PARAMS = ("prompt", "negative_prompt", "scheduler")
@@ -154,7 +154,7 @@ class Summary:
 
 
 class Manifest:
-    """An opened manifest: schema, row count and fingerprint come from the footer; rows are read on demand.
+    """An opened manifest: schema and row count come from the footer; rows are read on demand.
 
     Opening already rejects schema problems (missing `prompt`, wrong column types, typo'd or
     reserved column names); `validate` checks the values.
@@ -257,15 +257,12 @@ class Manifest:
         return pa.Table.from_batches(pieces, schema=schema)
 
     def fingerprint(self) -> str:
-        """Identifies the manifest's content cheaply: file size + the Parquet footer (schema, row
-        counts, per-chunk sizes, offsets and statistics), not the data pages."""
-        size = self.fs.size(self.path)
-        with self.fs.open(self.path, "rb") as f:
-            f.seek(size - 8)
-            footer_len = struct.unpack("<I", f.read(4))[0]
-            f.seek(size - 8 - footer_len)
-            footer = f.read(footer_len)
-        h = hashlib.sha256(b"sdbatch-manifest-v1\x00" + struct.pack("<QQ", size, self.num_rows) + footer)
+        """Identifies the manifest's content: a streaming sha256 of every byte of the file, so that
+        any edit, even one that keeps the size and the footer, makes a different job."""
+        h = hashlib.sha256(b"sdbatch-manifest-v2\x00")
+        with self.fs.open(self.path, "rb", block_size=FINGERPRINT_READ_BYTES) as f:
+            while chunk := f.read(FINGERPRINT_READ_BYTES):
+                h.update(chunk)
         return h.hexdigest()[:32]
 
 
@@ -390,7 +387,8 @@ INTEGER_RANGES = (
 
 
 def validate(manifest: Manifest, defaults: Defaults) -> Summary:
-    """Check every value of every row (one streaming pass; a second one only to name duplicate ids).
+    """Check every value of every row (one streaming pass; a second one only to name duplicate ids;
+    and one over the file's bytes for the fingerprint).
 
     Raises ManifestError naming each offending column and its first rows; returns the summary.
     """

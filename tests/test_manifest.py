@@ -240,6 +240,19 @@ def test_fingerprint_follows_content_not_the_file(tmp_path):
     assert fp[a] == fp[b] != fp[c]
 
 
+def test_manifest_edited_in_place_gets_another_fingerprint(tmp_path):
+    # Same size, same footer (no statistics, no compression, no dictionary): only the data pages differ.
+    path = tmp_path / "m.parquet"
+    options = {"write_statistics": False, "compression": "NONE", "use_dictionary": False}
+    pq.write_table(pa.table({"prompt": ["a red cat", "a dog"]}), path, **options)
+    before, fingerprint = path.read_bytes(), open_manifest(str(path)).fingerprint()
+    pq.write_table(pa.table({"prompt": ["a red owl", "a dog"]}), path, **options)
+    after = path.read_bytes()
+    footer = 8 + int.from_bytes(after[-8:-4], "little")
+    assert len(after) == len(before) and after[-footer:] == before[-footer:] and after != before
+    assert open_manifest(str(path)).fingerprint() != fingerprint
+
+
 def test_read_rows_across_row_groups(tmp_path):
     path = write(tmp_path, {"prompt": prompts(100), "n": list(range(100))}, row_group_size=7)
     with open_manifest(path) as m:
