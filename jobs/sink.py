@@ -368,11 +368,13 @@ class Output:
     def _require_empty(self) -> None:
         if self.fs.isfile(self.root):
             raise OutputError(f"{self.name} is a file, not a folder")
+        self.fs.invalidate_cache(self.root)  # s3fs would answer from a listing cached before the write probe
         try:
             entries = self.retry.call(f"listing {self.name}", self.fs.ls, self.root, detail=False)
         except FileNotFoundError:
             return
-        if entries:
+        # SeaweedFS lists a prefix whose objects were all deleted (the write probe's) as itself
+        if [e for e in entries if e.rstrip("/") != self.root]:
             raise OutputError(f"{self.name} is not empty and is not an sdbatch dataset (no {JOB_FILE}); "
                               "refusing to write into it or delete it — choose an empty or new folder")
 
