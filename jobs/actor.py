@@ -75,6 +75,7 @@ class ShardRunner:
         # paid here, it is part of the actor's start, not a stall in the middle of its first shard.
         pa.array([0])
         self._scheduler_configs: dict[str, dict] = {}
+        self._job: dict | None = None  # job.json, read at the first shard: the driver writes it after actors start
         self._shard, self._images_done = "", 0  # read by `progress` from another thread
 
     def info(self) -> dict:
@@ -96,7 +97,9 @@ class ShardRunner:
             torch.set_num_threads(self.config.cpu_threads)  # here: Ray runs each call on one of its threads
         rows = storage.DEFAULT_RETRY.call(f"reading the rows of {shard.id}", read_shard, self.manifest, shard,
                                           self.config.defaults)
-        shard_writer = ShardWriter(self.out, self.writer, rows, model=self.config.model,
+        if self._job is None:
+            self._job = self.out.read_job()
+        shard_writer = ShardWriter(self.out, self.writer, rows, job=self._job, model=self.config.model,
                                    model_fingerprint=self.pipe.fingerprint, model_revision=self.model.revision,
                                    embed_images=self.config.embed_images)
         generating, errors = 0.0, []

@@ -430,7 +430,7 @@ class _Run:
             rows = read_shard(m, shard, self.opts.defaults)
         if self._driver_writer is None:
             self._driver_writer = ImageWriter(self.out, threads=1)
-        writer = ShardWriter(self.out, self._driver_writer, rows, model=self.opts.model,
+        writer = ShardWriter(self.out, self._driver_writer, rows, job=self.out.read_job(), model=self.opts.model,
                              model_fingerprint=self.job.model_fingerprint,
                              model_revision=self.job.settings["model_source"]["revision"],
                              embed_images=self.opts.embed_images)

@@ -5,6 +5,7 @@
                                      + with --embed-images the PNG itself in an `image` column)
     OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
     OUT/_sdbatch/job.json            settings and the job's identity (fingerprints); no credentials
+    OUT/_sdbatch/damaged/<time>/...  files found unreadable, moved aside (never deleted)
     OUT/_SUCCESS                     summary JSON, written last, once every shard is done
 
 The one rule: a shard is done iff `metadata/<shard>.parquet` exists. A shard's images are
@@ -13,6 +14,11 @@ failures file if it has failures, then its metadata file, atomically — even a 
 images all failed writes a metadata file with no rows. So resume is one listing of `metadata/`,
 and a crash at any point leaves nothing that a re-run of that shard does not overwrite. Failure
 files count only for done shards.
+
+Damage is named and healed: a metadata or failures file that cannot be read is reported by
+name, and the next run moves its shard's files into `_sdbatch/damaged/` and redoes the shard.
+Every metadata file carries job.json in its Parquet key-value metadata, so a lost job.json is
+rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
 size, dtype or defaults into it, and deletes an old dataset (only one it recognises by
@@ -27,9 +33,10 @@ import json
 import posixpath
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +53,8 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree th
     SDBATCH_VERSION = "unknown"
 
 JOB_FILE = "_sdbatch/job.json"
+DAMAGED_FOLDER = "_sdbatch/damaged"
+JOB_KEY = b"sdbatch_job"  # the metadata files' key-value entry holding job.json
 SUCCESS_FILE = "_SUCCESS"
 PNG_KEY = "sdbatch"  # the PNG text chunk holding the generation parameters
 PNG_COMPRESS_LEVEL = 6
@@ -86,8 +95,19 @@ IMAGE_FIELD = pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.fi
 HF_SCHEMA_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 
 
+T = TypeVar("T")
+
+
 class OutputError(Exception):
     """OUT cannot be used for this job (a different job, not an sdbatch folder, ...)."""
+
+
+class DamagedFile(OutputError):
+    """A file of the dataset exists but cannot be read as what it should be."""
+
+    def __init__(self, rel: str, reason: str):
+        super().__init__(f"{rel}: {reason}")
+        self.rel, self.reason = rel, reason
 
 
 def metadata_schema(passthrough: pa.Schema, *, embed_images: bool = False) -> pa.Schema:
@@ -203,17 +223,30 @@ class OutputStatus:
     # (shard, images, generation seconds) of every done shard, in shard order
     shard_timing: list[tuple[str, int, float]] = field(default_factory=list)
     first_failures: list[dict] = field(default_factory=list)  # id, error, attempts of the first few
+    damaged: dict[str, str] = field(default_factory=dict)  # shard -> "file: why it cannot be read"
+    job_from: str | None = None  # the metadata file job.json was rebuilt from, when it was missing
+
+    @property
+    def success_is_stale(self) -> bool:
+        return self.success is not None and self.shards_done < self.shards
 
     def format(self, *, limit: int = 10) -> str:
         """The counts, then up to `limit` lines each of per-shard timing and of failures."""
+        success = "no" if self.success is None else (
+            f"stale: {self.shards - self.shards_done:,} shard(s) missing; the next run removes it" if self.success_is_stale
+            else "yes")
         lines = [
             f"{self.url}: sdbatch dataset of {self.job.get('manifest')} with {self.job.get('model')}",
             f"  shards    {self.shards_done:,}/{self.shards:,} done ({self.shards - self.shards_done:,} remaining)",
             f"  rows      {self.rows_done:,}/{self.rows:,} done",
             f"  images    {self.images_done:,}/{self.images:,} written",
             f"  failures  {self.failures:,}",
-            f"  _SUCCESS  {'yes' if self.success is not None else 'no'}",
+            f"  _SUCCESS  {success}",
         ]
+        if self.job_from:
+            lines.append(f"  job.json  missing; read from {self.job_from} (the next run writes it back)")
+        for shard, problem in sorted(self.damaged.items()):
+            lines.append(f"  damaged   {problem} (the next run moves it to {DAMAGED_FOLDER}/ and redoes {shard})")
         if self.shard_timing:
             # generation_seconds is each image's share of its batch's time: the sum is the time an
             # actor spent generating the shard, without reading rows and committing.
@@ -248,6 +281,7 @@ class Output:
         self.name = storage.redact_url(url)
         self.fs, self.root = storage.resolve(url, storage_options)
         self.retry = retry
+        self.job_from: str | None = None  # set by read_job when job.json was missing
 
     def path(self, rel: str) -> str:
         return storage.join(self.root, rel)
@@ -273,7 +307,7 @@ class Output:
         self.fs.invalidate_cache(path)  # object-store listings are cached; another process may have written
         try:
             names = self.retry.call(f"listing {self.name}/{folder}", self.fs.ls, path, detail=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         stems = []
         for name in names:
@@ -287,14 +321,34 @@ class Output:
         return {s for s in self._list("metadata", ".parquet") if is_shard_id(s)}
 
     def read_job(self) -> dict | None:
+        """job.json; if it is missing, the copy in the first metadata file that has one (`job_from`
+        says which), or None for a folder without shards."""
+        self.job_from = None
         try:
             data = storage.read_bytes(self.fs, self.path(JOB_FILE), retry=self.retry)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            return self._job_from_metadata()
         try:
             return json.loads(data)
         except ValueError as e:
-            raise OutputError(f"{self.name}/{JOB_FILE} is not valid JSON ({e}); fix or remove it") from None
+            raise OutputError(f"{self.name}/{JOB_FILE} is not valid JSON ({e}); remove it: "
+                              "the next command rebuilds it from the metadata files") from None
+
+    def _job_from_metadata(self) -> dict | None:
+        shards = sorted(self.done_shards())
+        for shard in shards:
+            try:
+                kv = self._parse(metadata_path(shard), lambda f: pq.read_schema(f).metadata or {})
+            except DamagedFile:
+                continue
+            if JOB_KEY in kv:
+                self.job_from = metadata_path(shard)
+                return json.loads(kv[JOB_KEY])
+        if shards:
+            raise OutputError(
+                f"{self.name}: {JOB_FILE} is missing and no metadata file records the job (written by an "
+                f"older sdbatch?); restore {JOB_FILE} from a copy, or start anew: rm -r {self.name}")
+        return None
 
     def success(self) -> dict | None:
         try:
@@ -340,7 +394,28 @@ class Output:
                     self._delete_dataset()
                 self.write(JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
                 return set()
-            return self.done_shards()
+            return self._heal()
+
+    def _heal(self) -> set[str]:
+        """Before a run continues the job here: write back a lost job.json, move damaged shards'
+        files aside, drop a `_SUCCESS` that no longer holds; the shards done and readable."""
+        status = self.status(failures=0)
+        if status.job_from is not None:
+            self.write(JOB_FILE, json.dumps(status.job, indent=2).encode())
+        if status.damaged:
+            aside = f"{DAMAGED_FOLDER}/{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+            for shard in status.damaged:
+                for rel in (metadata_path(shard), failures_path(shard)):
+                    if self.exists(rel):
+                        self._move(rel, f"{aside}/{rel}")
+        if status.success_is_stale:
+            self.remove(SUCCESS_FILE)
+        return {s for s, _, _ in status.shard_timing}
+
+    def _move(self, rel: str, to: str) -> None:
+        if storage.is_local(self.fs):
+            self.fs.makedirs(posixpath.dirname(self.path(to)), exist_ok=True)
+        self.retry.call(f"moving {self.name}/{rel} to {to}", self.fs.mv, self.path(rel), self.path(to))
 
     def check_writable(self) -> None:
         """Write and remove a small file: storage that refuses writes (read-only, full, no permission)
@@ -404,46 +479,65 @@ class Output:
         job = self.read_job()
         if job is None:
             raise OutputError(f"{self.name}: not an sdbatch dataset (no {JOB_FILE})")
+        job_from = self.job_from
         rows, size = job["rows"], job["identity"]["shard_size"]
         total = count_shards(rows, size)
-        done = {s for s in self.done_shards() if shard_index(s) < total}
-        failed = sorted(set(self._list("failures", ".parquet")) & done)
-        done = sorted(done)
-        seconds = list(self._read_parallel([metadata_path(s) for s in done], ["generation_seconds"]))
-        timing = [(s, len(t), sum(t.column(0).to_pylist())) for s, t in zip(done, seconds)]
+        listed = sorted(s for s in self.done_shards() if shard_index(s) < total)
+        with_failures = set(self._list("failures", ".parquet"))
+
+        def inspect(shard: str) -> tuple[list[float], int] | DamagedFile:
+            try:
+                seconds = self._parse(metadata_path(shard), lambda f: pq.read_table(f, columns=["generation_seconds"]))
+                failed = self._parse(failures_path(shard), lambda f: pq.ParquetFile(f).metadata.num_rows) \
+                    if shard in with_failures else 0
+            except DamagedFile as e:
+                return e
+            return seconds.column(0).to_pylist(), failed
+
+        timing, failed, damaged = [], {}, {}
+        with ThreadPoolExecutor(16) as pool:  # object stores answer slowly but in parallel
+            for shard, found in zip(listed, pool.map(inspect, listed)):
+                if isinstance(found, DamagedFile):
+                    damaged[shard] = str(found)
+                else:
+                    timing.append((shard, len(found[0]), sum(found[0])))
+                    failed[shard] = found[1]
         first_failures = []
-        for rel in (failures_path(s) for s in failed):
+        for shard in (s for s, n in failed.items() if n):
             if len(first_failures) >= failures:
                 break
-            first_failures += self._read(rel, ["id", "error", "attempts"]).to_pylist()[:failures - len(first_failures)]
+            table = self._parse(failures_path(shard), lambda f: pq.read_table(f, columns=["id", "error", "attempts"]))
+            first_failures += table.to_pylist()[:failures - len(first_failures)]
         return OutputStatus(
-            url=self.name, job=job, shards=total, shards_done=len(done), rows=rows,
-            rows_done=sum(shard_at(shard_index(s), rows, size).rows for s in done), images=job["images"],
-            images_done=sum(n for _, n, _ in timing),
-            failures=sum(self._row_counts([failures_path(s) for s in failed])), success=self.success(),
-            shard_timing=timing, first_failures=first_failures,
+            url=self.name, job=job, shards=total, shards_done=len(timing), rows=rows,
+            rows_done=sum(shard_at(shard_index(s), rows, size).rows for s, _, _ in timing), images=job["images"],
+            images_done=sum(n for _, n, _ in timing), failures=sum(failed.values()), success=self.success(),
+            shard_timing=timing, first_failures=first_failures, damaged=damaged, job_from=job_from,
         )
 
-    def _read(self, rel: str, columns: list[str]) -> pa.Table:
-        def read() -> pa.Table:
+    def _parse(self, rel: str, parse: Callable[[object], T]) -> T:
+        """`parse(file)` of a Parquet file of the dataset, or DamagedFile naming it.
+
+        A first try reads through the file system; if it fails, the bytes are fetched with retries
+        (so network trouble is retried and reported as such) and parsed from memory, where any
+        error is the file's own.
+        """
+        try:
             with storage.open_for_arrow(self.fs, self.path(rel)) as f:
-                return pq.read_table(f, columns=columns)
+                return parse(f)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError):
+            pass
+        data = storage.read_bytes(self.fs, self.path(rel), retry=self.retry)
+        try:
+            return parse(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as e:
+            raise DamagedFile(rel, f"not a readable Parquet file ({len(data):,} bytes: {_first_line(e)})") from None
 
-        return self.retry.call(f"reading {self.name}/{rel}", read)
 
-    def _read_parallel(self, rels: list[str], columns: list[str]) -> Iterator[pa.Table]:
-        """Some columns of many files at once (object stores answer slowly but in parallel)."""
-        with ThreadPoolExecutor(16) as pool:
-            yield from pool.map(lambda rel: self._read(rel, columns), rels)
-
-    def _row_counts(self, rels: list[str]) -> Iterator[int]:
-        """Row counts from Parquet footers, many at once."""
-        def count(rel: str) -> int:
-            with storage.open_for_arrow(self.fs, self.path(rel)) as f:
-                return pq.ParquetFile(f).metadata.num_rows
-
-        with ThreadPoolExecutor(16) as pool:
-            yield from pool.map(lambda rel: self.retry.call(f"reading {self.name}/{rel}", count, rel), rels)
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _brief(value) -> str:
@@ -520,9 +614,10 @@ class ShardWriter:
     outcome. `commit` waits until every image is written, then writes failures and metadata.
     """
 
-    def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, model: str, model_fingerprint: str,
-                 model_revision: str | None = None, embed_images: bool = False):
+    def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, job: dict, model: str,
+                 model_fingerprint: str, model_revision: str | None = None, embed_images: bool = False):
         self.out, self.writer, self.rows, self.embed_images = out, writer, rows, embed_images
+        self.job = job  # job.json, copied into the metadata file: it can be rebuilt from any of them
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
         self.model_revision = model_revision
         self.shard = rows.shard.id
@@ -581,6 +676,7 @@ class ShardWriter:
         if self.embed_images:
             columns["image"] = [{"bytes": w[1], "path": p} for w, p in zip(written, paths)]
         schema = metadata_schema(passthrough.schema, embed_images=self.embed_images)
+        schema = schema.with_metadata({**(schema.metadata or {}), JOB_KEY: json.dumps(self.job).encode()})
         self.out.write(metadata_path(self.shard), self._parquet(schema, done, columns))
         return ShardResult(self.shard, len(done), len(failed))
 
