@@ -25,7 +25,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from jobs import devices, sources, storage
+from jobs import devices, lease, sources, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Output, ShardWriter
@@ -52,6 +52,7 @@ class ActorConfig:
     writer_threads: int = 4
     writer_queue: int = 16  # images waiting for the writer before generation blocks
     embed_images: bool = False  # also put each PNG into the metadata's `image` column
+    run_id: str | None = None  # the driver's lease: each commit checks that it still holds it (None: no check)
 
 
 class ShardFailed(Exception):
@@ -101,7 +102,7 @@ class ShardRunner:
             self._job = self.out.read_job()
         shard_writer = ShardWriter(self.out, self.writer, rows, job=self._job, model=self.config.model,
                                    model_fingerprint=self.pipe.fingerprint, model_revision=self.model.revision,
-                                   embed_images=self.config.embed_images)
+                                   embed_images=self.config.embed_images, fence=self._fence)
         generating, errors = 0.0, []
         for batch in batches(rows.items, self.config.batch_size):
             t = time.perf_counter()
@@ -162,6 +163,10 @@ class ShardRunner:
             steps=first.steps, guidance_scale=first.guidance_scale, height=first.height, width=first.width,
             scheduler=first.scheduler, output="np",
         )
+
+    def _fence(self) -> None:
+        if self.config.run_id is not None:
+            lease.check_holder(self.out, self.config.run_id)
 
     def _scheduler_config(self, name: str) -> dict:
         if name not in self._scheduler_configs:

@@ -2,7 +2,7 @@
 
 1. Check, with nothing written and no Ray: options, job defaults, every manifest row, the model
    source, and OUT (empty, or the same job, and writable: a probe file). Bad input stops here
-   (exit code 2).
+   (exit code 2). Then the lease on OUT (jobs.lease): a folder another driver holds is refused.
 2. Ray: start a local cluster, or join one (`--ray-address`, or RAY_ADDRESS as set inside
    `ray job submit`).
 3. Actors: one per GPU (`num_gpus=1`); without GPUs, CPU actors of one core each. Each loads
@@ -35,6 +35,7 @@ import torch
 
 from jobs import devices, sources, storage
 from jobs.actor import ActorConfig, ShardActor
+from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, read_shard, shards
 from jobs.sink import ImageWriter, JobSpec, Output, ShardWriter
@@ -278,15 +279,16 @@ def _duration(seconds: float) -> str:
 
 
 class _Run:
-    def __init__(self, opts: RunOptions, job: JobSpec, out: Output, plan: ActorPlan, stream: TextIO,
+    def __init__(self, opts: RunOptions, job: JobSpec, out: Output, lease: Lease, plan: ActorPlan, stream: TextIO,
                  on_dispatch: Callable | None, started_at: float):
-        self.opts, self.job, self.out, self.plan = opts, job, out, plan
+        self.opts, self.job, self.out, self.lease, self.plan = opts, job, out, lease, plan
         self.stream, self.on_dispatch = stream, on_dispatch
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, model_cache=opts.model_cache,
             defaults=opts.defaults, device=plan.device,
             dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
+            run_id=lease.run_id,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
         self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
@@ -394,6 +396,8 @@ class _Run:
             result = ray.get(ref, timeout=GET_TIMEOUT)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause
+            if isinstance(cause, LeaseLost):
+                raise RunError(str(cause), 2) from None
             if isinstance(cause, storage.StorageError):
                 where = "" if shard.id in str(cause) else f"{shard.id}: "  # storage errors name their shard already
                 raise RunError(f"{where}{cause}. The job stopped; no shard is half-committed: "
@@ -433,7 +437,8 @@ class _Run:
         writer = ShardWriter(self.out, self._driver_writer, rows, job=self.out.read_job(), model=self.opts.model,
                              model_fingerprint=self.job.model_fingerprint,
                              model_revision=self.job.settings["model_source"]["revision"],
-                             embed_images=self.opts.embed_images)
+                             embed_images=self.opts.embed_images,
+                             fence=lambda: check_holder(self.out, self.lease.run_id))
         for item in rows.items:
             writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard; the last: {error}",
                         attempts=SHARD_ATTEMPTS)
@@ -478,6 +483,8 @@ class _Run:
         for slot in self.slots:
             self.start_actor(slot)
         while True:
+            if self.lease.lost is not None:
+                raise RunError(self.lease.lost, 2)
             if self.todo is not None:
                 self.dispatch()
                 if self.exhausted and not self.retry_queue and not any(s.task for s in self.slots):
@@ -521,11 +528,25 @@ def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable
     stream = stream or sys.stderr
     wall = time.monotonic()
     job, out = plan_job(opts)
-    started_ray = connect_ray(opts)
+    lease = Lease(out)
+    took_over = lease.acquire()
+    if took_over:
+        stream.write(f"{took_over}\n")
+    try:
+        job_run = _run_actors(opts, job, out, lease, stream, on_dispatch, wall)
+        return finish(out, job_run, time.monotonic() - wall)  # _SUCCESS too is written under the lease
+    finally:
+        lease.release()
+
+
+def _run_actors(opts: RunOptions, job: JobSpec, out: Output, lease: Lease, stream: TextIO,
+                on_dispatch: Callable | None, started_at: float) -> "_Run":
+    started_ray = False
     job_run = None
     try:
+        started_ray = connect_ray(opts)
         plan = plan_actors(opts, ray.cluster_resources())
-        job_run = _Run(opts, job, out, plan, stream, on_dispatch, started_at=wall)
+        job_run = _Run(opts, job, out, lease, plan, stream, on_dispatch, started_at=started_at)
         kind = "GPU" if "num_gpus" in plan.resources else "CPU"
         job_run.say(f"{job.rows:,} rows, {job.images:,} images in {job.shards:,} shards; "
                     f"starting {plan.count} {kind} actor(s)")
@@ -540,8 +561,7 @@ def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable
             job_run.shutdown()
         if started_ray:
             ray.shutdown()
-    wall = time.monotonic() - wall
-    return finish(out, job_run, wall)
+    return job_run
 
 
 def finish(out: Output, r: _Run, wall: float) -> RunResult:

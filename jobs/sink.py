@@ -421,15 +421,12 @@ class Output:
         """Write and remove a small file: storage that refuses writes (read-only, full, no permission)
         is found in seconds, before Ray starts and the model loads."""
         probe = f".sdbatch-write-probe-{uuid.uuid4().hex}"  # hidden: listings skip it if a kill leaves it
-        made_folder = storage.is_local(self.fs) and not self.fs.exists(self.root)
         with self._errors():
             try:
                 self.write(probe, b"sdbatch checks that it can write here\n")
             except storage.StorageError as e:
                 raise OutputError(f"{self.name}: cannot write here: {e}") from None
             self.remove(probe)
-            if made_folder:  # a job that stops before it starts leaves no trace
-                self.fs.rmdir(self.root)
 
     @contextlib.contextmanager
     def _errors(self):
@@ -448,8 +445,9 @@ class Output:
             entries = self.retry.call(f"listing {self.name}", self.fs.ls, self.root, detail=False)
         except FileNotFoundError:
             return
-        # SeaweedFS lists a prefix whose objects were all deleted (the write probe's) as itself
-        if [e for e in entries if e.rstrip("/") != self.root]:
+        # SeaweedFS lists a prefix whose objects were all deleted (the write probe's) as itself;
+        # _sdbatch/ holds the lease, taken before OUT is prepared
+        if [e for e in entries if e.rstrip("/") not in (self.root, self.path("_sdbatch"))]:
             raise OutputError(f"{self.name} is not empty and is not an sdbatch dataset (no {JOB_FILE}); "
                               "refusing to write into it or delete it — choose an empty or new folder")
 
@@ -615,8 +613,10 @@ class ShardWriter:
     """
 
     def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, job: dict, model: str,
-                 model_fingerprint: str, model_revision: str | None = None, embed_images: bool = False):
+                 model_fingerprint: str, model_revision: str | None = None, embed_images: bool = False,
+                 fence: Callable[[], None] | None = None):
         self.out, self.writer, self.rows, self.embed_images = out, writer, rows, embed_images
+        self.fence = fence  # raises if this writer may no longer commit (see jobs.lease)
         self.job = job  # job.json, copied into the metadata file: it can be rebuilt from any of them
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
         self.model_revision = model_revision
@@ -654,6 +654,8 @@ class ShardWriter:
         if errors:
             raise storage.StorageError(f"{self.shard}: {len(errors)} of {len(done)} images could not be written; "
                                        f"the shard is not committed. First error: {errors[0]}") from errors[0]
+        if self.fence is not None:
+            self.fence()
         passthrough = self.rows.passthrough
         if failed:
             for r in failed:  # an earlier attempt may have written it; the dataset must not show it
