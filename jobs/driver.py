@@ -168,12 +168,23 @@ def connect_ray(opts: RunOptions) -> bool:
     if ray.is_initialized():  # an embedding program (or a test) already did
         return False
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if joins_cluster(opts):
-        ray.init(address=opts.ray_address, **quiet)
-    else:
-        # A CPU actor takes one core; make room for as many as were asked for.
-        cpus = max(os.cpu_count() or 1, opts.actors or 1)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    # ray.init installs a SIGTERM handler that exits at once with code 15; ours must stay in charge.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        if joins_cluster(opts):
+            ray.init(address=opts.ray_address, **quiet)
+        else:
+            # A CPU actor takes one core; make room for as many as were asked for.
+            cpus = max(os.cpu_count() or 1, opts.actors or 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    except BaseException as e:
+        ray.shutdown()  # a start cut short (a signal, an error) must not leave Ray's processes running
+        if isinstance(e, SystemExit) and e.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
@@ -529,14 +540,17 @@ def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable
     wall = time.monotonic()
     job, out = plan_job(opts)
     lease = Lease(out)
-    took_over = lease.acquire()
-    if took_over:
-        stream.write(f"{took_over}\n")
-    try:
-        job_run = _run_actors(opts, job, out, lease, stream, on_dispatch, wall)
-        return finish(out, job_run, time.monotonic() - wall)  # _SUCCESS too is written under the lease
-    finally:
-        lease.release()
+    with _sigterm_as_interrupt():
+        try:
+            took_over = lease.acquire()
+            if took_over:
+                stream.write(f"{took_over}\n")
+            job_run = _run_actors(opts, job, out, lease, stream, on_dispatch, wall)
+            return finish(out, job_run, time.monotonic() - wall)  # _SUCCESS too is written under the lease
+        except KeyboardInterrupt:
+            raise RunError("interrupted; re-run the same command to continue where it stopped", 130) from None
+        finally:
+            lease.release()
 
 
 def _run_actors(opts: RunOptions, job: JobSpec, out: Output, lease: Lease, stream: TextIO,
@@ -552,10 +566,12 @@ def _run_actors(opts: RunOptions, job: JobSpec, out: Output, lease: Lease, strea
                     f"starting {plan.count} {kind} actor(s)")
         if plan.note:
             job_run.say(f"warning: {plan.note}")
-        with _sigterm_as_interrupt():
-            job_run.loop()
+        job_run.loop()
     except KeyboardInterrupt:
-        raise RunError("interrupted; re-run the same command to continue where it stopped", 130) from None
+        if job_run is None or job_run.first_ready is None:
+            raise RunError("interrupted during start-up, before any actor was ready: nothing was generated, and "
+                           "Ray was shut down; re-run the same command to start again", 130) from None
+        raise
     finally:
         if job_run is not None:
             job_run.shutdown()

@@ -31,6 +31,7 @@ import importlib.metadata
 import io
 import json
 import posixpath
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,6 +56,9 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree th
 JOB_FILE = "_sdbatch/job.json"
 DAMAGED_FOLDER = "_sdbatch/damaged"
 JOB_KEY = b"sdbatch_job"  # the metadata files' key-value entry holding job.json
+DATASET_FOLDERS = ("metadata", "failures", "images")
+# The files sdbatch writes under DATASET_FOLDERS, and the hidden temporaries of its local atomic writes.
+OURS = re.compile(r"(metadata|failures)/shard-\d{6,}\.parquet|images/shard-\d{6,}/[^/]+\.png|(.*/)?\.[^/]+\.tmp-[0-9a-f]{32}")
 SUCCESS_FILE = "_SUCCESS"
 PNG_KEY = "sdbatch"  # the PNG text chunk holding the generation parameters
 PNG_COMPRESS_LEVEL = 6
@@ -371,7 +375,9 @@ class Output:
                 raise OutputError(f"{self.name}: nothing to resume (no {JOB_FILE})")
             if existing is None:
                 self._require_empty()
-            elif mode != "overwrite":
+            elif mode == "overwrite":
+                self._dataset_files()
+            else:
                 there, now = existing.get("identity", {}), job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
                 if differs:
@@ -451,11 +457,34 @@ class Output:
             raise OutputError(f"{self.name} is not empty and is not an sdbatch dataset (no {JOB_FILE}); "
                               "refusing to write into it or delete it — choose an empty or new folder")
 
+    def _dataset_files(self) -> list[str]:
+        """The files under DATASET_FOLDERS (relative to OUT), or OutputError if any of them is not
+        one sdbatch writes: --overwrite deletes only its own."""
+        files = []
+        for folder in DATASET_FOLDERS:
+            self.fs.invalidate_cache(self.path(folder))
+            try:
+                found = self.retry.call(f"listing {self.name}/{folder}", self.fs.find, self.path(folder))
+            except FileNotFoundError:
+                continue
+            files += [path[len(self.root) + 1:] for path in found]
+        foreign = [rel for rel in files if not OURS.fullmatch(rel)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5:,} more" if len(foreign) > 5 else "")
+            raise OutputError(f"{self.name}: --overwrite would delete files sdbatch did not write ({shown}); "
+                              "move them out of the dataset's folders first")
+        return files
+
     def _delete_dataset(self) -> None:
         # Commit markers first, so a crash half-way leaves no shard looking done, and job.json last,
-        # so the folder stays recognisable as ours until the end.
+        # so the folder stays recognisable as ours until the end. _sdbatch/damaged/ stays.
+        files = self._dataset_files()
         self.remove(SUCCESS_FILE)
-        for folder in ("metadata", "failures", "images"):
+        markers = [f for f in files if f.startswith("metadata/")]
+        for batch in (markers, [f for f in files if not f.startswith("metadata/")]):
+            if batch:
+                self.retry.call(f"removing {len(batch):,} files of {self.name}", self.fs.rm, [self.path(f) for f in batch])
+        for folder in DATASET_FOLDERS:  # empty by now: only folders left, on file systems that have them
             self.remove(folder, recursive=True)
         self.remove(JOB_FILE)
         self.fs.invalidate_cache(self.root)

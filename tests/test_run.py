@@ -274,3 +274,50 @@ def test_read_only_or_full_output_exits_2_before_ray_starts(tmp_path, manifest, 
     assert_user_error(r, f"{disk}/out: cannot write here: ", message)
     assert time.monotonic() - start < 15  # no retries, no Ray, no model
     assert "actor" not in r.stderr
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below `pid`, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child in [p for p, pp in parents.items() if pp == parent]:
+            try:
+                found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            todo.append(child)
+    return found
+
+
+def test_signal_during_ray_start_says_so_and_leaves_no_ray_process(tmp_path, manifest):
+    driver_process = subprocess.Popen([SDBATCH, "run", str(manifest), "--output", str(tmp_path / "out"), *TINY],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        ray = {}
+        while not any("raylet" in cmd or "gcs_server" in cmd for cmd in ray.values()):
+            assert time.monotonic() < deadline and driver_process.poll() is None, "Ray never started"
+            time.sleep(0.02)
+            ray = descendants(driver_process.pid)
+        driver_process.send_signal(signal.SIGTERM)
+        _, stderr = driver_process.communicate(timeout=60)
+    finally:
+        if driver_process.poll() is None:
+            driver_process.kill()
+    assert driver_process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "sdbatch: error: interrupted during start-up, before any actor was ready: nothing was generated, and Ray "
+        "was shut down; re-run the same command to start again"), stderr
+    deadline = time.monotonic() + 15
+    while (left := [cmd for pid, cmd in ray.items() if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]

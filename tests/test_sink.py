@@ -391,3 +391,28 @@ def test_lost_job_file_is_rebuilt_from_the_metadata(tmp_path, manifest):
     with pytest.raises(OutputError, match=f"no metadata file records the job .*; restore _sdbatch/job.json from a "
                                           f"copy, or start anew: rm -r {root}"):
         out.prepare(spec)
+
+
+def test_overwrite_refuses_when_foreign_files_sit_in_the_dataset_folders(tmp_path, manifest):
+    root = tmp_path / "out"
+    out = Output(str(root))
+    out.prepare(job(manifest))
+    run_shards(out, manifest, job(manifest))
+    (root / "images" / "shard-000001" / "my-edit.psd").write_bytes(b"hours of retouching")
+    (root / "metadata" / "notes.txt").write_text("which prompts worked")
+    (root / "images" / "shard-000000" / ".img0.png.tmp-0123456789abcdef0123456789abcdef").write_bytes(b"partial")
+    before = sorted(p for p in root.rglob("*") if p.is_file())
+    with pytest.raises(OutputError, match=r"--overwrite would delete files sdbatch did not write "
+                                          r"\(metadata/notes.txt, images/shard-000001/my-edit.psd\)"):
+        out.check(job(manifest, dtype="bf16"), mode="overwrite")
+    with pytest.raises(OutputError, match="sdbatch did not write"):
+        out.prepare(job(manifest, dtype="bf16"), mode="overwrite")
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == before
+
+    (root / "images" / "shard-000001" / "my-edit.psd").unlink()
+    (root / "metadata" / "notes.txt").unlink()
+    (root / "_sdbatch" / "damaged").mkdir()
+    (root / "_sdbatch" / "damaged" / "kept.parquet").write_bytes(b"moved aside earlier")
+    assert out.prepare(job(manifest, dtype="bf16"), mode="overwrite") == set()
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+        "_sdbatch/damaged/kept.parquet", "_sdbatch/job.json"]
