@@ -11,6 +11,9 @@
 4. Dispatch: the next shard goes to whichever actor is free (`ray.wait`), so a slow GPU only
    slows itself. A shard whose actor dies (or raises) is retried on a fresh actor up to
    SHARD_ATTEMPTS times, then its rows go to failures/; dead actors are replaced up to a budget.
+   Watchdog: an actor whose shard runs past --shard-timeout, or that finishes no image for
+   STALL_FACTOR times a batch's measured time (at least STALL_FLOOR seconds), is killed and
+   replaced, and its shard counts as a failed attempt: progress replies alone do not prove work.
    A storage failure stops the job: retrying elsewhere would fail the same way.
 5. Finish: `_SUCCESS` with the summary, once every shard is done.
 
@@ -46,6 +49,8 @@ SHARD_ATTEMPTS = 3  # tries of one shard before its rows are recorded as failure
 START_TIMEOUT = 600.0  # seconds without any working actor (loading, waiting for a GPU node) before giving up
 TICK = 0.5  # seconds between progress updates
 GET_TIMEOUT = 60.0  # for ray.get of results that ray.wait already reported ready
+STALL_FACTOR = 5.0  # an image may take this many times the job's measured time per batch
+STALL_FLOOR = 60.0  # seconds; before any image is measured, only --shard-timeout applies
 
 
 class RunError(Exception):
@@ -73,6 +78,8 @@ class RunOptions:
     storage_options: dict = field(default_factory=dict)
     mode: str = "auto"  # see sink.Output.prepare
     embed_images: bool = False
+    shard_timeout: float | None = None  # seconds a shard may run (None: only the stall watchdog)
+    row_timeout: float | None = None  # seconds per image before a batch is stopped (see jobs.actor)
 
 
 @dataclass
@@ -120,6 +127,9 @@ def check_options(opts: RunOptions) -> None:
     for name, value in (("--actors", opts.actors), ("--batch-size", opts.batch_size), ("--shard-size", opts.shard_size)):
         if value is not None and value < 1:
             problems.append(f"{name} must be at least 1, got {value}")
+    for name, value in (("--shard-timeout", opts.shard_timeout), ("--row-timeout", opts.row_timeout)):
+        if value is not None and not value > 0:
+            problems.append(f"{name} must be a number of seconds > 0, got {value}")
     if opts.device not in devices.DEVICES:
         problems.append(f"--device must be one of {', '.join(devices.DEVICES)}, got {opts.device!r}")
     if opts.dtype not in devices.DTYPES:
@@ -226,6 +236,8 @@ class _Slot:
     shard: Shard | None = None
     progress_ref: object = None
     partial: int = 0  # images of the current shard so far
+    dispatched: float = 0.0  # time.monotonic() when the shard was handed out
+    last_image: float = 0.0  # time.monotonic() when the shard's image count last grew
 
     @property
     def alive(self) -> bool:
@@ -299,7 +311,7 @@ class _Run:
             defaults=opts.defaults, device=plan.device,
             dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
-            run_id=lease.run_id,
+            row_timeout=opts.row_timeout, run_id=lease.run_id,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
         self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
@@ -316,6 +328,7 @@ class _Run:
         # was ready, and when the last shard was committed
         self.started_at, self.first_ready, self.all_done = started_at, None, None
         self._driver_writer: ImageWriter | None = None
+        self.measured_images, self.measured_seconds = 0, 0.0  # generation over the shards done, for the watchdog
 
     # actors
 
@@ -395,6 +408,7 @@ class _Run:
                 if shard is None:
                     return
                 slot.shard, slot.partial = shard, 0
+                slot.dispatched = slot.last_image = time.monotonic()
                 slot.task = slot.handle.run_shard.remote(shard)
                 if self.on_dispatch is not None:
                     self.on_dispatch(slot.handle, shard)
@@ -429,6 +443,28 @@ class _Run:
         slot.stats.failures += result["failures"]
         slot.stats.shards += 1
         slot.stats.busy_seconds += result["generating_seconds"]
+        self.measured_images += result["images"] + result["failures"]
+        self.measured_seconds += result["generating_seconds"]
+
+    def check_deadlines(self) -> None:
+        """Kill and replace an actor whose shard ran past its deadline; the shard is tried again."""
+        now = time.monotonic()
+        stall = None
+        if self.measured_images:
+            per_batch = self.opts.batch_size * self.measured_seconds / self.measured_images
+            stall = max(STALL_FLOOR, STALL_FACTOR * per_batch)
+        for slot in self.slots:
+            if slot.task is None:
+                continue
+            if self.opts.shard_timeout is not None and now - slot.dispatched > self.opts.shard_timeout:
+                why = f"ran past --shard-timeout {self.opts.shard_timeout:g} s"
+            elif stall is not None and now - slot.last_image > stall:
+                why = f"finished no image for {now - slot.last_image:.0f} s (the job's batches take {per_batch:.1f} s)"
+            else:
+                continue
+            shard = slot.shard
+            self.shard_failed(shard, f"{shard.id} {why}")
+            self.lose_actor(slot, f"{shard.id} {why}; killed")
 
     def shard_failed(self, shard: Shard, error: str) -> None:
         """Queue the shard again (first in line), or give up on it after SHARD_ATTEMPTS."""
@@ -470,6 +506,8 @@ class _Run:
                 try:
                     shard_id, count = ray.get(slot.progress_ref, timeout=GET_TIMEOUT)
                     if shard_id == slot.shard.id:
+                        if count > slot.partial:
+                            slot.last_image = time.monotonic()
                         slot.partial = count
                 except ray.exceptions.RayError:
                     pass  # a dead actor shows up through its task
@@ -515,6 +553,7 @@ class _Run:
                 raise RunError(f"no actor could start within {START_TIMEOUT:.0f} s (asked for {self.plan.resources} "
                                f"each; free now: CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g})")
             self.poll_progress()
+            self.check_deadlines()
             self.show()
         self.all_done = time.monotonic()
         self.show(force=True)

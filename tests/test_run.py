@@ -191,6 +191,8 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--resume"], "nothing to resume"),
     (["--storage-option", "anon"], "--storage-option 'anon': expected key=value"),
+    (["--shard-timeout", "0", "--row-timeout", "-1"], "--shard-timeout must be a number of seconds > 0, got 0.0; "
+                                                      "--row-timeout must be a number of seconds > 0, got -1.0"),
 ])
 def test_bad_options(tmp_path, no_ray, manifest, args, message):
     args = [a.format(manifest=manifest, tmp=tmp_path) for a in args]
@@ -321,3 +323,35 @@ def test_signal_during_ray_start_says_so_and_leaves_no_ray_process(tmp_path, man
         time.sleep(0.2)
     assert not left, left
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def hanging_manifest(tmp_path):
+    # Row "hang" would take minutes (1000 steps at 512² on builtin:tiny); the others take a blink.
+    return write_manifest(tmp_path / "hang.parquet", id=["a", "hang", "b", "c"], prompt=["a", "slow", "b", "c"],
+                          steps=[2, 1000, 2, 2], width=[64, 512, 64, 64], height=[64, 512, 64, 64])
+
+
+def test_row_timeout_fails_only_the_row_that_hangs(tmp_path, hanging_manifest):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = sdbatch("run", hanging_manifest, "--output", out, "--shard-size", 4, "--row-timeout", 2, *TINY)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - start < 60
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == ["a", "b", "c"] and list(failures) == ["hang"]
+    assert "RowTimeout: ran past --row-timeout 2 s per image; stopped at step" in failures["hang"]["error"]
+
+
+def test_shard_timeout_kills_the_actor_and_the_job_finishes(tmp_path, hanging_manifest):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = sdbatch("run", hanging_manifest, "--output", out, "--shard-size", 1, "--shard-timeout", 6, *TINY, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "actor 0: shard-000001 ran past --shard-timeout 6 s; killed; starting a replacement" in r.stderr
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == ["a", "b", "c"] and list(failures) == ["hang"]
+    assert failures["hang"]["error"].startswith(
+        "gave up after 3 attempts of its shard; the last: shard-000001 ran past --shard-timeout 6 s")
+    assert time.monotonic() - start < 120
+    assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1
