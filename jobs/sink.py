@@ -57,6 +57,7 @@ JOB_FILE = "_sdbatch/job.json"
 DAMAGED_FOLDER = "_sdbatch/damaged"
 JOB_KEY = b"sdbatch_job"  # the metadata files' key-value entry holding job.json
 DATASET_FOLDERS = ("metadata", "failures", "images")
+WRITE_PROBE = ".sdbatch-write-probe-"
 # The files sdbatch writes under DATASET_FOLDERS, and the hidden temporaries of its local atomic writes.
 OURS = re.compile(r"(metadata|failures)/shard-\d{6,}\.parquet|images/shard-\d{6,}/[^/]+\.png|(.*/)?\.[^/]+\.tmp-[0-9a-f]{32}")
 SUCCESS_FILE = "_SUCCESS"
@@ -426,7 +427,7 @@ class Output:
     def check_writable(self) -> None:
         """Write and remove a small file: storage that refuses writes (read-only, full, no permission)
         is found in seconds, before Ray starts and the model loads."""
-        probe = f".sdbatch-write-probe-{uuid.uuid4().hex}"  # hidden: listings skip it if a kill leaves it
+        probe = f"{WRITE_PROBE}{uuid.uuid4().hex}"  # hidden: listings skip it if a kill leaves it
         with self._errors():
             try:
                 self.write(probe, b"sdbatch checks that it can write here\n")
@@ -452,8 +453,10 @@ class Output:
         except FileNotFoundError:
             return
         # SeaweedFS lists a prefix whose objects were all deleted (the write probe's) as itself;
-        # _sdbatch/ holds the lease, taken before OUT is prepared
-        if [e for e in entries if e.rstrip("/") not in (self.root, self.path("_sdbatch"))]:
+        # _sdbatch/ holds the lease, taken before OUT is prepared; another driver may be probing
+        names = [e.rstrip("/") for e in entries]
+        ours = (self.root, self.path("_sdbatch"))
+        if [n for n in names if n not in ours and not n.rsplit("/", 1)[-1].startswith(WRITE_PROBE)]:
             raise OutputError(f"{self.name} is not empty and is not an sdbatch dataset (no {JOB_FILE}); "
                               "refusing to write into it or delete it — choose an empty or new folder")
 
