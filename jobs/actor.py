@@ -12,6 +12,8 @@ Failures are per image, never per shard:
   the same way again);
 - any other error in a batch runs the batch again one row at a time, so only the rows that fail
   alone are recorded as failures (an out-of-memory batch thus still finishes, row by row);
+- a batch that runs past `row_timeout` seconds per image (checked after every denoising step)
+  stops; its rows then run alone, and a row that runs past it alone is recorded as a failure;
 - if every image of a shard failed with an error, the fault is more likely the actor (a broken
   device, say) than the rows: the shard raises, and the driver retries it on a fresh actor.
 """
@@ -25,7 +27,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from jobs import devices, sources, storage
+from jobs import devices, lease, sources, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Output, ShardWriter
@@ -52,10 +54,16 @@ class ActorConfig:
     writer_threads: int = 4
     writer_queue: int = 16  # images waiting for the writer before generation blocks
     embed_images: bool = False  # also put each PNG into the metadata's `image` column
+    row_timeout: float | None = None  # seconds per image before a batch is stopped (None: no limit)
+    run_id: str | None = None  # the driver's lease: each commit checks that it still holds it (None: no check)
 
 
 class ShardFailed(Exception):
     """Every image of a shard failed with an error: probably the actor, not the rows."""
+
+
+class RowTimeout(Exception):
+    """A batch ran past --row-timeout seconds per image: a verdict on the rows, like NaN, not on the actor."""
 
 
 class ShardRunner:
@@ -75,6 +83,7 @@ class ShardRunner:
         # paid here, it is part of the actor's start, not a stall in the middle of its first shard.
         pa.array([0])
         self._scheduler_configs: dict[str, dict] = {}
+        self._job: dict | None = None  # job.json, read at the first shard: the driver writes it after actors start
         self._shard, self._images_done = "", 0  # read by `progress` from another thread
 
     def info(self) -> dict:
@@ -96,9 +105,11 @@ class ShardRunner:
             torch.set_num_threads(self.config.cpu_threads)  # here: Ray runs each call on one of its threads
         rows = storage.DEFAULT_RETRY.call(f"reading the rows of {shard.id}", read_shard, self.manifest, shard,
                                           self.config.defaults)
-        shard_writer = ShardWriter(self.out, self.writer, rows, model=self.config.model,
+        if self._job is None:
+            self._job = self.out.read_job()
+        shard_writer = ShardWriter(self.out, self.writer, rows, job=self._job, model=self.config.model,
                                    model_fingerprint=self.pipe.fingerprint, model_revision=self.model.revision,
-                                   embed_images=self.config.embed_images)
+                                   embed_images=self.config.embed_images, fence=self._fence)
         generating, errors = 0.0, []
         for batch in batches(rows.items, self.config.batch_size):
             t = time.perf_counter()
@@ -138,7 +149,8 @@ class ShardRunner:
                 shard_writer.fail(item, error if len(batch) == 1 else f"{error} (its batch failed with: {batch_error})",
                                   attempts=2)
                 self._images_done += 1
-                errors.append(error)
+                if not isinstance(e, RowTimeout):
+                    errors.append(error)
                 continue
             self._record(shard_writer, [item], images, time.perf_counter() - start, attempts=2)
         return errors
@@ -157,8 +169,25 @@ class ShardRunner:
         return self.pipe.generate(
             [i.prompt for i in batch], seeds=[i.seed for i in batch], negative_prompts=[i.negative_prompt for i in batch],
             steps=first.steps, guidance_scale=first.guidance_scale, height=first.height, width=first.width,
-            scheduler=first.scheduler, output="np",
+            scheduler=first.scheduler, output="np", progress=self._time_limit(len(batch)),
         )
+
+    def _time_limit(self, images: int):
+        """A progress callback that stops the batch once it has run past --row-timeout per image."""
+        limit = self.config.row_timeout
+        if limit is None:
+            return None
+        deadline = time.monotonic() + limit * images
+
+        def check(step: int, total: int) -> None:
+            if time.monotonic() > deadline:
+                raise RowTimeout(f"ran past --row-timeout {limit:g} s per image; stopped at step {step} of {total}")
+
+        return check
+
+    def _fence(self) -> None:
+        if self.config.run_id is not None:
+            lease.check_holder(self.out, self.config.run_id)
 
     def _scheduler_config(self, name: str) -> dict:
         if name not in self._scheduler_configs:

@@ -173,6 +173,12 @@ def run_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier sdbatch dataset in OUTPUT.")] = False,
     embed_images: Annotated[bool, typer.Option(
         "--embed-images", help="Also store each PNG in the metadata's `image` column (Hugging Face `datasets` Image feature).")] = False,
+    shard_timeout: Annotated[float | None, typer.Option("--shard-timeout", help=(
+        "Seconds a shard may run before its actor is killed and the shard retried (default: only the watchdog "
+        "for actors that finish no image for 5x the job's batch time, at least 60 s)."))] = None,
+    row_timeout: Annotated[float | None, typer.Option("--row-timeout", help=(
+        "Seconds per image after which a batch stops; its rows run alone, and one that runs past it alone "
+        "goes to failures/ (default: no limit)."))] = None,
 ) -> None:
     """Generate every image of a manifest into a dataset, on Ray actors; a re-run continues an interrupted job."""
     from jobs import driver  # imports Ray: only this command pays for it
@@ -185,6 +191,7 @@ def run_command(
         shard_size=shard_size, device=device, dtype=dtype, compile=compile_unet, ray_address=ray_address,
         storage_options=storage.parse_storage_options(storage_option or []),
         mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,
+        shard_timeout=shard_timeout, row_timeout=row_timeout,
     )
     try:
         if resume and overwrite:

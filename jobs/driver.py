@@ -1,7 +1,8 @@
 """`sdbatch run`: check everything, start or join Ray, hand shards to actors, finish the dataset.
 
 1. Check, with nothing written and no Ray: options, job defaults, every manifest row, the model
-   source, and OUT (empty, or the same job). Bad input stops here (exit code 2).
+   source, and OUT (empty, or the same job, and writable: a probe file). Bad input stops here
+   (exit code 2). Then the lease on OUT (jobs.lease): a folder another driver holds is refused.
 2. Ray: start a local cluster, or join one (`--ray-address`, or RAY_ADDRESS as set inside
    `ray job submit`).
 3. Actors: one per GPU (`num_gpus=1`); without GPUs, CPU actors of one core each. Each loads
@@ -10,6 +11,9 @@
 4. Dispatch: the next shard goes to whichever actor is free (`ray.wait`), so a slow GPU only
    slows itself. A shard whose actor dies (or raises) is retried on a fresh actor up to
    SHARD_ATTEMPTS times, then its rows go to failures/; dead actors are replaced up to a budget.
+   Watchdog: an actor whose shard runs past --shard-timeout, or that finishes no image for
+   STALL_FACTOR times a batch's measured time (at least STALL_FLOOR seconds), is killed and
+   replaced, and its shard counts as a failed attempt: progress replies alone do not prove work.
    A storage failure stops the job: retrying elsewhere would fail the same way.
 5. Finish: `_SUCCESS` with the summary, once every shard is done.
 
@@ -34,6 +38,7 @@ import torch
 
 from jobs import devices, sources, storage
 from jobs.actor import ActorConfig, ShardActor
+from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, read_shard, shards
 from jobs.sink import ImageWriter, JobSpec, Output, ShardWriter
@@ -44,6 +49,8 @@ SHARD_ATTEMPTS = 3  # tries of one shard before its rows are recorded as failure
 START_TIMEOUT = 600.0  # seconds without any working actor (loading, waiting for a GPU node) before giving up
 TICK = 0.5  # seconds between progress updates
 GET_TIMEOUT = 60.0  # for ray.get of results that ray.wait already reported ready
+STALL_FACTOR = 5.0  # an image may take this many times the job's measured time per batch
+STALL_FLOOR = 60.0  # seconds; before any image is measured, only --shard-timeout applies
 
 
 class RunError(Exception):
@@ -71,6 +78,8 @@ class RunOptions:
     storage_options: dict = field(default_factory=dict)
     mode: str = "auto"  # see sink.Output.prepare
     embed_images: bool = False
+    shard_timeout: float | None = None  # seconds a shard may run (None: only the stall watchdog)
+    row_timeout: float | None = None  # seconds per image before a batch is stopped (see jobs.actor)
 
 
 @dataclass
@@ -118,6 +127,9 @@ def check_options(opts: RunOptions) -> None:
     for name, value in (("--actors", opts.actors), ("--batch-size", opts.batch_size), ("--shard-size", opts.shard_size)):
         if value is not None and value < 1:
             problems.append(f"{name} must be at least 1, got {value}")
+    for name, value in (("--shard-timeout", opts.shard_timeout), ("--row-timeout", opts.row_timeout)):
+        if value is not None and not value > 0:
+            problems.append(f"{name} must be a number of seconds > 0, got {value}")
     if opts.device not in devices.DEVICES:
         problems.append(f"--device must be one of {', '.join(devices.DEVICES)}, got {opts.device!r}")
     if opts.dtype not in devices.DTYPES:
@@ -140,8 +152,8 @@ def joins_cluster(opts: RunOptions) -> bool:
 
 
 def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
-    """Validate the whole manifest and check OUT, writing nothing. The model's fingerprint stays
-    None until an actor has loaded the model."""
+    """Validate the whole manifest and check OUT, writing nothing but a probe file that is removed
+    at once. The model's fingerprint stays None until an actor has loaded the model."""
     check_options(opts)
     with open_manifest(opts.manifest, opts.storage_options) as m:
         summary = validate(m, opts.defaults)
@@ -155,6 +167,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
                   "model_cache": opts.model_cache},
     )
     out.check(job, mode=opts.mode)
+    out.check_writable()
     return job, out
 
 
@@ -165,12 +178,23 @@ def connect_ray(opts: RunOptions) -> bool:
     if ray.is_initialized():  # an embedding program (or a test) already did
         return False
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if joins_cluster(opts):
-        ray.init(address=opts.ray_address, **quiet)
-    else:
-        # A CPU actor takes one core; make room for as many as were asked for.
-        cpus = max(os.cpu_count() or 1, opts.actors or 1)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    # ray.init installs a SIGTERM handler that exits at once with code 15; ours must stay in charge.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        if joins_cluster(opts):
+            ray.init(address=opts.ray_address, **quiet)
+        else:
+            # A CPU actor takes one core; make room for as many as were asked for.
+            cpus = max(os.cpu_count() or 1, opts.actors or 1)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
+    except BaseException as e:
+        ray.shutdown()  # a start cut short (a signal, an error) must not leave Ray's processes running
+        if isinstance(e, SystemExit) and e.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
@@ -212,6 +236,8 @@ class _Slot:
     shard: Shard | None = None
     progress_ref: object = None
     partial: int = 0  # images of the current shard so far
+    dispatched: float = 0.0  # time.monotonic() when the shard was handed out
+    last_image: float = 0.0  # time.monotonic() when the shard's image count last grew
 
     @property
     def alive(self) -> bool:
@@ -276,15 +302,16 @@ def _duration(seconds: float) -> str:
 
 
 class _Run:
-    def __init__(self, opts: RunOptions, job: JobSpec, out: Output, plan: ActorPlan, stream: TextIO,
+    def __init__(self, opts: RunOptions, job: JobSpec, out: Output, lease: Lease, plan: ActorPlan, stream: TextIO,
                  on_dispatch: Callable | None, started_at: float):
-        self.opts, self.job, self.out, self.plan = opts, job, out, plan
+        self.opts, self.job, self.out, self.lease, self.plan = opts, job, out, lease, plan
         self.stream, self.on_dispatch = stream, on_dispatch
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, model_cache=opts.model_cache,
             defaults=opts.defaults, device=plan.device,
             dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
+            row_timeout=opts.row_timeout, run_id=lease.run_id,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
         self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
@@ -301,6 +328,7 @@ class _Run:
         # was ready, and when the last shard was committed
         self.started_at, self.first_ready, self.all_done = started_at, None, None
         self._driver_writer: ImageWriter | None = None
+        self.measured_images, self.measured_seconds = 0, 0.0  # generation over the shards done, for the watchdog
 
     # actors
 
@@ -380,6 +408,7 @@ class _Run:
                 if shard is None:
                     return
                 slot.shard, slot.partial = shard, 0
+                slot.dispatched = slot.last_image = time.monotonic()
                 slot.task = slot.handle.run_shard.remote(shard)
                 if self.on_dispatch is not None:
                     self.on_dispatch(slot.handle, shard)
@@ -392,6 +421,8 @@ class _Run:
             result = ray.get(ref, timeout=GET_TIMEOUT)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause
+            if isinstance(cause, LeaseLost):
+                raise RunError(str(cause), 2) from None
             if isinstance(cause, storage.StorageError):
                 where = "" if shard.id in str(cause) else f"{shard.id}: "  # storage errors name their shard already
                 raise RunError(f"{where}{cause}. The job stopped; no shard is half-committed: "
@@ -412,6 +443,28 @@ class _Run:
         slot.stats.failures += result["failures"]
         slot.stats.shards += 1
         slot.stats.busy_seconds += result["generating_seconds"]
+        self.measured_images += result["images"] + result["failures"]
+        self.measured_seconds += result["generating_seconds"]
+
+    def check_deadlines(self) -> None:
+        """Kill and replace an actor whose shard ran past its deadline; the shard is tried again."""
+        now = time.monotonic()
+        stall = None
+        if self.measured_images:
+            per_batch = self.opts.batch_size * self.measured_seconds / self.measured_images
+            stall = max(STALL_FLOOR, STALL_FACTOR * per_batch)
+        for slot in self.slots:
+            if slot.task is None:
+                continue
+            if self.opts.shard_timeout is not None and now - slot.dispatched > self.opts.shard_timeout:
+                why = f"ran past --shard-timeout {self.opts.shard_timeout:g} s"
+            elif stall is not None and now - slot.last_image > stall:
+                why = f"finished no image for {now - slot.last_image:.0f} s (the job's batches take {per_batch:.1f} s)"
+            else:
+                continue
+            shard = slot.shard
+            self.shard_failed(shard, f"{shard.id} {why}")
+            self.lose_actor(slot, f"{shard.id} {why}; killed")
 
     def shard_failed(self, shard: Shard, error: str) -> None:
         """Queue the shard again (first in line), or give up on it after SHARD_ATTEMPTS."""
@@ -428,10 +481,11 @@ class _Run:
             rows = read_shard(m, shard, self.opts.defaults)
         if self._driver_writer is None:
             self._driver_writer = ImageWriter(self.out, threads=1)
-        writer = ShardWriter(self.out, self._driver_writer, rows, model=self.opts.model,
+        writer = ShardWriter(self.out, self._driver_writer, rows, job=self.out.read_job(), model=self.opts.model,
                              model_fingerprint=self.job.model_fingerprint,
                              model_revision=self.job.settings["model_source"]["revision"],
-                             embed_images=self.opts.embed_images)
+                             embed_images=self.opts.embed_images,
+                             fence=lambda: check_holder(self.out, self.lease.run_id))
         for item in rows.items:
             writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard; the last: {error}",
                         attempts=SHARD_ATTEMPTS)
@@ -452,6 +506,8 @@ class _Run:
                 try:
                     shard_id, count = ray.get(slot.progress_ref, timeout=GET_TIMEOUT)
                     if shard_id == slot.shard.id:
+                        if count > slot.partial:
+                            slot.last_image = time.monotonic()
                         slot.partial = count
                 except ray.exceptions.RayError:
                     pass  # a dead actor shows up through its task
@@ -476,6 +532,8 @@ class _Run:
         for slot in self.slots:
             self.start_actor(slot)
         while True:
+            if self.lease.lost is not None:
+                raise RunError(self.lease.lost, 2)
             if self.todo is not None:
                 self.dispatch()
                 if self.exhausted and not self.retry_queue and not any(s.task for s in self.slots):
@@ -495,6 +553,7 @@ class _Run:
                 raise RunError(f"no actor could start within {START_TIMEOUT:.0f} s (asked for {self.plan.resources} "
                                f"each; free now: CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g})")
             self.poll_progress()
+            self.check_deadlines()
             self.show()
         self.all_done = time.monotonic()
         self.show(force=True)
@@ -519,27 +578,45 @@ def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable
     stream = stream or sys.stderr
     wall = time.monotonic()
     job, out = plan_job(opts)
-    started_ray = connect_ray(opts)
+    lease = Lease(out)
+    with _sigterm_as_interrupt():
+        try:
+            took_over = lease.acquire()
+            if took_over:
+                stream.write(f"{took_over}\n")
+            job_run = _run_actors(opts, job, out, lease, stream, on_dispatch, wall)
+            return finish(out, job_run, time.monotonic() - wall)  # _SUCCESS too is written under the lease
+        except KeyboardInterrupt:
+            raise RunError("interrupted; re-run the same command to continue where it stopped", 130) from None
+        finally:
+            lease.release()
+
+
+def _run_actors(opts: RunOptions, job: JobSpec, out: Output, lease: Lease, stream: TextIO,
+                on_dispatch: Callable | None, started_at: float) -> "_Run":
+    started_ray = False
     job_run = None
     try:
+        started_ray = connect_ray(opts)
         plan = plan_actors(opts, ray.cluster_resources())
-        job_run = _Run(opts, job, out, plan, stream, on_dispatch, started_at=wall)
+        job_run = _Run(opts, job, out, lease, plan, stream, on_dispatch, started_at=started_at)
         kind = "GPU" if "num_gpus" in plan.resources else "CPU"
         job_run.say(f"{job.rows:,} rows, {job.images:,} images in {job.shards:,} shards; "
                     f"starting {plan.count} {kind} actor(s)")
         if plan.note:
             job_run.say(f"warning: {plan.note}")
-        with _sigterm_as_interrupt():
-            job_run.loop()
+        job_run.loop()
     except KeyboardInterrupt:
-        raise RunError("interrupted; re-run the same command to continue where it stopped", 130) from None
+        if job_run is None or job_run.first_ready is None:
+            raise RunError("interrupted during start-up, before any actor was ready: nothing was generated, and "
+                           "Ray was shut down; re-run the same command to start again", 130) from None
+        raise
     finally:
         if job_run is not None:
             job_run.shutdown()
         if started_ray:
             ray.shutdown()
-    wall = time.monotonic() - wall
-    return finish(out, job_run, wall)
+    return job_run
 
 
 def finish(out: Output, r: _Run, wall: float) -> RunResult:

@@ -3,9 +3,9 @@
 A manifest is one Parquet file, read through fsspec by record batches — never whole, so tens of
 millions of rows cost the memory of one batch. Columns:
 
-  prompt           string, required, no nulls (may be empty)
+  prompt           string, required, no nulls (may be empty), at most MAX_PROMPT_CHARS characters
   id               string or integer, unique; default the row number (rows count from 0)
-  negative_prompt  string
+  negative_prompt  string, at most MAX_PROMPT_CHARS characters
   seed             integer, 0 <= seed < 2**63; default derive_seed(--seed, id)
   steps            integer 1..1000
   guidance_scale   number >= 0, finite
@@ -22,12 +22,13 @@ unchanged into the output metadata, except names that look like typos of the col
 Image ids: a row with num_images == 1 makes one image whose id is the row id; a row with
 num_images == n > 1 makes images `{id}-0` ... `{id}-{n-1}`, image k with seed (seed + k) mod 2**63.
 Image ids name files (`images/<shard>/<id>.png`), so they must be unique across the whole
-manifest after this expansion and usable as file names.
+manifest after this expansion and usable as file names — unique even after case folding and
+Unicode (NFC) normalisation, since case-insensitive or normalising stores would merge them.
 """
 import difflib
 import hashlib
 import math
-import struct
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,8 +45,12 @@ MAX_NUM_IMAGES = 10_000
 STEPS_RANGE = (1, 1000)
 SIZE_RANGE = (64, 2048)
 MAX_ID_BYTES = 200
+# CLIP reads 77 tokens; this leaves room for any real prompt while keeping a runaway cell (a
+# whole document pasted in) out of every PNG's text chunk and metadata row.
+MAX_PROMPT_CHARS = 10_000
 READ_BATCH_ROWS = 16_384
 READ_BUFFER_BYTES = 8 << 20  # read column chunks in pieces: a huge row group must not be loaded whole
+FINGERPRINT_READ_BYTES = 8 << 20
 SHOW = 5  # offending rows quoted per violation
 
 STRING_PARAMS = ("prompt", "negative_prompt", "scheduler")
@@ -101,6 +106,8 @@ class Defaults:
             v = getattr(self, name)
             if v % 8 or not SIZE_RANGE[0] <= v <= SIZE_RANGE[1]:
                 problems.append(f"--{name} {v} must be a multiple of 8 in {SIZE_RANGE[0]}..{SIZE_RANGE[1]}")
+        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            problems.append(f"--negative-prompt is {len(self.negative_prompt):,} characters long; the limit is {MAX_PROMPT_CHARS:,}")
         names = scheduler_names()
         if self.scheduler not in names:
             problems.append(f"--scheduler {self.scheduler!r} is not one of {', '.join(names)}")
@@ -154,7 +161,7 @@ class Summary:
 
 
 class Manifest:
-    """An opened manifest: schema, row count and fingerprint come from the footer; rows are read on demand.
+    """An opened manifest: schema and row count come from the footer; rows are read on demand.
 
     Opening already rejects schema problems (missing `prompt`, wrong column types, typo'd or
     reserved column names); `validate` checks the values.
@@ -257,15 +264,12 @@ class Manifest:
         return pa.Table.from_batches(pieces, schema=schema)
 
     def fingerprint(self) -> str:
-        """Identifies the manifest's content cheaply: file size + the Parquet footer (schema, row
-        counts, per-chunk sizes, offsets and statistics), not the data pages."""
-        size = self.fs.size(self.path)
-        with self.fs.open(self.path, "rb") as f:
-            f.seek(size - 8)
-            footer_len = struct.unpack("<I", f.read(4))[0]
-            f.seek(size - 8 - footer_len)
-            footer = f.read(footer_len)
-        h = hashlib.sha256(b"sdbatch-manifest-v1\x00" + struct.pack("<QQ", size, self.num_rows) + footer)
+        """Identifies the manifest's content: a streaming sha256 of every byte of the file, so that
+        any edit, even one that keeps the size and the footer, makes a different job."""
+        h = hashlib.sha256(b"sdbatch-manifest-v2\x00")
+        with self.fs.open(self.path, "rb", block_size=FINGERPRINT_READ_BYTES) as f:
+            while chunk := f.read(FINGERPRINT_READ_BYTES):
+                h.update(chunk)
         return h.hexdigest()[:32]
 
 
@@ -390,7 +394,8 @@ INTEGER_RANGES = (
 
 
 def validate(manifest: Manifest, defaults: Defaults) -> Summary:
-    """Check every value of every row (one streaming pass; a second one only to name duplicate ids).
+    """Check every value of every row (one streaming pass; a second one only to name duplicate ids;
+    and one over the file's bytes for the fingerprint).
 
     Raises ManifestError naming each offending column and its first rows; returns the summary.
     """
@@ -407,6 +412,12 @@ def validate(manifest: Manifest, defaults: Defaults) -> Summary:
         ids = column(batch, "id")
         v.add("prompt", "with null values", _mask(column(batch, "prompt").is_null()), start, ids,
               hint="; a prompt is required, use '' for an empty one")
+
+        for col in ("prompt", "negative_prompt"):
+            text = column(batch, col)
+            if text is not None and not pa.types.is_null(text.type):
+                v.add(col, f"longer than {MAX_PROMPT_CHARS:,} characters", _mask(pc.greater(pc.utf8_length(text), MAX_PROMPT_CHARS)),
+                      start, ids, hint="; CLIP reads only the first 77 tokens (about 300 characters) anyway")
 
         ints = {}  # column -> (values, usable mask)
         for col, lo, hi, hi_text in INTEGER_RANGES:
@@ -505,9 +516,14 @@ def _id_keys(ids: pa.Array, num_images: np.ndarray, string_ids: bool) -> np.ndar
         return ids.cast(pa.int64()).to_numpy(zero_copy_only=False).view(np.uint64).copy()
     values = ids.to_pylist()
     if (num_images == 1).all():
-        return np.fromiter(map(hash, values), dtype=np.int64, count=len(values)).view(np.uint64)
-    keys = (hash(i) for rid, k in zip(values, num_images.tolist()) for i in image_ids(rid, k))
+        return np.fromiter((hash(fold_id(i)) for i in values), dtype=np.int64, count=len(values)).view(np.uint64)
+    keys = (hash(fold_id(i)) for rid, k in zip(values, num_images.tolist()) for i in image_ids(rid, k))
     return np.fromiter(keys, dtype=np.int64).view(np.uint64)
+
+
+def fold_id(image_id: str) -> str:
+    """What a case-insensitive, normalising store sees of a name: NFC of the case-folded NFC."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", image_id).casefold())
 
 
 def _find_duplicates(manifest: Manifest, id_keys: list[np.ndarray], string_ids: bool) -> str | None:
@@ -525,7 +541,7 @@ def _find_duplicates(manifest: Manifest, id_keys: list[np.ndarray], string_ids: 
     del keys
     if not suspects:
         return None
-    where: dict[str | int, list[tuple[int, bool]]] = {}  # image id -> [(row, made by num_images)]
+    where: dict[str | int, list[tuple[int, bool, str | int]]] = {}  # folded image id -> [(row, made by num_images, id)]
     cols = ["id", "num_images"] if "num_images" in manifest.params else ["id"]
     for start, batch in manifest.batches(columns=cols):
         counts = column(batch, "num_images")
@@ -533,14 +549,20 @@ def _find_duplicates(manifest: Manifest, id_keys: list[np.ndarray], string_ids: 
         for i, (rid, n) in enumerate(zip(column(batch, "id").to_pylist(), counts)):
             made = image_ids(rid, n) if string_ids else [rid]
             for image_id in made:
-                if _int_key(hash(image_id) if string_ids else image_id) in suspects:
-                    where.setdefault(image_id, []).append((start + i, image_id != rid))
+                key = fold_id(image_id) if string_ids else image_id
+                if _int_key(hash(key) if string_ids else key) in suspects:
+                    where.setdefault(key, []).append((start + i, image_id != rid, image_id))
     dups = {k: found for k, found in where.items() if len(found) > 1}
     if not dups:
         return None
-    expanded = any(by_count for found in dups.values() for _, by_count in found)
+    differ = [found for found in dups.values() if len({i for _, _, i in found}) > 1]
+    if differ:
+        shown = "; ".join(", ".join(f"{_show(i)} at row {r}" for r, _, i in found[:SHOW]) for found in differ[:SHOW])
+        return (f"{len(differ):,} group{'s' if len(differ) > 1 else ''} of ids equal up to case or Unicode "
+                f"normalisation ({shown}); they would name one file on a case-insensitive or normalising store")
+    expanded = any(by_count for found in dups.values() for _, by_count, _ in found)
     plural = "s" if len(dups) > 1 else ""
-    shown = "; ".join(f"{_show(k)} at rows {', '.join(str(r) for r, _ in found[:SHOW])}" for k, found in list(dups.items())[:SHOW])
+    shown = "; ".join(f"{_show(found[0][2])} at rows {', '.join(str(r) for r, _, _ in found[:SHOW])}" for found in list(dups.values())[:SHOW])
     shown += "; …" if len(dups) > SHOW else ""
     if expanded:
         return (f"{len(dups):,} image id{plural} made more than once ({shown}); num_images > 1 turns id into "

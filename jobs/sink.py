@@ -5,6 +5,7 @@
                                      + with --embed-images the PNG itself in an `image` column)
     OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
     OUT/_sdbatch/job.json            settings and the job's identity (fingerprints); no credentials
+    OUT/_sdbatch/damaged/<time>/...  files found unreadable, moved aside (never deleted)
     OUT/_SUCCESS                     summary JSON, written last, once every shard is done
 
 The one rule: a shard is done iff `metadata/<shard>.parquet` exists. A shard's images are
@@ -13,6 +14,11 @@ failures file if it has failures, then its metadata file, atomically — even a 
 images all failed writes a metadata file with no rows. So resume is one listing of `metadata/`,
 and a crash at any point leaves nothing that a re-run of that shard does not overwrite. Failure
 files count only for done shards.
+
+Damage is named and healed: a metadata or failures file that cannot be read is reported by
+name, and the next run moves its shard's files into `_sdbatch/damaged/` and redoes the shard.
+Every metadata file carries job.json in its Parquet key-value metadata, so a lost job.json is
+rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
 size, dtype or defaults into it, and deletes an old dataset (only one it recognises by
@@ -25,10 +31,13 @@ import importlib.metadata
 import io
 import json
 import posixpath
+import re
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +54,12 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree th
     SDBATCH_VERSION = "unknown"
 
 JOB_FILE = "_sdbatch/job.json"
+DAMAGED_FOLDER = "_sdbatch/damaged"
+JOB_KEY = b"sdbatch_job"  # the metadata files' key-value entry holding job.json
+DATASET_FOLDERS = ("metadata", "failures", "images")
+WRITE_PROBE = ".sdbatch-write-probe-"
+# The files sdbatch writes under DATASET_FOLDERS, and the hidden temporaries of its local atomic writes.
+OURS = re.compile(r"(metadata|failures)/shard-\d{6,}\.parquet|images/shard-\d{6,}/[^/]+\.png|(.*/)?\.[^/]+\.tmp-[0-9a-f]{32}")
 SUCCESS_FILE = "_SUCCESS"
 PNG_KEY = "sdbatch"  # the PNG text chunk holding the generation parameters
 PNG_COMPRESS_LEVEL = 6
@@ -85,8 +100,19 @@ IMAGE_FIELD = pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.fi
 HF_SCHEMA_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 
 
+T = TypeVar("T")
+
+
 class OutputError(Exception):
     """OUT cannot be used for this job (a different job, not an sdbatch folder, ...)."""
+
+
+class DamagedFile(OutputError):
+    """A file of the dataset exists but cannot be read as what it should be."""
+
+    def __init__(self, rel: str, reason: str):
+        super().__init__(f"{rel}: {reason}")
+        self.rel, self.reason = rel, reason
 
 
 def metadata_schema(passthrough: pa.Schema, *, embed_images: bool = False) -> pa.Schema:
@@ -202,17 +228,30 @@ class OutputStatus:
     # (shard, images, generation seconds) of every done shard, in shard order
     shard_timing: list[tuple[str, int, float]] = field(default_factory=list)
     first_failures: list[dict] = field(default_factory=list)  # id, error, attempts of the first few
+    damaged: dict[str, str] = field(default_factory=dict)  # shard -> "file: why it cannot be read"
+    job_from: str | None = None  # the metadata file job.json was rebuilt from, when it was missing
+
+    @property
+    def success_is_stale(self) -> bool:
+        return self.success is not None and self.shards_done < self.shards
 
     def format(self, *, limit: int = 10) -> str:
         """The counts, then up to `limit` lines each of per-shard timing and of failures."""
+        success = "no" if self.success is None else (
+            f"stale: {self.shards - self.shards_done:,} shard(s) missing; the next run removes it" if self.success_is_stale
+            else "yes")
         lines = [
             f"{self.url}: sdbatch dataset of {self.job.get('manifest')} with {self.job.get('model')}",
             f"  shards    {self.shards_done:,}/{self.shards:,} done ({self.shards - self.shards_done:,} remaining)",
             f"  rows      {self.rows_done:,}/{self.rows:,} done",
             f"  images    {self.images_done:,}/{self.images:,} written",
             f"  failures  {self.failures:,}",
-            f"  _SUCCESS  {'yes' if self.success is not None else 'no'}",
+            f"  _SUCCESS  {success}",
         ]
+        if self.job_from:
+            lines.append(f"  job.json  missing; read from {self.job_from} (the next run writes it back)")
+        for shard, problem in sorted(self.damaged.items()):
+            lines.append(f"  damaged   {problem} (the next run moves it to {DAMAGED_FOLDER}/ and redoes {shard})")
         if self.shard_timing:
             # generation_seconds is each image's share of its batch's time: the sum is the time an
             # actor spent generating the shard, without reading rows and committing.
@@ -247,6 +286,7 @@ class Output:
         self.name = storage.redact_url(url)
         self.fs, self.root = storage.resolve(url, storage_options)
         self.retry = retry
+        self.job_from: str | None = None  # set by read_job when job.json was missing
 
     def path(self, rel: str) -> str:
         return storage.join(self.root, rel)
@@ -272,7 +312,7 @@ class Output:
         self.fs.invalidate_cache(path)  # object-store listings are cached; another process may have written
         try:
             names = self.retry.call(f"listing {self.name}/{folder}", self.fs.ls, path, detail=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         stems = []
         for name in names:
@@ -286,14 +326,34 @@ class Output:
         return {s for s in self._list("metadata", ".parquet") if is_shard_id(s)}
 
     def read_job(self) -> dict | None:
+        """job.json; if it is missing, the copy in the first metadata file that has one (`job_from`
+        says which), or None for a folder without shards."""
+        self.job_from = None
         try:
             data = storage.read_bytes(self.fs, self.path(JOB_FILE), retry=self.retry)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            return self._job_from_metadata()
         try:
             return json.loads(data)
         except ValueError as e:
-            raise OutputError(f"{self.name}/{JOB_FILE} is not valid JSON ({e}); fix or remove it") from None
+            raise OutputError(f"{self.name}/{JOB_FILE} is not valid JSON ({e}); remove it: "
+                              "the next command rebuilds it from the metadata files") from None
+
+    def _job_from_metadata(self) -> dict | None:
+        shards = sorted(self.done_shards())
+        for shard in shards:
+            try:
+                kv = self._parse(metadata_path(shard), lambda f: pq.read_schema(f).metadata or {})
+            except DamagedFile:
+                continue
+            if JOB_KEY in kv:
+                self.job_from = metadata_path(shard)
+                return json.loads(kv[JOB_KEY])
+        if shards:
+            raise OutputError(
+                f"{self.name}: {JOB_FILE} is missing and no metadata file records the job (written by an "
+                f"older sdbatch?); restore {JOB_FILE} from a copy, or start anew: rm -r {self.name}")
+        return None
 
     def success(self) -> dict | None:
         try:
@@ -316,7 +376,9 @@ class Output:
                 raise OutputError(f"{self.name}: nothing to resume (no {JOB_FILE})")
             if existing is None:
                 self._require_empty()
-            elif mode != "overwrite":
+            elif mode == "overwrite":
+                self._dataset_files()
+            else:
                 there, now = existing.get("identity", {}), job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
                 if differs:
@@ -339,7 +401,39 @@ class Output:
                     self._delete_dataset()
                 self.write(JOB_FILE, json.dumps(job.to_json(), indent=2).encode())
                 return set()
-            return self.done_shards()
+            return self._heal()
+
+    def _heal(self) -> set[str]:
+        """Before a run continues the job here: write back a lost job.json, move damaged shards'
+        files aside, drop a `_SUCCESS` that no longer holds; the shards done and readable."""
+        status = self.status(failures=0)
+        if status.job_from is not None:
+            self.write(JOB_FILE, json.dumps(status.job, indent=2).encode())
+        if status.damaged:
+            aside = f"{DAMAGED_FOLDER}/{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+            for shard in status.damaged:
+                for rel in (metadata_path(shard), failures_path(shard)):
+                    if self.exists(rel):
+                        self._move(rel, f"{aside}/{rel}")
+        if status.success_is_stale:
+            self.remove(SUCCESS_FILE)
+        return {s for s, _, _ in status.shard_timing}
+
+    def _move(self, rel: str, to: str) -> None:
+        if storage.is_local(self.fs):
+            self.fs.makedirs(posixpath.dirname(self.path(to)), exist_ok=True)
+        self.retry.call(f"moving {self.name}/{rel} to {to}", self.fs.mv, self.path(rel), self.path(to))
+
+    def check_writable(self) -> None:
+        """Write and remove a small file: storage that refuses writes (read-only, full, no permission)
+        is found in seconds, before Ray starts and the model loads."""
+        probe = f"{WRITE_PROBE}{uuid.uuid4().hex}"  # hidden: listings skip it if a kill leaves it
+        with self._errors():
+            try:
+                self.write(probe, b"sdbatch checks that it can write here\n")
+            except storage.StorageError as e:
+                raise OutputError(f"{self.name}: cannot write here: {e}") from None
+            self.remove(probe)
 
     @contextlib.contextmanager
     def _errors(self):
@@ -353,19 +447,47 @@ class Output:
     def _require_empty(self) -> None:
         if self.fs.isfile(self.root):
             raise OutputError(f"{self.name} is a file, not a folder")
+        self.fs.invalidate_cache(self.root)  # s3fs would answer from a listing cached before the write probe
         try:
             entries = self.retry.call(f"listing {self.name}", self.fs.ls, self.root, detail=False)
         except FileNotFoundError:
             return
-        if entries:
+        # SeaweedFS lists a prefix whose objects were all deleted (the write probe's) as itself;
+        # _sdbatch/ holds the lease, taken before OUT is prepared; another driver may be probing
+        names = [e.rstrip("/") for e in entries]
+        ours = (self.root, self.path("_sdbatch"))
+        if [n for n in names if n not in ours and not n.rsplit("/", 1)[-1].startswith(WRITE_PROBE)]:
             raise OutputError(f"{self.name} is not empty and is not an sdbatch dataset (no {JOB_FILE}); "
                               "refusing to write into it or delete it — choose an empty or new folder")
 
+    def _dataset_files(self) -> list[str]:
+        """The files under DATASET_FOLDERS (relative to OUT), or OutputError if any of them is not
+        one sdbatch writes: --overwrite deletes only its own."""
+        files = []
+        for folder in DATASET_FOLDERS:
+            self.fs.invalidate_cache(self.path(folder))
+            try:
+                found = self.retry.call(f"listing {self.name}/{folder}", self.fs.find, self.path(folder))
+            except FileNotFoundError:
+                continue
+            files += [path[len(self.root) + 1:] for path in found]
+        foreign = [rel for rel in files if not OURS.fullmatch(rel)]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5:,} more" if len(foreign) > 5 else "")
+            raise OutputError(f"{self.name}: --overwrite would delete files sdbatch did not write ({shown}); "
+                              "move them out of the dataset's folders first")
+        return files
+
     def _delete_dataset(self) -> None:
         # Commit markers first, so a crash half-way leaves no shard looking done, and job.json last,
-        # so the folder stays recognisable as ours until the end.
+        # so the folder stays recognisable as ours until the end. _sdbatch/damaged/ stays.
+        files = self._dataset_files()
         self.remove(SUCCESS_FILE)
-        for folder in ("metadata", "failures", "images"):
+        markers = [f for f in files if f.startswith("metadata/")]
+        for batch in (markers, [f for f in files if not f.startswith("metadata/")]):
+            if batch:
+                self.retry.call(f"removing {len(batch):,} files of {self.name}", self.fs.rm, [self.path(f) for f in batch])
+        for folder in DATASET_FOLDERS:  # empty by now: only folders left, on file systems that have them
             self.remove(folder, recursive=True)
         self.remove(JOB_FILE)
         self.fs.invalidate_cache(self.root)
@@ -387,46 +509,65 @@ class Output:
         job = self.read_job()
         if job is None:
             raise OutputError(f"{self.name}: not an sdbatch dataset (no {JOB_FILE})")
+        job_from = self.job_from
         rows, size = job["rows"], job["identity"]["shard_size"]
         total = count_shards(rows, size)
-        done = {s for s in self.done_shards() if shard_index(s) < total}
-        failed = sorted(set(self._list("failures", ".parquet")) & done)
-        done = sorted(done)
-        seconds = list(self._read_parallel([metadata_path(s) for s in done], ["generation_seconds"]))
-        timing = [(s, len(t), sum(t.column(0).to_pylist())) for s, t in zip(done, seconds)]
+        listed = sorted(s for s in self.done_shards() if shard_index(s) < total)
+        with_failures = set(self._list("failures", ".parquet"))
+
+        def inspect(shard: str) -> tuple[list[float], int] | DamagedFile:
+            try:
+                seconds = self._parse(metadata_path(shard), lambda f: pq.read_table(f, columns=["generation_seconds"]))
+                failed = self._parse(failures_path(shard), lambda f: pq.ParquetFile(f).metadata.num_rows) \
+                    if shard in with_failures else 0
+            except DamagedFile as e:
+                return e
+            return seconds.column(0).to_pylist(), failed
+
+        timing, failed, damaged = [], {}, {}
+        with ThreadPoolExecutor(16) as pool:  # object stores answer slowly but in parallel
+            for shard, found in zip(listed, pool.map(inspect, listed)):
+                if isinstance(found, DamagedFile):
+                    damaged[shard] = str(found)
+                else:
+                    timing.append((shard, len(found[0]), sum(found[0])))
+                    failed[shard] = found[1]
         first_failures = []
-        for rel in (failures_path(s) for s in failed):
+        for shard in (s for s, n in failed.items() if n):
             if len(first_failures) >= failures:
                 break
-            first_failures += self._read(rel, ["id", "error", "attempts"]).to_pylist()[:failures - len(first_failures)]
+            table = self._parse(failures_path(shard), lambda f: pq.read_table(f, columns=["id", "error", "attempts"]))
+            first_failures += table.to_pylist()[:failures - len(first_failures)]
         return OutputStatus(
-            url=self.name, job=job, shards=total, shards_done=len(done), rows=rows,
-            rows_done=sum(shard_at(shard_index(s), rows, size).rows for s in done), images=job["images"],
-            images_done=sum(n for _, n, _ in timing),
-            failures=sum(self._row_counts([failures_path(s) for s in failed])), success=self.success(),
-            shard_timing=timing, first_failures=first_failures,
+            url=self.name, job=job, shards=total, shards_done=len(timing), rows=rows,
+            rows_done=sum(shard_at(shard_index(s), rows, size).rows for s, _, _ in timing), images=job["images"],
+            images_done=sum(n for _, n, _ in timing), failures=sum(failed.values()), success=self.success(),
+            shard_timing=timing, first_failures=first_failures, damaged=damaged, job_from=job_from,
         )
 
-    def _read(self, rel: str, columns: list[str]) -> pa.Table:
-        def read() -> pa.Table:
+    def _parse(self, rel: str, parse: Callable[[object], T]) -> T:
+        """`parse(file)` of a Parquet file of the dataset, or DamagedFile naming it.
+
+        A first try reads through the file system; if it fails, the bytes are fetched with retries
+        (so network trouble is retried and reported as such) and parsed from memory, where any
+        error is the file's own.
+        """
+        try:
             with storage.open_for_arrow(self.fs, self.path(rel)) as f:
-                return pq.read_table(f, columns=columns)
+                return parse(f)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError):
+            pass
+        data = storage.read_bytes(self.fs, self.path(rel), retry=self.retry)
+        try:
+            return parse(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as e:
+            raise DamagedFile(rel, f"not a readable Parquet file ({len(data):,} bytes: {_first_line(e)})") from None
 
-        return self.retry.call(f"reading {self.name}/{rel}", read)
 
-    def _read_parallel(self, rels: list[str], columns: list[str]) -> Iterator[pa.Table]:
-        """Some columns of many files at once (object stores answer slowly but in parallel)."""
-        with ThreadPoolExecutor(16) as pool:
-            yield from pool.map(lambda rel: self._read(rel, columns), rels)
-
-    def _row_counts(self, rels: list[str]) -> Iterator[int]:
-        """Row counts from Parquet footers, many at once."""
-        def count(rel: str) -> int:
-            with storage.open_for_arrow(self.fs, self.path(rel)) as f:
-                return pq.ParquetFile(f).metadata.num_rows
-
-        with ThreadPoolExecutor(16) as pool:
-            yield from pool.map(lambda rel: self.retry.call(f"reading {self.name}/{rel}", count, rel), rels)
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _brief(value) -> str:
@@ -503,9 +644,12 @@ class ShardWriter:
     outcome. `commit` waits until every image is written, then writes failures and metadata.
     """
 
-    def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, model: str, model_fingerprint: str,
-                 model_revision: str | None = None, embed_images: bool = False):
+    def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, job: dict, model: str,
+                 model_fingerprint: str, model_revision: str | None = None, embed_images: bool = False,
+                 fence: Callable[[], None] | None = None):
         self.out, self.writer, self.rows, self.embed_images = out, writer, rows, embed_images
+        self.fence = fence  # raises if this writer may no longer commit (see jobs.lease)
+        self.job = job  # job.json, copied into the metadata file: it can be rebuilt from any of them
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
         self.model_revision = model_revision
         self.shard = rows.shard.id
@@ -542,6 +686,8 @@ class ShardWriter:
         if errors:
             raise storage.StorageError(f"{self.shard}: {len(errors)} of {len(done)} images could not be written; "
                                        f"the shard is not committed. First error: {errors[0]}") from errors[0]
+        if self.fence is not None:
+            self.fence()
         passthrough = self.rows.passthrough
         if failed:
             for r in failed:  # an earlier attempt may have written it; the dataset must not show it
@@ -564,6 +710,7 @@ class ShardWriter:
         if self.embed_images:
             columns["image"] = [{"bytes": w[1], "path": p} for w, p in zip(written, paths)]
         schema = metadata_schema(passthrough.schema, embed_images=self.embed_images)
+        schema = schema.with_metadata({**(schema.metadata or {}), JOB_KEY: json.dumps(self.job).encode()})
         self.out.write(metadata_path(self.shard), self._parquet(schema, done, columns))
         return ShardResult(self.shard, len(done), len(failed))
 

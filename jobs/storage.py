@@ -7,14 +7,15 @@ Every read and write of the job goes through here, so the rules are in one place
 - A write is all or nothing: local files are written under a hidden temporary name and renamed
   into place; on object stores one complete PUT (`pipe_file`) is already atomic.
 - Transient failures (network, timeouts, 5xx) are retried with exponential backoff for a bounded
-  time, then `StorageError` says what failed; permanent ones (permission, not found) are not
-  retried. The bound is `RetryPolicy.total_seconds`, 120 s unless the environment variable
+  time, then `StorageError` says what failed; permanent ones (permission, not found, a read-only
+  or full file system) are not retried, and the last kind becomes `StorageError` at once. The bound is `RetryPolicy.total_seconds`, 120 s unless the environment variable
   `SDBATCH_STORAGE_RETRY_SECONDS` says otherwise (read at import, so set it before the job starts;
   Ray passes the driver's environment on to local actors). It is the only retry layer: s3fs's
   botocore client is told to try once (see `s3_defaults`), or its own retries, 5-12 s per call
   against a dead endpoint, would multiply ours.
 - Credentials never reach logs or `job.json`: `redact` / `redact_url` hide them.
 """
+import errno
 import json
 import os
 import posixpath
@@ -34,6 +35,8 @@ T = TypeVar("T")
 
 # Errors that will not go away by waiting (subclasses of OSError, so checked first).
 PERMANENT = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+# OSErrors that waiting does not fix either, though their class is plain OSError.
+STORE_REFUSES = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded"}
 SECRET_KEY = re.compile(r"key|secret|token|passw|credential|session|auth|signature", re.IGNORECASE)
 NOT_SECRET = {"endpoint_url", "region_name", "key_prefix"}  # look secret by name only
 RETRY_SECONDS_ENV = "SDBATCH_STORAGE_RETRY_SECONDS"
@@ -87,6 +90,8 @@ def is_transient(error: BaseException) -> bool:
     """Worth retrying: network trouble, timeouts, throttling — not missing files or bad credentials."""
     if isinstance(error, PERMANENT):
         return False
+    if isinstance(error, OSError) and error.errno in STORE_REFUSES:
+        return False
     if isinstance(error, OSError):  # includes ConnectionError, TimeoutError, s3fs's translated 5xx
         return True
     try:  # botocore's connection errors do not derive from OSError
@@ -112,6 +117,8 @@ class RetryPolicy:
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
+                if isinstance(e, OSError) and e.errno in STORE_REFUSES:
+                    raise StorageError(f"{what}: {STORE_REFUSES[e.errno]} ({e.strerror}); not retried") from e
                 if not is_transient(e):
                     raise
                 elapsed = time.monotonic() - start

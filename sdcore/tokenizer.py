@@ -23,9 +23,11 @@ import torch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_END = "</w>"
-# the reference tokenizer splits specials out of the raw text before any normalisation
-SPECIALS = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 WHITESPACE = regex.compile(r"\s+")
+# Runs of non-space text, specials apart (the reference splits those out of the raw text before
+# any normalisation): normalising and splitting runs one at a time gives what doing it to the
+# whole text does (neither crosses whitespace), so encoding can stop early.
+PIECES = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|(?:(?!<\|startoftext\|>|<\|endoftext\|>)\S)+")
 # CLIP's pre-tokenisation: contractions, letter runs, single digits, runs of anything else
 WORDS = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""")
 N_MERGES = 49152 - 256 - 2  # the vocabulary size CLIP was trained with fixes how many merges are used
@@ -119,15 +121,19 @@ class Tokenizer:
         self._cache[word] = ids
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without the start / end tokens and without truncation."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of `text`, without the start / end tokens; with `limit`, the first `limit`
+        only, reading no more of the text than they need (a 50 MB prompt costs what a short one does)."""
         ids = []
-        for chunk in SPECIALS.split(text):
-            if chunk == BOS or chunk == EOS:
-                ids.append(self.vocab[chunk])
-                continue
-            for word in WORDS.findall(normalize(chunk)):
-                ids += self.bpe(word)
+        for piece in PIECES.finditer(text):
+            piece = piece.group()
+            if piece == BOS or piece == EOS:
+                ids.append(self.vocab[piece])
+            else:
+                for word in WORDS.findall(normalize(piece)):
+                    ids += self.bpe(word)
+            if limit is not None and len(ids) >= limit:
+                return ids[:limit]
         return ids
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
@@ -136,6 +142,6 @@ class Tokenizer:
             raise TypeError("Tokenizer takes a list of prompts, not a single str")
         rows = []
         for text in prompts:
-            ids = [self.bos_id, *self.encode(text)[: self.max_length - 2], self.eos_id]
+            ids = [self.bos_id, *self.encode(text, self.max_length - 2), self.eos_id]
             rows.append(ids + [self.eos_id] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)

@@ -185,6 +185,30 @@ def test_ids_that_collide_after_num_images_expansion(tmp_path):
     assert "column 'id': 1 image id made more than once ('a-1' at rows 0, 2)" in error(path)
 
 
+def test_ids_equal_up_to_case_or_normalisation_are_refused_naming_both_rows(tmp_path):
+    # 'Café' composed and decomposed, and 'Straße' / 'STRASSE': one file each on a case-insensitive,
+    # normalising store (macOS, Windows, some object-store gateways).
+    ids = ["Caf\u00e9", "x", "cafe\u0301", "Straße", "STRASSE", "ok"]
+    path = write(tmp_path, {"prompt": prompts(6), "id": ids})
+    assert error(path) == (
+        f"{path}: column 'id': 2 groups of ids equal up to case or Unicode normalisation ({ids[0]!r} at row 0, "
+        f"{ids[2]!r} at row 2; 'Straße' at row 3, 'STRASSE' at row 4); they would name one file on a "
+        "case-insensitive or normalising store")
+    path = write(tmp_path, {"prompt": prompts(2), "id": ["Straße", "strasse-1"], "num_images": [2, 1]}, name="n.parquet")
+    assert "('Straße-1' at row 0, 'strasse-1' at row 1); they would name one file" in error(path)
+
+
+def test_overlong_prompt_is_refused_naming_the_row(tmp_path):
+    from jobs.manifest import MAX_PROMPT_CHARS
+
+    path = write(tmp_path, {"prompt": ["ok", "x" * (MAX_PROMPT_CHARS + 1), "y" * MAX_PROMPT_CHARS],
+                            "id": ["a", "long", "edge"]})
+    assert error(path) == (f"{path}: column 'prompt': 1 row longer than 10,000 characters (row 1; ids 'long'); "
+                           "CLIP reads only the first 77 tokens (about 300 characters) anyway")
+    with pytest.raises(ManifestError, match="--negative-prompt is 10,001 characters long; the limit is 10,000"):
+        Defaults(negative_prompt="n" * (MAX_PROMPT_CHARS + 1))
+
+
 def test_integer_ids_never_collide_after_expansion(tmp_path):
     summary = check(write(tmp_path, {"prompt": prompts(3), "id": [1, -1, 10], "num_images": [11, 2, 1]}))
     assert summary.images == 14
@@ -238,6 +262,19 @@ def test_fingerprint_follows_content_not_the_file(tmp_path):
     c = write(tmp_path, {"prompt": ["a cat", "a cow"]}, name="c.parquet")
     fp = {p: open_manifest(p).fingerprint() for p in (a, b, c)}
     assert fp[a] == fp[b] != fp[c]
+
+
+def test_manifest_edited_in_place_gets_another_fingerprint(tmp_path):
+    # Same size, same footer (no statistics, no compression, no dictionary): only the data pages differ.
+    path = tmp_path / "m.parquet"
+    options = {"write_statistics": False, "compression": "NONE", "use_dictionary": False}
+    pq.write_table(pa.table({"prompt": ["a red cat", "a dog"]}), path, **options)
+    before, fingerprint = path.read_bytes(), open_manifest(str(path)).fingerprint()
+    pq.write_table(pa.table({"prompt": ["a red owl", "a dog"]}), path, **options)
+    after = path.read_bytes()
+    footer = 8 + int.from_bytes(after[-8:-4], "little")
+    assert len(after) == len(before) and after[-footer:] == before[-footer:] and after != before
+    assert open_manifest(str(path)).fingerprint() != fingerprint
 
 
 def test_read_rows_across_row_groups(tmp_path):

@@ -52,7 +52,7 @@ def make_dataset(url: str, *, done=None, size=(24, 16)) -> Output:
                 if done is not None and shard.id not in done:
                     continue
                 rows = read_shard(m, shard, defaults)
-                w = ShardWriter(out, writer, rows, model="builtin:tiny", model_fingerprint="f")
+                w = ShardWriter(out, writer, rows, job=out.read_job(), model="builtin:tiny", model_fingerprint="f")
                 for item in rows.items:
                     w.add(item, np.full((size[1], size[0], 3), colour(item.id), np.uint8), scheduler_config={}, seconds=0.1)
                 w.commit()

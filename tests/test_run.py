@@ -191,6 +191,8 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--resume"], "nothing to resume"),
     (["--storage-option", "anon"], "--storage-option 'anon': expected key=value"),
+    (["--shard-timeout", "0", "--row-timeout", "-1"], "--shard-timeout must be a number of seconds > 0, got 0.0; "
+                                                      "--row-timeout must be a number of seconds > 0, got -1.0"),
 ])
 def test_bad_options(tmp_path, no_ray, manifest, args, message):
     args = [a.format(manifest=manifest, tmp=tmp_path) for a in args]
@@ -248,4 +250,108 @@ def test_compile_without_a_compiler_stops_the_job_before_any_output(tmp_path, ma
     assert error.startswith("sdbatch: error: an actor could not start: CompileUnavailableError: --compile: torch.compile "
                             "cannot build code for cpu"), r.stderr
     assert "/nonexistent/c++" in error and "run without --compile" in error and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # the lease, taken before Ray, is released
+
+
+needs_mounts = pytest.mark.skipif(
+    subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
+    reason="needs `unshare -m` (a private mount namespace) to make a read-only or full file system")
+
+
+@needs_mounts
+@pytest.mark.parametrize("store, message", [
+    ("ro", "read-only file system (Read-only file system); not retried"),
+    ("full", "no space left (No space left on device); not retried"),
+])
+def test_read_only_or_full_output_exits_2_before_ray_starts(tmp_path, manifest, store, message):
+    # A small tmpfs in a mount namespace of the command's own: read-only, or filled to the last byte.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    prepare = {"ro": f"mount -t tmpfs -o ro,size=1m tmpfs {disk}",
+               "full": f"mount -t tmpfs -o size=64k tmpfs {disk} && mkdir {disk}/out && "
+                       f"(dd if=/dev/zero of={disk}/fill bs=4k 2>/dev/null; true)"}[store]
+    command = f"{prepare} && exec {SDBATCH} run {manifest} --output {disk}/out {' '.join(TINY)}"
+    start = time.monotonic()
+    r = subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=120)
+    assert_user_error(r, f"{disk}/out: cannot write here: ", message)
+    assert time.monotonic() - start < 15  # no retries, no Ray, no model
+    assert "actor" not in r.stderr
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below `pid`, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child in [p for p, pp in parents.items() if pp == parent]:
+            try:
+                found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            todo.append(child)
+    return found
+
+
+def test_signal_during_ray_start_says_so_and_leaves_no_ray_process(tmp_path, manifest):
+    driver_process = subprocess.Popen([SDBATCH, "run", str(manifest), "--output", str(tmp_path / "out"), *TINY],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        ray = {}
+        while not any("raylet" in cmd or "gcs_server" in cmd for cmd in ray.values()):
+            assert time.monotonic() < deadline and driver_process.poll() is None, "Ray never started"
+            time.sleep(0.02)
+            ray = descendants(driver_process.pid)
+        driver_process.send_signal(signal.SIGTERM)
+        _, stderr = driver_process.communicate(timeout=60)
+    finally:
+        if driver_process.poll() is None:
+            driver_process.kill()
+    assert driver_process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "sdbatch: error: interrupted during start-up, before any actor was ready: nothing was generated, and Ray "
+        "was shut down; re-run the same command to start again"), stderr
+    deadline = time.monotonic() + 15
+    while (left := [cmd for pid, cmd in ray.items() if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def hanging_manifest(tmp_path):
+    # Row "hang" would take minutes (1000 steps at 512² on builtin:tiny); the others take a blink.
+    return write_manifest(tmp_path / "hang.parquet", id=["a", "hang", "b", "c"], prompt=["a", "slow", "b", "c"],
+                          steps=[2, 1000, 2, 2], width=[64, 512, 64, 64], height=[64, 512, 64, 64])
+
+
+def test_row_timeout_fails_only_the_row_that_hangs(tmp_path, hanging_manifest):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = sdbatch("run", hanging_manifest, "--output", out, "--shard-size", 4, "--row-timeout", 2, *TINY)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - start < 60
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == ["a", "b", "c"] and list(failures) == ["hang"]
+    assert "RowTimeout: ran past --row-timeout 2 s per image; stopped at step" in failures["hang"]["error"]
+
+
+def test_shard_timeout_kills_the_actor_and_the_job_finishes(tmp_path, hanging_manifest):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = sdbatch("run", hanging_manifest, "--output", out, "--shard-size", 1, "--shard-timeout", 6, *TINY, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "actor 0: shard-000001 ran past --shard-timeout 6 s; killed; starting a replacement" in r.stderr
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == ["a", "b", "c"] and list(failures) == ["hang"]
+    assert failures["hang"]["error"].startswith(
+        "gave up after 3 attempts of its shard; the last: shard-000001 ran past --shard-timeout 6 s")
+    assert time.monotonic() - start < 120
+    assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1

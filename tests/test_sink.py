@@ -58,7 +58,7 @@ def run_shards(out, manifest_path, spec, *, only=None, fail=(), writer_kwargs=No
             if only is not None and shard.id not in only:
                 continue
             rows = read_shard(m, shard, spec.defaults)
-            w = ShardWriter(out, writer, rows, model=MODEL, model_fingerprint=FINGERPRINT)
+            w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT)
             for item in rows.items:
                 if item.id in fail:
                     w.fail(item, "NonFiniteOutputError: NaN", attempts=2)
@@ -326,7 +326,7 @@ def test_commit_requires_an_outcome_for_every_image(tmp_path, manifest):
     out.prepare(spec)
     with open_manifest(manifest) as m, ImageWriter(out) as writer:
         rows = read_shard(m, next(shards(m.num_rows, spec.shard_size)), spec.defaults)
-        w = ShardWriter(out, writer, rows, model=MODEL, model_fingerprint=FINGERPRINT)
+        w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT)
         for item in rows.items[:-1]:
             w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.1)
         with pytest.raises(ValueError, match=r"shard-000000: cannot commit; no outcome for \['img2'\]"):
@@ -334,3 +334,85 @@ def test_commit_requires_an_outcome_for_every_image(tmp_path, manifest):
         w.fail(rows.items[-1], "boom", 1)
         w.add(rows.items[-1], pixels(rows.items[-1].seed), scheduler_config=SCHED_CONFIG, seconds=0.1)  # a retry succeeded
         assert (w.commit().images, out.done_shards()) == (4, {"shard-000000"})
+
+
+def test_damaged_metadata_is_named_moved_aside_and_its_shard_redone(tmp_path, manifest):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    root = tmp_path / "out"
+    out, spec = Output(str(root)), job(manifest)
+    out.prepare(spec)
+    run_shards(out, manifest, spec, fail={"img4"})
+    assert out.finish({"images": 7})
+    empty, garbage = root / "metadata" / "shard-000000.parquet", root / "failures" / "shard-000001.parquet"
+    empty.write_bytes(b"")
+    garbage.write_bytes(b"PAR1 this is not parquet PAR1")
+
+    status = CliRunner().invoke(app, ["status", str(root)])
+    assert status.exit_code == 0 and status.exception is None, status.output
+    assert "metadata/shard-000000.parquet: not a readable Parquet file (0 bytes" in status.output
+    assert "failures/shard-000001.parquet: not a readable Parquet file (29 bytes" in status.output
+    assert "shards    1/3 done" in status.output and "_SUCCESS  stale: 2 shard(s) missing" in status.output
+
+    # The next run: both shards' files moved aside, byte for byte; _SUCCESS gone; the two shards to redo.
+    assert out.prepare(spec) == {"shard-000002"}
+    assert not (root / "_SUCCESS").exists() and not empty.exists() and not garbage.exists()
+    aside = {p.relative_to(root).parts[3:]: p.read_bytes() for p in (root / "_sdbatch" / "damaged").rglob("*.parquet")}
+    assert aside[("metadata", "shard-000000.parquet")] == b""
+    assert aside[("failures", "shard-000001.parquet")] == b"PAR1 this is not parquet PAR1"
+    assert ("metadata", "shard-000001.parquet") in aside
+    run_shards(out, manifest, spec, only={"shard-000000", "shard-000001"}, fail={"img4"})
+    assert out.finish({"images": 7})
+    status = out.status()
+    assert (status.shards_done, status.images_done, status.failures, status.damaged) == (3, 7, 1, {})
+
+
+def test_lost_job_file_is_rebuilt_from_the_metadata(tmp_path, manifest):
+    root = tmp_path / "out"
+    out, spec = Output(str(root)), job(manifest)
+    out.prepare(spec)
+    run_shards(out, manifest, spec, only={"shard-000001"})
+    original = json.loads((root / "_sdbatch" / "job.json").read_text())
+    (root / "_sdbatch" / "job.json").unlink()
+
+    status = out.status()
+    assert status.job == original and "job.json  missing; read from metadata/shard-000001.parquet" in status.format()
+    with pytest.raises(OutputError, match="holds a different job"):
+        out.prepare(job(manifest, shard_size=4))
+    assert out.prepare(spec, mode="resume") == {"shard-000001"}
+    assert json.loads((root / "_sdbatch" / "job.json").read_text()) == original
+
+    # Metadata from before the job was recorded in it: the message says how to recover.
+    (root / "_sdbatch" / "job.json").unlink()
+    table = pq.read_table(root / "metadata" / "shard-000001.parquet")
+    pq.write_table(table.replace_schema_metadata({}), root / "metadata" / "shard-000001.parquet")
+    with pytest.raises(OutputError, match=f"no metadata file records the job .*; restore _sdbatch/job.json from a "
+                                          f"copy, or start anew: rm -r {root}"):
+        out.prepare(spec)
+
+
+def test_overwrite_refuses_when_foreign_files_sit_in_the_dataset_folders(tmp_path, manifest):
+    root = tmp_path / "out"
+    out = Output(str(root))
+    out.prepare(job(manifest))
+    run_shards(out, manifest, job(manifest))
+    (root / "images" / "shard-000001" / "my-edit.psd").write_bytes(b"hours of retouching")
+    (root / "metadata" / "notes.txt").write_text("which prompts worked")
+    (root / "images" / "shard-000000" / ".img0.png.tmp-0123456789abcdef0123456789abcdef").write_bytes(b"partial")
+    before = sorted(p for p in root.rglob("*") if p.is_file())
+    with pytest.raises(OutputError, match=r"--overwrite would delete files sdbatch did not write "
+                                          r"\(metadata/notes.txt, images/shard-000001/my-edit.psd\)"):
+        out.check(job(manifest, dtype="bf16"), mode="overwrite")
+    with pytest.raises(OutputError, match="sdbatch did not write"):
+        out.prepare(job(manifest, dtype="bf16"), mode="overwrite")
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == before
+
+    (root / "images" / "shard-000001" / "my-edit.psd").unlink()
+    (root / "metadata" / "notes.txt").unlink()
+    (root / "_sdbatch" / "damaged").mkdir()
+    (root / "_sdbatch" / "damaged" / "kept.parquet").write_bytes(b"moved aside earlier")
+    assert out.prepare(job(manifest, dtype="bf16"), mode="overwrite") == set()
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
+        "_sdbatch/damaged/kept.parquet", "_sdbatch/job.json"]

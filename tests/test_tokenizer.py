@@ -182,3 +182,14 @@ def test_speed(vocab_dir):
     start = time.perf_counter()
     fresh(prompts)
     assert time.perf_counter() - start < 3.0
+
+
+def test_a_50_mb_prompt_costs_what_its_first_tokens_do():
+    tok = Tokenizer.default()
+    head = "A Cat  in the <|endoftext|>rain, Ünïcode ΣΑΣ 123 " * 20
+    huge = head + "lorem ipsum dolor " * 2_800_000  # about 50 MB
+    start = time.perf_counter()
+    ids = tok([huge])
+    assert time.perf_counter() - start < 0.05
+    assert torch.equal(ids, tok([head]))
+    assert tok.encode(head, 75) == tok.encode(head)[:75]
