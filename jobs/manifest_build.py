@@ -59,7 +59,7 @@ import typer
 
 from jobs import manifest as manifests
 from jobs import storage
-from jobs.cli_common import StorageOptions, user_errors
+from jobs.cli_common import StorageOptions, storage_options, user_errors
 from jobs.manifest import ManifestError
 
 FORMATS = ("txt", "csv", "tsv", "jsonl")
@@ -467,7 +467,7 @@ def _put(table: pa.Table, name: str, column) -> pa.Table:
 
 # ------------------------------------------------------------------------------------ the command
 
-manifest_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Build manifests from prompt lists and templates.")
+manifest_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help="Build manifests from prompt lists and templates.")
 
 
 @manifest_app.command("build")
@@ -501,6 +501,6 @@ def build_command(
     """Build a validated Parquet manifest from a prompt list (txt, CSV, JSONL) or a template with value lists."""
     summary = build(output, source, fmt=fmt, prompt_column=prompt_column, template=template, values=values or [],
                     num_images=num_images, seed=seed, sets=sets or [],
-                    storage_options=storage.parse_storage_options(storage_option or []))
+                    storage_options=storage_options(storage_option))
     typer.echo(f"wrote {summary.manifest}")
     typer.echo(summary.format())
