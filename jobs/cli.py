@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from jobs import manifest as manifests
-from jobs import devices, sink, sources, storage
+from jobs import devices, progress, sink, sources, storage
 from jobs.cli_common import (CommandError, CompileOption, DeviceOption, DtypeOption, GuidanceOption, HeightOption,
                              ModelCacheOption, ModelOption, NegativeOption, SchedulerOption, SeedOption, StepsOption,
                              StorageOptions, WidthOption, storage_options, user_errors)
@@ -194,7 +194,7 @@ def run_command(
         result = driver.run(opts)
     except driver.RunError as e:
         raise CommandError(str(e), e.exit_code) from None
-    typer.echo(driver.format_summary(result))
+    typer.echo(progress.format_summary(result))
 
 
 if __name__ == "__main__":  # python -m jobs.cli: the command from a source tree
