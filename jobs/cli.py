@@ -3,6 +3,7 @@
 Bad input (a manifest that breaks the schema, an unusable output folder, storage that refuses
 us) exits with code 2 and the message on stderr, without a traceback; a traceback means a bug.
 """
+import json
 from typing import Annotated
 
 import typer
@@ -12,6 +13,7 @@ from jobs import devices, progress, sink, sources, storage
 from jobs.cli_common import (CommandError, CompileOption, DeviceOption, DtypeOption, GuidanceOption, HeightOption,
                              ModelCacheOption, ModelOption, NegativeOption, SchedulerOption, SeedOption, StepsOption,
                              StorageOptions, WidthOption, storage_options, user_errors)
+from jobs.lease import read_lease
 from jobs.manifest import Defaults
 from jobs.manifest_build import manifest_app
 from jobs.preview import preview_command
@@ -63,16 +65,30 @@ def validate_command(
     typer.echo(summary.format())
 
 
+STATUS_JSON_HELP = """Print one JSON object instead of the text: url, manifest, model; shards_done,
+shards_total, shards_remaining, rows_done, rows_total, images_done, images_total, failures;
+finished (_SUCCESS is there and current), success_stale; running (the driver holding the
+output's lease, or null), images_per_second and eta_seconds (the recent rate and the ETA while
+running, else null); shard_timing (shard, images, seconds, images_per_second; up to --limit) and
+timing_total; first_failures (id, error, attempts; up to --limit); damaged (shard: problem);
+job_from."""
+
+
 @app.command("status")
 @user_errors
 def status_command(
     output: Annotated[str, typer.Argument(help="Output dataset: a path or fsspec URL.")],
     storage_option: StorageOptions = None,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Lines of the per-shard timing and failures tables.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help=STATUS_JSON_HELP)] = False,
 ) -> None:
-    """Show done and remaining shards and rows, per-shard timing, failures, and whether the job finished."""
-    status = sink.Output(output, storage_options(storage_option)).status(failures=limit)
-    typer.echo(status.format(limit=limit))
+    """Show done and remaining shards and rows, per-shard timing, failures, whether the job finished,
+    and the ETA while a driver is running it."""
+    out = sink.Output(output, storage_options(storage_option))
+    status, holder = out.status(failures=limit), read_lease(out)
+    if holder is not None and holder.is_live():
+        status = progress.with_eta(status, holder, out.commit_times())
+    typer.echo(json.dumps(status.as_dict(limit=limit)) if as_json else status.format(limit=limit))
 
 
 @app.command("generate")

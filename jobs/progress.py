@@ -10,10 +10,13 @@ import bisect
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from jobs.driver import RunResult
+    from jobs.lease import LeaseRecord
+    from jobs.sink import OutputStatus
 
 RATE_WINDOW = 300.0  # seconds of history behind the rate and the ETA
 
@@ -141,3 +144,21 @@ def format_summary(result: "RunResult") -> str:
         lines.append(f"  failed images are listed with their errors in {result.output}/failures/")
     return "\n".join(lines)
 
+
+def with_eta(status: "OutputStatus", holder: "LeaseRecord | None", committed: dict[str, float],
+             window: float = RATE_WINDOW) -> "OutputStatus":
+    """`status` with `running`, `images_per_second` and `eta_seconds` filled in while a live driver
+    holds the output's lease. `committed`: shard -> unix time of its commit. The rate is that of
+    the shards committed in the last `window` seconds of that driver's run, counted from its
+    start, so an earlier run's pace does not count."""
+    if holder is None or not holder.is_live():
+        return status
+    times = [(committed.get(shard), n) for shard, n, _ in status.shard_timing]
+    done = sum(n for t, n in times if t is not None and t < holder.started)
+    samples = [(holder.started, done)]
+    for t, n in sorted((t, n) for t, n in times if t is not None and t >= holder.started):
+        done += n
+        samples.append((t, done))
+    rate = recent_rate(samples, window) if len(samples) > 1 else None
+    remaining = max(status.images - status.images_done - status.failures, 0)
+    return replace(status, running=holder.describe(), images_per_second=rate, eta_seconds=eta_seconds(remaining, rate))
