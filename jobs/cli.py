@@ -3,40 +3,38 @@
 Bad input (a manifest that breaks the schema, an unusable output folder, storage that refuses
 us) exits with code 2 and the message on stderr, without a traceback; a traceback means a bug.
 """
+import json
 from typing import Annotated
 
 import typer
 
 from jobs import manifest as manifests
-from jobs import devices, sink, sources, storage
-from jobs.cli_common import StorageOptions, user_errors
+from jobs import devices, progress, sink, sources, storage
+from jobs.cli_common import (CommandError, CompileOption, DeviceOption, DtypeOption, GuidanceOption, HeightOption,
+                             ModelCacheOption, ModelOption, NegativeOption, SchedulerOption, SeedOption, StepsOption,
+                             StorageOptions, WidthOption, storage_options, user_errors)
+from jobs.lease import read_lease
 from jobs.manifest import Defaults
 from jobs.manifest_build import manifest_app
 from jobs.preview import preview_command
 from sdcore.errors import NonFiniteOutputError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Stable Diffusion 1.x batch generation on Ray.")
+# No rich markup: help texts hold brackets such as owner/name[/file][@revision].
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  help="Stable Diffusion 1.x batch generation on Ray.")
 
-# Job-wide defaults, shared by every command that reads a manifest.
-SeedOption = Annotated[int, typer.Option("--seed", help="Job seed; a row without `seed` gets one derived from this and its id.")]
-StepsOption = Annotated[int, typer.Option("--steps", help="Denoising steps for rows without `steps`.")]
-GuidanceOption = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance for rows without `guidance_scale`.")]
-WidthOption = Annotated[int, typer.Option("--width", help="Image width for rows without `width` (multiple of 8).")]
-HeightOption = Annotated[int, typer.Option("--height", help="Image height for rows without `height` (multiple of 8).")]
-SchedulerOption = Annotated[str, typer.Option("--scheduler", help="Scheduler for rows without `scheduler`.")]
-NegativeOption = Annotated[str, typer.Option("--negative-prompt", help="Negative prompt for rows without `negative_prompt`.")]
-ModelOption = Annotated[str, typer.Option("--model", help=(
-    "A diffusers folder or single .safetensors/.ckpt file: a local path, an fsspec URI (s3://, gs://, ...), "
-    "or a Hugging Face repo id owner/name[/file][@revision]; or builtin:tiny."))]
-ModelCacheOption = Annotated[str | None, typer.Option("--model-cache", help=(
-    "Where each node keeps downloaded model files (default: $SDBATCH_MODEL_CACHE, else $HF_HOME/sdbatch, "
-    "else ~/.cache/sdbatch; Hub files go to the Hugging Face cache unless this is given)."))]
-CompileOption = Annotated[bool, typer.Option(
-    "--compile", help="Run the UNet through torch.compile: minutes of compiling per image size, then faster steps.")]
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdbatch {sink.SDBATCH_VERSION}")  # the version the metadata's sdbatch_version records
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """Stable Diffusion 1.x batch generation on Ray."""
 
 
@@ -62,9 +60,18 @@ def validate_command(
     """Check every row of a manifest and print a summary."""
     defaults = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                         scheduler=scheduler, negative_prompt=negative_prompt)
-    with manifests.open_manifest(manifest, storage.parse_storage_options(storage_option or [])) as m:
+    with manifests.open_manifest(manifest, storage_options(storage_option)) as m:
         summary = manifests.validate(m, defaults)
     typer.echo(summary.format())
+
+
+STATUS_JSON_HELP = """Print one JSON object instead of the text: url, manifest, model; shards_done,
+shards_total, shards_remaining, rows_done, rows_total, images_done, images_total, failures;
+finished (_SUCCESS is there and current), success_stale; running (the driver holding the
+output's lease, or null), images_per_second and eta_seconds (the recent rate and the ETA while
+running, else null); shard_timing (shard, images, seconds, images_per_second; up to --limit) and
+timing_total; first_failures (id, error, attempts; up to --limit); damaged (shard: problem);
+job_from."""
 
 
 @app.command("status")
@@ -73,10 +80,15 @@ def status_command(
     output: Annotated[str, typer.Argument(help="Output dataset: a path or fsspec URL.")],
     storage_option: StorageOptions = None,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Lines of the per-shard timing and failures tables.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help=STATUS_JSON_HELP)] = False,
 ) -> None:
-    """Show done and remaining shards and rows, per-shard timing, failures, and whether the job finished."""
-    status = sink.Output(output, storage.parse_storage_options(storage_option or [])).status(failures=limit)
-    typer.echo(status.format(limit=limit))
+    """Show done and remaining shards and rows, per-shard timing, failures, whether the job finished,
+    and the ETA while a driver is running it."""
+    out = sink.Output(output, storage_options(storage_option))
+    status, holder = out.status(failures=limit), read_lease(out)
+    if holder is not None and holder.is_live():
+        status = progress.with_eta(status, holder, out.commit_times())
+    typer.echo(json.dumps(status.as_dict(limit=limit)) if as_json else status.format(limit=limit))
 
 
 @app.command("generate")
@@ -93,8 +105,8 @@ def generate_command(
     height: HeightOption = Defaults.height,
     scheduler: SchedulerOption = Defaults.scheduler,
     negative_prompt: NegativeOption = Defaults.negative_prompt,
-    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "fp32",
     compile_unet: CompileOption = False,
     model_cache: ModelCacheOption = None,
     storage_option: StorageOptions = None,
@@ -105,9 +117,9 @@ def generate_command(
                       scheduler=scheduler, negative_prompt=negative_prompt)
     try:
         torch_device, torch_dtype = devices.resolve_device(device), devices.resolve_dtype(dtype)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    options = storage.parse_storage_options(storage_option or [])
+    except ValueError as e:  # --device cuda on a machine without one
+        raise CommandError(str(e)) from None
+    options = storage_options(storage_option)
     sources.check(model, options, torch_dtype, model_cache)
     fs, path = storage.resolve(output, options)
 
@@ -130,8 +142,7 @@ def generate_command(
                               guidance_scale=guidance_scale, height=height, width=width, scheduler=params.scheduler,
                               output="np", progress=show_step)[0]
     except NonFiniteOutputError as e:
-        typer.echo(f"sdbatch: error: {e}; try --dtype fp32", err=True)
-        raise typer.Exit(1) from None
+        raise CommandError(f"{e}; try --dtype fp32", 1) from None
     record = {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
         "guidance_scale": guidance_scale, "width": width, "height": height, "scheduler": params.scheduler,
@@ -157,8 +168,8 @@ def run_command(
     actors: Annotated[int | None, typer.Option("--actors", help="Actors (default: one per GPU, or 1 without GPUs).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (same size, steps, scheduler, guidance).")] = 4,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Manifest rows per shard, the unit of work, commit and resume.")] = 200,
-    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu (resolved on each actor).")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16.")] = "fp32",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "fp32",
     compile_unet: CompileOption = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else start a local one).")] = None,
     seed: SeedOption = Defaults.seed,
@@ -189,15 +200,18 @@ def run_command(
         manifest=manifest, model=model, model_cache=model_cache, output=output, defaults=defaults, actors=actors,
         batch_size=batch_size,
         shard_size=shard_size, device=device, dtype=dtype, compile=compile_unet, ray_address=ray_address,
-        storage_options=storage.parse_storage_options(storage_option or []),
+        storage_options=storage_options(storage_option),
         mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,
         shard_timeout=shard_timeout, row_timeout=row_timeout,
     )
+    if resume and overwrite:
+        raise CommandError("--resume and --overwrite exclude each other")
     try:
-        if resume and overwrite:
-            raise driver.RunError("--resume and --overwrite exclude each other", 2)
         result = driver.run(opts)
     except driver.RunError as e:
-        typer.echo(f"sdbatch: error: {e}", err=True)
-        raise typer.Exit(e.exit_code) from None
-    typer.echo(driver.format_summary(result))
+        raise CommandError(str(e), e.exit_code) from None
+    typer.echo(progress.format_summary(result))
+
+
+if __name__ == "__main__":  # python -m jobs.cli: the command from a source tree
+    program()

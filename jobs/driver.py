@@ -22,7 +22,6 @@ from the manifest and write their outputs themselves.
 """
 import datetime
 import logging
-import math
 import os
 import signal
 import sys
@@ -41,6 +40,7 @@ from jobs.actor import ActorConfig, ShardActor
 from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, read_shard, shards
+from jobs.progress import Progress
 from jobs.sink import ImageWriter, JobSpec, Output, ShardWriter
 from sdcore.errors import SdcoreError
 
@@ -242,63 +242,6 @@ class _Slot:
     @property
     def alive(self) -> bool:
         return self.handle is not None
-
-
-class Progress:
-    """One status line on stderr: redrawn in place on a terminal, printed every `every` seconds elsewhere
-    (logs of `ray job logs`, CI)."""
-
-    def __init__(self, stream: TextIO, total: int, done_before: int, *, every: float = 10.0):
-        self.stream, self.total, self.done_before = stream, total, done_before
-        self.interactive = stream.isatty()
-        self.every = every
-        self.start = time.monotonic()
-        self._last_print = 0.0
-        self._shown = ""
-
-    def line(self, done: int, failed: int, actors: int) -> str:
-        elapsed = time.monotonic() - self.start
-        made = done - self.done_before
-        rate = made / elapsed if elapsed > 0 else 0.0
-        remaining = self.total - done
-        eta = _duration(remaining / rate) if rate > 0 else "?"
-        pct = 100.0 * done / self.total if self.total else 100.0
-        return (f"images {done:,}/{self.total:,} ({pct:.0f}%) | {rate:.2f} images/s | ETA {eta} | "
-                f"failed {failed:,} | actors {actors}")
-
-    def show(self, done: int, failed: int, actors: int, *, force: bool = False) -> None:
-        text = self.line(done, failed, actors)
-        now = time.monotonic()
-        if self.interactive:
-            if text != self._shown:
-                self.stream.write("\r" + text.ljust(len(self._shown)))
-                self.stream.flush()
-                self._shown = text
-        elif force or now - self._last_print >= self.every:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-            self._last_print = now
-
-    def message(self, text: str) -> None:
-        if self.interactive and self._shown:
-            self.stream.write("\r" + " " * len(self._shown) + "\r")
-            self._shown = ""
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.interactive and self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 class _Run:
@@ -644,24 +587,6 @@ def finish(out: Output, r: _Run, wall: float) -> RunResult:
                      run_images=r.images, run_failures=r.failures, shards_run=r.shards_run,
                      shards_skipped=r.shards_skipped, wall_seconds=wall, startup_seconds=startup,
                      working_seconds=working, actors=actors, actor_restarts=sum(a.restarts for a in actors))
-
-
-def format_summary(result: RunResult) -> str:
-    rate = result.run_images / result.wall_seconds if result.wall_seconds else 0.0
-    lines = [f"done: {result.images:,} images, {result.failures:,} failed in {result.output}"
-             + (f" ({result.shards_skipped:,} shards were already done)" if result.shards_skipped else ""),
-             f"  this run: {result.run_images:,} images, {result.run_failures:,} failed, {result.shards_run:,} shards "
-             f"in {_duration(result.wall_seconds)} ({rate:.2f} images/s)"
-             + (f", the first {_duration(result.startup_seconds)} checking, starting Ray and loading the model"
-                if result.startup_seconds is not None else "")
-             + (f", {result.actor_restarts} actor(s) replaced" if result.actor_restarts else "")]
-    for a in result.actors:
-        d = a.as_dict()
-        lines.append(f"  actor {a.slot} ({a.device}, node {a.node}): {a.images:,} images, {d['images_per_second']:.2f} "
-                     f"images/s while generating")
-    if result.failures:
-        lines.append(f"  failed images are listed with their errors in {result.output}/failures/")
-    return "\n".join(lines)
 
 
 class _sigterm_as_interrupt:

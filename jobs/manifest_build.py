@@ -4,11 +4,13 @@ The rows come from one SOURCE file or from a template:
 
   .txt          one prompt a line; surrounding whitespace is stripped; blank lines and lines
                 starting with `#` are skipped (a prompt that starts with `#` needs CSV or JSONL)
-  .csv / .tsv   a header row, then one record a row (RFC 4180 quoting, UTF-8, a BOM is fine);
-                it needs a `prompt` column, or `--prompt-column NAME`. Every cell is text:
-                parameter columns are parsed (an empty cell is a null, i.e. the job's default),
-                the other columns stay strings — JSONL keeps JSON's own types
-  .jsonl        one JSON object a line; keys are columns (a missing key is a null)
+  .csv / .tsv   a header row, then one record a row (RFC 4180 quoting, UTF-8, a BOM is fine),
+                read by pyarrow.csv; it needs a `prompt` column, or `--prompt-column NAME`.
+                Parameter columns are read in their manifest types (an empty cell is a null,
+                i.e. the job's default), the other columns stay strings — JSONL keeps JSON's
+                own types
+  .jsonl        one JSON object a line, read by pyarrow.json; keys are columns (a missing key
+                is a null); parameters are read in their manifest types
   --template T  with one `--values NAME=...` per placeholder `{NAME}`: the cross product of the
                 lists, each value also kept in its own column NAME — the labels a
                 class-conditioned dataset needs ({{ and }} are literal braces)
@@ -33,19 +35,20 @@ Then, in this order:
             later filtered or concatenated keeps its ids and hence its derived seeds
 
 Rows are in source order; the cross product runs like nested loops, the first `--values`
-outermost, placeholders before sweeps. Values given as text (CSV cells, `--set`, `--values`)
-become int64 for seed, steps, width, height and num_images, float64 for guidance_scale, and
-stay strings for every other column (a `--set` on a typed JSONL column takes the column's type).
+outermost, placeholders before sweeps. Parameters (CSV cells, JSON values, `--set`, `--values`)
+become int64 for seed, steps, width, height and num_images ("30", "30.0" and 30.0 are 30; 30.5
+is an error), float64 for guidance_scale and strings for prompt, negative_prompt and scheduler;
+other columns given as text stay strings (a `--set` on a typed JSONL column takes the column's
+type). Errors name the file and, where pyarrow reports it, the row.
 
 The whole table is built in memory (Arrow columns, about the size of the text) and checked with
 jobs.manifest.validate before it is written in one atomic write: a failed build leaves no
 half-written or invalid manifest behind.
 """
-import csv
 import io
-import json
 import math
 import posixpath
+import re
 import string
 import uuid
 from typing import Annotated
@@ -54,12 +57,14 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import typer
 
 from jobs import manifest as manifests
 from jobs import storage
-from jobs.cli_common import StorageOptions, user_errors
+from jobs.cli_common import StorageOptions, storage_options, user_errors
 from jobs.manifest import ManifestError
 
 FORMATS = ("txt", "csv", "tsv", "jsonl")
@@ -68,6 +73,11 @@ INT_PARAMS = ("seed", "steps", "width", "height", "num_images")
 FLOAT_PARAMS = ("guidance_scale",)
 SWEEPABLE = tuple(p for p in manifests.PARAMS if p not in ("id", "prompt"))
 ROW_GROUP_ROWS = 65_536  # an actor decodes whole row groups to read its shard: keep them modest
+# Integer parameters are read as decimals and then cast safely to int64: "30", "30.0" and "3e1"
+# are 30, "30.5" is an error, and 63-bit seeds stay exact (float64 would round them).
+DECIMAL = pa.decimal128(38, 10)
+# pyarrow.csv's error for a cell it cannot convert: the column's index, the record, the cell
+CSV_CELL_ERROR = re.compile(r"In CSV column #(\d+): Row #(\d+): .*?'(.*)'")
 
 
 def build(
@@ -108,7 +118,7 @@ def build(
         src_fs, src_path = storage.resolve(source, storage_options)
         if type(src_fs) is type(out_fs) and src_path == out_path:
             raise ManifestError(f"-o {storage.redact_url(output)} is the SOURCE file; write the manifest elsewhere")
-        base = _typed_columns(_read_source(source, src_fs, src_path, fmt, prompt_column), storage.redact_url(source))
+        base = _read_source(source, src_fs, src_path, fmt, prompt_column)
         if base.num_rows == 0:
             raise ManifestError(f"{storage.redact_url(source)}: no prompts in it")
     source_ids = "id" in base.column_names
@@ -197,10 +207,10 @@ def _read_source(url: str, fs, path: str, fmt: str | None, prompt_column: str | 
         raise ManifestError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if prompt_column is not None and fmt == "txt":
         raise ManifestError("--prompt-column names a column of a CSV or JSONL source; a text file is all prompts")
-    text = _read_text(fs, path, name)
+    data = _read_bytes(fs, path, name)
     if fmt == "txt":
-        return pa.table({"prompt": pa.array(_lines(text), pa.string())})
-    table = _read_jsonl(text, name) if fmt == "jsonl" else _read_csv(text, name, "\t" if fmt == "tsv" else ",")
+        return pa.table({"prompt": pa.array(_lines(data), pa.string())})
+    table = _read_jsonl(data, name) if fmt == "jsonl" else _read_csv(data, name, "\t" if fmt == "tsv" else ",")
     columns = table.column_names
     if prompt_column is not None:
         if prompt_column not in columns:
@@ -215,8 +225,8 @@ def _read_source(url: str, fs, path: str, fmt: str | None, prompt_column: str | 
     return table
 
 
-def _read_text(fs, path: str, name: str, missing_hint: str = "") -> str:
-    """A whole file as text: decompressed by its extension, UTF-8 (a BOM is dropped)."""
+def _read_bytes(fs, path: str, name: str, missing_hint: str = "") -> bytes:
+    """A whole file, decompressed by its extension, checked to be UTF-8 text (a BOM is dropped)."""
     try:
         with fs.open(path, "rb", compression="infer") as f:
             data = f.read()
@@ -224,131 +234,114 @@ def _read_text(fs, path: str, name: str, missing_hint: str = "") -> str:
         raise ManifestError(f"{name}: no such file{missing_hint}") from None
     except IsADirectoryError:
         raise ManifestError(f"{name}: is a directory, not a file") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
-        return data.decode("utf-8-sig")
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ManifestError(f"{name}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return data
 
 
-def _lines(text: str) -> list[str]:
+def _lines(data: bytes) -> list[str]:
     """Stripped lines, without blank lines and `#` comments. Only '\\n' ends a line (not the
     other characters str.splitlines() knows, which a prompt may hold)."""
-    stripped = (line.strip() for line in text.split("\n"))
+    stripped = (line.strip() for line in data.decode("utf-8").split("\n"))
     return [line for line in stripped if line and not line.startswith("#")]
 
 
-def _read_csv(text: str, name: str, delimiter: str) -> pa.Table:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+def _read_csv(data: bytes, name: str, delimiter: str) -> pa.Table:
+    """pyarrow.csv with the manifest's types: DECIMAL for the integer parameters (then int64),
+    float64 for guidance_scale, text for every other column; an empty cell is a null parameter
+    but an empty string elsewhere (an empty prompt is a prompt)."""
+    if not data.strip():
+        raise ManifestError(f"{name}: empty file (a header row naming the columns comes first)")
+    read = pa_csv.ReadOptions(use_threads=False)  # one thread: pyarrow's errors then name the row
+    parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     try:
-        header = next(reader, None)
-        if header is None:
-            raise ManifestError(f"{name}: empty file (a header row naming the columns comes first)")
-        header = [h.strip() for h in header]
-        for i, h in enumerate(header):
+        header = pa_csv.open_csv(io.BytesIO(data), read_options=read, parse_options=parse).schema.names
+        names = [h.strip() for h in header]
+        for i, h in enumerate(names):
             if not h:
                 raise ManifestError(f"{name}: column {i + 1} of the header has no name")
-            if header.count(h) > 1:
-                raise ManifestError(f"{name}: column {h!r} appears {header.count(h)} times in the header")
-        cells: list[list[str]] = [[] for _ in header]
-        for record in reader:
-            if not record:
-                continue  # a blank line
-            if len(record) != len(header):
-                raise ManifestError(f"{name}: line {reader.line_num}: {len(record)} fields, "
-                                    f"but the header has {len(header)} ({delimiter.join(header)!r})")
-            for column, cell in zip(cells, record):
-                column.append(cell)
-    except csv.Error as e:
-        raise ManifestError(f"{name}: line {reader.line_num}: {e}") from None
-    # An empty cell is a null for the parameters (the job's default), but an empty prompt is a prompt.
-    return pa.table({h: pa.array([x or None for x in c] if h in manifests.PARAMS and h != "prompt" else c, pa.string())
-                     for h, c in zip(header, cells)})
+            if names.count(h) > 1:
+                raise ManifestError(f"{name}: column {h!r} appears {names.count(h)} times in the header")
+        types = {raw: DECIMAL if h in INT_PARAMS else pa.float64() if h in FLOAT_PARAMS else pa.string()
+                 for raw, h in zip(header, names)}
+        convert = pa_csv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=False)
+        table = pa_csv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        cell = CSV_CELL_ERROR.match(str(e))
+        if cell is None or int(cell[1]) >= len(header):
+            raise ManifestError(f"{name}: {e}") from None
+        column = names[int(cell[1])]
+        row = int(cell[2]) - 2  # pyarrow counts records from 1, the header first; manifest rows count from 0
+        raise ManifestError(f"{name}: column {column!r}: {cell[3]!r} (row {row}) is not "
+                            f"{'an integer' if column in INT_PARAMS else 'a number'}") from None
+    table = table.rename_columns(names)
+    for h in names:
+        if h in manifests.PARAMS and h != "prompt" and pa.types.is_string(table.column(h).type):
+            column = table.column(h)
+            table = _put(table, h, pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column))
+    return _integers(table, name)
 
 
-def _read_jsonl(text: str, name: str) -> pa.Table:
-    records = []
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
+def _read_jsonl(data: bytes, name: str) -> pa.Table:
+    """pyarrow.json: a first read finds the keys, the second reads the parameters among them in
+    the manifest's types (DECIMAL, then int64, for the integer ones); other keys keep JSON's types."""
+    if not data.strip():
+        return pa.table({"prompt": pa.array([], pa.string())})
+    read = pa_json.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 20))  # one block: a line never straddles two
+    try:
+        keys = pa_json.read_json(io.BytesIO(data), read_options=read).column_names
+        schema = pa.schema([(k, DECIMAL if k in INT_PARAMS else pa.float64() if k in FLOAT_PARAMS else pa.string())
+                            for k in keys if k in manifests.PARAMS and k != "id"])
+        parse = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+        table = pa_json.read_json(io.BytesIO(data), read_options=read, parse_options=parse)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise ManifestError(f"{name}: {e}") from None
+    return _integers(table.select(keys), name)
+
+
+def _integers(table: pa.Table, origin: str) -> pa.Table:
+    """The DECIMAL columns as int64; a value with a fraction or out of range is an error naming it."""
+    for name in table.column_names:
+        column = table.column(name)
+        if column.type != DECIMAL:
             continue
         try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise ManifestError(f"{name}: line {number}: not valid JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise ManifestError(f"{name}: line {number}: expected a JSON object {{\"prompt\": ...}}, got {type(record).__name__}")
-        records.append(record)
-    columns = {}
-    for key in dict.fromkeys(k for r in records for k in r):  # in order of first appearance
-        try:
-            columns[key] = pa.array([r.get(key) for r in records])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
-            raise ManifestError(f"{name}: column {key!r}: values of different or unsupported types ({e})") from None
-    return pa.table(columns) if columns else pa.table({"prompt": pa.array([], pa.string())})
-
-
-def _typed_columns(table: pa.Table, origin: str) -> pa.Table:
-    """The parameter columns of a source in their manifest types (text parsed, JSON numbers checked)."""
-    for name in table.column_names:
-        if name in manifests.PARAMS:
-            table = _put(table, name, _typed(name, table.column(name).combine_chunks(), origin))
+            table = _put(table, name, column.cast(pa.int64()))
+        except pa.ArrowInvalid:
+            row, bad = next((i, v) for i, v in enumerate(column.to_pylist())
+                            if v is not None and (v % 1 or not -2**63 <= v < 2**63))
+            problem = "is not an integer" if bad % 1 else "does not fit a 64-bit integer"
+            raise ManifestError(f"{origin}: column {name!r}: {bad.normalize():f} (row {row}) {problem}") from None
     return table
 
 
-def _typed(name: str, arr: pa.Array, origin: str) -> pa.Array:
-    """A parameter column as int64, float64 or string (`id`: int64 or string).
-
-    Text becomes numbers (blank = null) for the numeric parameters; numbers must be integral
-    where integers are wanted; anything else (booleans, lists, text where text is wanted as a
-    number that is none) is an error naming the column and the first bad value.
-    """
-    t = arr.type
-    if pa.types.is_null(t):
-        return arr.cast(pa.string() if name in ("id", "prompt", *manifests.STRING_PARAMS) else
-                        pa.float64() if name in FLOAT_PARAMS else pa.int64())
-    is_text = pa.types.is_string(t) or pa.types.is_large_string(t)
-    if name in ("prompt", *manifests.STRING_PARAMS) or (name == "id" and is_text):
-        if not is_text:
-            raise ManifestError(f"{origin}: column {name!r} holds {t}; expected text")
-        return arr.cast(pa.string())
-    integer = name in INT_PARAMS or name == "id"
-    if is_text:
-        return _parse_numbers(name, arr.to_pylist(), integer, origin)
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-        raise ManifestError(f"{origin}: column {name!r} holds {t}; expected {'integers' if integer else 'numbers'}")
-    if not integer:
-        return arr.cast(pa.float64())
+def _from_text(name: str, texts: pa.Array, origin: str) -> pa.Array:
+    """Parameter values given as text (--values, --set) in the manifest's type; surrounding
+    whitespace is dropped, and a blank is a null."""
+    texts = pc.utf8_trim_whitespace(texts)
+    texts = pc.if_else(pc.equal(texts, ""), pa.scalar(None, pa.string()), texts)
+    target = DECIMAL if name in INT_PARAMS else pa.float64() if name in FLOAT_PARAMS else None
+    if target is None:
+        return texts
     try:
-        return arr.cast(pa.int64())  # safe: 30.0 -> 30, 30.5 -> error
+        numbers = texts.cast(target)
     except pa.ArrowInvalid:
-        bad = next(v for v in arr.to_pylist() if v is not None and not (math.isfinite(v) and float(v).is_integer()))
-        raise ManifestError(f"{origin}: column {name!r}: {bad!r} is not an integer") from None
+        row = next(i for i, t in enumerate(texts.to_pylist()) if t is not None and not _casts(t, target))
+        raise ManifestError(f"{origin}: column {name!r}: {texts[row].as_py()!r} (row {row}) is not "
+                            f"{'an integer' if target == DECIMAL else 'a number'}") from None
+    return _integers(pa.table({name: numbers}), origin).column(0).combine_chunks()
 
 
-def _parse_numbers(name: str, texts: list[str | None], integer: bool, origin: str) -> pa.Array:
-    out = []
-    for row, text in enumerate(texts):
-        text = (text or "").strip()
-        try:
-            out.append(None if not text else _parse_int(text) if integer else float(text))
-        except ValueError:
-            kind = "an integer" if integer else "a number"
-            raise ManifestError(f"{origin}: column {name!r}: {text!r} (row {row}) is not {kind}") from None
+def _casts(text: str, target: pa.DataType) -> bool:
     try:
-        return pa.array(out, pa.int64() if integer else pa.float64())
-    except OverflowError:
-        raise ManifestError(f"{origin}: column {name!r}: a value does not fit a 64-bit integer") from None
-
-
-def _parse_int(text: str) -> int:
-    """'30' -> 30, and '30.0' -> 30 (what spreadsheets and pandas write for integer columns with gaps)."""
-    try:
-        return int(text)
-    except ValueError:
-        value = float(text)
-        if not (math.isfinite(value) and value.is_integer()):
-            raise
-        return int(value)
+        pa.scalar(text).cast(target)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------ templates, values
@@ -409,7 +402,7 @@ def _parse_values(specs: list[str], storage_options: dict | None) -> dict[str, t
                 raise ManifestError(f"--values {spec!r}: no values after '='")
             fs, path = storage.resolve(url, storage_options)
             hint = f" (for values on the command line, separate them with commas: {name}=cat,dog)"
-            items = _lines(_read_text(fs, path, f"--values {name}={storage.redact_url(url)}", missing_hint=hint))
+            items = _lines(_read_bytes(fs, path, f"--values {name}={storage.redact_url(url)}", missing_hint=hint))
         if not items:
             raise ManifestError(f"--values {spec}: no values (a file needs non-blank, non-comment lines)")
         dups = sorted({v for v in items if items.count(v) > 1})
@@ -417,7 +410,7 @@ def _parse_values(specs: list[str], storage_options: dict | None) -> dict[str, t
             raise ManifestError(f"--values {name}: {', '.join(map(repr, dups[:5]))} appear{'s' if len(dups) == 1 else ''} "
                                 "more than once; each value makes a row, so a repeat would skew the dataset")
         text = pa.array(items, pa.string())
-        dims[name] = (_typed(name, text, f"--values {name}") if name in manifests.PARAMS else text, items)
+        dims[name] = (_from_text(name, text, f"--values {name}") if name in manifests.PARAMS else text, items)
     return dims
 
 
@@ -434,7 +427,7 @@ def _parse_sets(specs: list[str], num_images: int | None) -> dict[str, pa.Scalar
         if key in constants:
             raise ManifestError(f"--set {key}=... is given twice")
         if key in manifests.PARAMS:
-            constants[key] = _typed(key, pa.array([text], pa.string()), f"--set {key}")[0]
+            constants[key] = _from_text(key, pa.array([text], pa.string()), f"--set {key}")[0]
             if not constants[key].is_valid:
                 raise ManifestError(f"--set {spec!r}: no value after '='")
         else:
@@ -467,7 +460,7 @@ def _put(table: pa.Table, name: str, column) -> pa.Table:
 
 # ------------------------------------------------------------------------------------ the command
 
-manifest_app = typer.Typer(no_args_is_help=True, add_completion=False, help="Build manifests from prompt lists and templates.")
+manifest_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help="Build manifests from prompt lists and templates.")
 
 
 @manifest_app.command("build")
@@ -501,6 +494,6 @@ def build_command(
     """Build a validated Parquet manifest from a prompt list (txt, CSV, JSONL) or a template with value lists."""
     summary = build(output, source, fmt=fmt, prompt_column=prompt_column, template=template, values=values or [],
                     num_images=num_images, seed=seed, sets=sets or [],
-                    storage_options=storage.parse_storage_options(storage_option or []))
+                    storage_options=storage_options(storage_option))
     typer.echo(f"wrote {summary.manifest}")
     typer.echo(summary.format())

@@ -33,7 +33,7 @@ import typer
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from jobs import sink, storage
-from jobs.cli_common import StorageOptions, user_errors
+from jobs.cli_common import StorageOptions, storage_options, user_errors
 
 PAD = 8
 CAPTION_LINES = 4  # id, seed, two lines of prompt
@@ -368,5 +368,5 @@ def preview_command(
 ) -> None:
     """Draw a contact sheet of a dataset's first images with their id, seed and prompt."""
     shown = preview(dataset, output, n=n, where=where, columns=columns, thumb_size=thumb_size,
-                    storage_options=storage.parse_storage_options(storage_option or []))
+                    storage_options=storage_options(storage_option))
     typer.echo(f"wrote {storage.redact_url(output)}: {shown} image{'s' if shown != 1 else ''}")

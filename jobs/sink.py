@@ -47,6 +47,7 @@ from PIL import Image, PngImagePlugin
 from jobs import storage
 from jobs.manifest import Defaults
 from jobs.plan import ShardRows, WorkItem, count_shards, is_shard_id, shard_at, shard_id, shard_index
+from jobs.progress import duration
 
 try:
     SDBATCH_VERSION = importlib.metadata.version("sdbatch")
@@ -230,10 +231,42 @@ class OutputStatus:
     first_failures: list[dict] = field(default_factory=list)  # id, error, attempts of the first few
     damaged: dict[str, str] = field(default_factory=dict)  # shard -> "file: why it cannot be read"
     job_from: str | None = None  # the metadata file job.json was rebuilt from, when it was missing
+    # while a driver holds the lease (jobs.progress.with_eta): who, and the recent rate and ETA
+    running: str | None = None
+    images_per_second: float | None = None
+    eta_seconds: float | None = None
 
     @property
     def success_is_stale(self) -> bool:
         return self.success is not None and self.shards_done < self.shards
+
+    @property
+    def finished(self) -> bool:
+        return self.success is not None and not self.success_is_stale
+
+    def as_dict(self, *, limit: int = 10) -> dict:
+        """The facts `format` prints, as JSON-ready values (`sdbatch status --json`); the per-shard
+        timing and failure lists are cut to `limit` entries like the tables, the totals are not."""
+        images, seconds = sum(t[1] for t in self.shard_timing), sum(t[2] for t in self.shard_timing)
+
+        def timing(shard: str, n: int, s: float) -> dict:
+            return {"shard": shard, "images": n, "seconds": s, "images_per_second": n / s if s > 0 else None}
+
+        return {
+            "url": self.url, "manifest": self.job.get("manifest"), "model": self.job.get("model"),
+            "shards_done": self.shards_done, "shards_total": self.shards, "shards_remaining": self.shards - self.shards_done,
+            "rows_done": self.rows_done, "rows_total": self.rows,
+            "images_done": self.images_done, "images_total": self.images, "failures": self.failures,
+            "finished": self.finished, "success_stale": self.success_is_stale,
+            "running": self.running,
+            "images_per_second": None if self.images_per_second is None else round(self.images_per_second, 3),
+            "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
+            "shard_timing": [timing(*t) for t in self.shard_timing[:limit]],
+            "timing_total": timing("all", images, seconds),
+            "first_failures": self.first_failures[:limit],
+            "damaged": dict(sorted(self.damaged.items())),
+            "job_from": self.job_from,
+        }
 
     def format(self, *, limit: int = 10) -> str:
         """The counts, then up to `limit` lines each of per-shard timing and of failures."""
@@ -248,6 +281,9 @@ class OutputStatus:
             f"  failures  {self.failures:,}",
             f"  _SUCCESS  {success}",
         ]
+        if self.running:
+            rate = "-" if self.images_per_second is None else f"{self.images_per_second:.2f}"
+            lines.append(f"  running   {self.running}: {rate} images/s recently, ETA {duration(self.eta_seconds)}")
         if self.job_from:
             lines.append(f"  job.json  missing; read from {self.job_from} (the next run writes it back)")
         for shard, problem in sorted(self.damaged.items()):
@@ -545,6 +581,24 @@ class Output:
             shard_timing=timing, first_failures=first_failures, damaged=damaged, job_from=job_from,
         )
 
+    def commit_times(self) -> dict[str, float]:
+        """Shard -> unix time its metadata file was written (its commit), where the file system's
+        listing gives one: one listing."""
+        path = self.path("metadata")
+        self.fs.invalidate_cache(path)
+        try:
+            infos = self.retry.call(f"listing {self.name}/metadata", self.fs.ls, path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        times = {}
+        for info in infos:
+            base = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(".parquet") and is_shard_id(base[: -len(".parquet")]):
+                t = _modified_time(info)
+                if t is not None:
+                    times[base[: -len(".parquet")]] = t
+        return times
+
     def _parse(self, rel: str, parse: Callable[[object], T]) -> T:
         """`parse(file)` of a Parquet file of the dataset, or DamagedFile naming it.
 
@@ -568,6 +622,25 @@ class Output:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _modified_time(info: dict) -> float | None:
+    """An fsspec listing entry's last-modified time as unix seconds; file systems name and type it
+    differently (local: mtime float, s3fs: LastModified datetime, gcsfs: updated string, memory: created)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=datetime.timezone.utc)
+            return value.timestamp()
+    return None
 
 
 def _brief(value) -> str:

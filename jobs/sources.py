@@ -143,7 +143,7 @@ def _check_local(path: str) -> None:
         hint = "" if HUB_ID.fullmatch(path) is None else " (for a Hugging Face repo of that name, check its spelling)"
         raise SourceError(f"--model {path}: no such file or directory{hint}")
     if p.is_dir():
-        missing = [f"{c}/" for c in weights.COMPONENTS if not (p / c).is_dir()]
+        missing = weights.missing_components(p)
         if missing:
             raise SourceError(f"--model {path}: not a diffusers model folder (no {', '.join(missing)})")
     elif p.suffix not in weights.SINGLE_FILE_SUFFIXES:
@@ -153,9 +153,8 @@ def _check_local(path: str) -> None:
 def select(available: list[str], dtype: torch.dtype, where: str) -> tuple[str, list[str]]:
     """From the relative paths a folder (or repo) holds: ("folder", the files to fetch) for a
     diffusers folder, ("file", [the one checkpoint]) for a folder of single files."""
-    is_folder = any(f"{c}/config.json" in available for c in weights.COMPONENTS) or "model_index.json" in available
     try:
-        if is_folder:
+        if weights.is_folder_listing(available):
             return "folder", weights.folder_files(available, dtype)
     except SdcoreError as e:
         raise SourceError(f"--model {where}: {e}") from None

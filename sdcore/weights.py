@@ -507,3 +507,18 @@ def _sampled_chunks(path: Path, size: int, count: int = 16, chunk: int = 1 << 16
             f.seek(max(size - chunk, 0) * i // (count - 1))
             out.append(f.read(chunk))
     return b"".join(out)
+
+
+# --- checking a model source before loading it (jobs.sources: the driver's checks) ----------------
+
+def missing_components(folder: str | os.PathLike) -> list[str]:
+    """The component subfolders (`unet/`, `vae/`, `text_encoder/`) a diffusers model folder lacks."""
+    root = Path(folder)
+    return [f"{c}/" for c in COMPONENTS if not (root / c).is_dir()]
+
+
+def is_folder_listing(available: Iterable[str]) -> bool:
+    """Whether the relative paths a folder or repo holds are a diffusers model's (a component's
+    config.json or model_index.json), rather than single-file checkpoints."""
+    available = set(available)
+    return "model_index.json" in available or any(f"{c}/config.json" in available for c in COMPONENTS)

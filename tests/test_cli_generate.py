@@ -41,9 +41,9 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--width", "65"], "--width 65 must be a multiple of 8"),
     (["--steps", "0"], "--steps 0 is out of range 1..1000"),
-    (["--scheduler", "heun"], "--scheduler 'heun' is not one of ddpm, ddim"),
+    (["--scheduler", "heun"], "Invalid value for '--scheduler': Value error, 'heun' is not one of 'ddpm', 'ddim'"),
     (["--model", "/no/such/model"], "--model /no/such/model: no such file or directory"),
-    (["--dtype", "fp8"], "--dtype must be one of fp32, fp16, bf16"),
+    (["--dtype", "fp8"], "Invalid value for '--dtype': Value error, 'fp8' is not one of 'fp32', 'fp16', 'bf16'."),
 ])
 def test_bad_arguments_exit_2_before_loading(tmp_path, args, message):
     out = tmp_path / "x.png"

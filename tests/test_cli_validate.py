@@ -6,6 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from typer.testing import CliRunner
+
+from jobs import sink
+from jobs.cli import app
 from jobs.manifest import Defaults, open_manifest
 from jobs.sink import JobSpec, Output
 
@@ -67,8 +71,25 @@ def test_validate_missing_and_non_parquet_files(tmp_path):
 def test_validate_bad_defaults_and_options(good):
     assert_user_error(sdbatch("validate", good, "--steps", 0, "--height", 100), "--steps 0 is out of range 1..1000",
                       "--height 100 must be a multiple of 8")
-    assert_user_error(sdbatch("validate", good, "--scheduler", "karras"), "--scheduler 'karras' is not one of")
+    r = sdbatch("validate", good, "--scheduler", "karras")
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert "Invalid value for '--scheduler': Value error, 'karras' is not one of 'ddpm', 'ddim'" in r.stderr
     assert_user_error(sdbatch("validate", good, "--storage-option", "anon"), "--storage-option 'anon': expected key=value")
+
+
+def test_version_is_the_one_the_metadata_records():
+    r = sdbatch("--version")
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout == f"sdbatch {sink.SDBATCH_VERSION}\n"
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "generate"])
+def test_help_lists_the_choices(command):
+    r = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "--scheduler <ddpm|ddim|pndm|euler|euler_a|dpmpp_2m|dpmpp_2m_karras|lms>" in r.stdout
+    if command != "validate":
+        assert "--device <auto|cuda|cpu>" in r.stdout and "--dtype <fp32|fp16|bf16>" in r.stdout
 
 
 def test_status(tmp_path, good):

@@ -3,6 +3,7 @@ pandas, Ray Data and Hugging Face `datasets` — the recipes the README gives; `
 `sdbatch status` with per-shard timing and failures."""
 import hashlib
 import io
+import json
 import logging
 import subprocess
 from pathlib import Path
@@ -140,3 +141,17 @@ def test_status_shows_shard_timing_and_failures(out):
 
     r = sdbatch("status", out, "--limit", 1)
     assert "... 1 more shards" in r.stdout and "shard-000001" not in r.stdout
+
+
+def test_status_json_has_the_facts_of_the_text(out):
+    text = sdbatch("status", out).stdout.splitlines()
+    r = sdbatch("status", out, "--json")
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert (facts["shards_done"], facts["shards_total"], facts["images_done"], facts["failures"]) == (2, 2, 5, 1)
+    assert facts["finished"] is True and facts["running"] is None and facts["eta_seconds"] is None
+    timing = {l.split()[0]: l.split()[1:] for l in text if l.startswith("  shard-") or l.startswith("  all ")}
+    for t in [*facts["shard_timing"], facts["timing_total"]]:
+        assert timing[t["shard"]] == [str(t["images"]), f"{t['seconds']:.1f}", f"{t['images_per_second']:.2f}"]
+    (failure,) = facts["first_failures"]
+    assert failure["id"] == "nan" and failure["attempts"] == 1 and "NonFiniteOutputError" in failure["error"]

@@ -109,6 +109,24 @@ def test_jsonl_keeps_json_types(tmp_path):
     ]
 
 
+def test_integer_parameters_are_exact_and_take_spreadsheet_spellings(tmp_path):
+    big, odd = 2**63 - 1, 2**53 + 1  # float64 would round both
+    src = write(tmp_path / "p.csv", f"prompt,seed,steps\na,{big},3e1\nb,{odd}, 30.0 \n")
+    build(str(tmp_path / "a.parquet"), str(src))
+    assert [(r["seed"], r["steps"]) for r in rows(tmp_path / "a.parquet")] == [(big, 30), (odd, 30)]
+    src = write(tmp_path / "p.jsonl", json.dumps({"prompt": "a", "seed": odd, "steps": 30.0}) + "\n")
+    build(str(tmp_path / "b.parquet"), str(src))
+    assert [(r["seed"], r["steps"]) for r in rows(tmp_path / "b.parquet")] == [(odd, 30)]
+    with pytest.raises(ManifestError, match=r"p.csv: column 'seed': 9223372036854775808 \(row 0\) does not fit a 64-bit integer"):
+        build(str(tmp_path / "c.parquet"), str(write(tmp_path / "p.csv", f"prompt,seed\na,{big + 1}\n")))
+
+
+def test_csv_errors_count_rows_like_the_manifest_across_multiline_prompts(tmp_path):
+    src = write(tmp_path / "p.csv", 'prompt,steps\n"a cat\non two lines",20\nb,30\nc,many\n')
+    with pytest.raises(ManifestError, match=r"p.csv: column 'steps': 'many' \(row 2\) is not an integer"):
+        build(str(tmp_path / "m.parquet"), str(src))
+
+
 def test_fsspec_urls_for_sources_values_and_output():
     mem = fsspec.filesystem("memory")
     mem.pipe_file("/build-test/animals.txt", b"cat\ndog\n")
@@ -220,15 +238,15 @@ ERRORS = [
     ({"p.txt": "a\n"}, dict(source="{d}/p.txt", prompt_column="x"), "--prompt-column names a column of a CSV or JSONL source"),
     ({"p.csv": "prompt,prompt\na,b\n"}, dict(source="{d}/p.csv"), "column 'prompt' appears 2 times in the header"),
     ({"p.csv": "prompt,\na,b\n"}, dict(source="{d}/p.csv"), "column 2 of the header has no name"),
-    ({"p.csv": "prompt,label\na,b\nc\n"}, dict(source="{d}/p.csv"), "line 3: 1 fields, but the header has 2"),
-    ({"p.csv": "prompt,steps\na,ten\n"}, dict(source="{d}/p.csv"), "column 'steps': 'ten' (row 0) is not an integer"),
-    ({"p.csv": "prompt,guidance_scale\na,high\n"}, dict(source="{d}/p.csv"), "column 'guidance_scale': 'high' (row 0) is not a number"),
-    ({"p.jsonl": '{"prompt": "a"}\n{"prompt": "b",}\n'}, dict(source="{d}/p.jsonl"), "p.jsonl: line 2: not valid JSON"),
-    ({"p.jsonl": '["a"]\n'}, dict(source="{d}/p.jsonl"), "line 1: expected a JSON object"),
-    ({"p.jsonl": '{"prompt": "a", "x": 1}\n{"prompt": "b", "x": "one"}\n'}, dict(source="{d}/p.jsonl"), "column 'x': values of different or unsupported types"),
-    ({"p.jsonl": '{"prompt": "a", "steps": 2.5}\n'}, dict(source="{d}/p.jsonl"), "column 'steps': 2.5 is not an integer"),
-    ({"p.jsonl": '{"prompt": "a", "steps": true}\n'}, dict(source="{d}/p.jsonl"), "column 'steps' holds bool; expected integers"),
-    ({"p.jsonl": '{"prompt": 3}\n'}, dict(source="{d}/p.jsonl"), "column 'prompt' holds int64; expected text"),
+    ({"p.csv": "prompt,label\na,b\nc\n"}, dict(source="{d}/p.csv"), "p.csv: CSV parse error: Row #3: Expected 2 columns, got 1: c"),
+    ({"p.csv": "prompt,steps\na,ten\n"}, dict(source="{d}/p.csv"), "p.csv: column 'steps': 'ten' (row 0) is not an integer"),
+    ({"p.csv": "prompt,guidance_scale\na,high\n"}, dict(source="{d}/p.csv"), "p.csv: column 'guidance_scale': 'high' (row 0) is not a number"),
+    ({"p.jsonl": '{"prompt": "a"}\n{"prompt": "b",}\n'}, dict(source="{d}/p.jsonl"), "p.jsonl: JSON parse error: Missing a name for object member. in row 1"),
+    ({"p.jsonl": '["a"]\n'}, dict(source="{d}/p.jsonl"), "p.jsonl: JSON parse error: Column() changed from object to array in row 0"),
+    ({"p.jsonl": '{"prompt": "a", "x": 1}\n{"prompt": "b", "x": "one"}\n'}, dict(source="{d}/p.jsonl"), "p.jsonl: JSON parse error: Column(/x) changed from number to string in row 1"),
+    ({"p.jsonl": '{"prompt": "a", "steps": 2.5}\n'}, dict(source="{d}/p.jsonl"), "p.jsonl: column 'steps': 2.5 (row 0) is not an integer"),
+    ({"p.jsonl": '{"prompt": "a", "steps": true}\n'}, dict(source="{d}/p.jsonl"), "p.jsonl: JSON parse error: Column(/steps) changed from number_or_string to boolean in row 0"),
+    ({"p.jsonl": '{"prompt": 3}\n'}, dict(source="{d}/p.jsonl"), "p.jsonl: JSON parse error: Column(/prompt) changed from string to number in row 0"),
     ({"p.txt": b"caf\xe9\n"}, dict(source="{d}/p.txt"), "p.txt: line 1: not UTF-8 text"),
     ({}, dict(template="a {animal} in {place}", values=["animal=cat,dog"]), "--template has {place} but no --values place=... to fill it"),
     ({}, dict(template="a {animal}", values=["animal=cat,dog", "colour=red,blue"]), "--values colour=...: the template has no {colour} placeholder"),
@@ -244,7 +262,7 @@ ERRORS = [
     ({}, dict(template="a {animal}", values=["animal"]), "expected NAME=a,b,c or NAME=FILE"),
     ({}, dict(template="a", values=["steps=10,fast"]), "--values steps: column 'steps': 'fast' (row 1) is not an integer"),
     ({}, dict(template="a", sets=["steps=abc"]), "--set steps: column 'steps': 'abc' (row 0) is not an integer"),
-    ({}, dict(template="a", sets=["width=30.5"]), "--set width: column 'width': '30.5' (row 0) is not an integer"),
+    ({}, dict(template="a", sets=["width=30.5"]), "--set width: column 'width': 30.5 (row 0) is not an integer"),
     ({}, dict(template="a", sets=["steps="]), "--set 'steps=': no value after '='"),
     ({}, dict(template="a", sets=["steps"]), "--set 'steps': expected KEY=VALUE"),
     ({}, dict(template="a", sets=["id=3"]), "--set id=...: the builder makes 'id' itself"),

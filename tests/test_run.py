@@ -184,8 +184,6 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--model", "{tmp}"], "not a diffusers model folder (no unet/, vae/, text_encoder/)"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--actors", "0", "--shard-size", "-1"], "--actors must be at least 1, got 0; --shard-size must be at least 1"),
-    (["--dtype", "fp8"], "--dtype must be one of fp32, fp16, bf16"),
-    (["--device", "tpu"], "--device must be one of auto, cuda, cpu"),
     (["--steps", "0"], "--steps 0 is out of range 1..1000"),
     (["--width", "100"], "--width 100 must be a multiple of 8"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
@@ -198,6 +196,17 @@ def test_bad_options(tmp_path, no_ray, manifest, args, message):
     args = [a.format(manifest=manifest, tmp=tmp_path) for a in args]
     r = invoke("run", manifest, "--output", tmp_path / "out", *TINY, *args)
     assert_user_error(r, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "fp8"], "Invalid value for '--dtype': Value error, 'fp8' is not one of 'fp32', 'fp16', 'bf16'."),
+    (["--device", "tpu"], "Invalid value for '--device': Value error, 'tpu' is not one of 'auto', 'cuda', 'cpu'."),
+    (["--scheduler", "karras"], "Invalid value for '--scheduler': Value error, 'karras' is not one of 'ddpm', 'ddim'"),
+])
+def test_values_outside_the_choices(tmp_path, no_ray, manifest, args, message):
+    r = invoke("run", manifest, "--output", tmp_path / "out", *TINY, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -606,3 +606,14 @@ def test_full_size_diffusers_converters_map_our_single_file_onto_reference(full)
         return load_file(next((full.folder / c).glob("*.safetensors")))
 
     assert_diffusers_converters_agree(full.single, full.configs, reference_state)
+
+
+def test_source_checks_before_loading(tmp_path):
+    (tmp_path / "unet").mkdir()
+    assert weights.missing_components(tmp_path) == ["vae/", "text_encoder/"]
+    for c in ("vae", "text_encoder"):
+        (tmp_path / c).mkdir()
+    assert weights.missing_components(tmp_path) == []
+    assert weights.is_folder_listing(["model_index.json", "v1-5.safetensors"])
+    assert weights.is_folder_listing(["vae/config.json"])
+    assert not weights.is_folder_listing(["v1-5.safetensors", "unet/readme.md"])
