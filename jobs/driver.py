@@ -40,7 +40,7 @@ from jobs import devices, sources, storage
 from jobs.actor import ActorConfig, ShardActor
 from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
-from jobs.plan import Shard, read_shard, shards
+from jobs.plan import Shard, manifest_shards, read_shard
 from jobs.sink import ImageWriter, JobSpec, Output, ShardWriter
 from sdcore.errors import SdcoreError
 
@@ -320,6 +320,7 @@ class _Run:
         self.todo: Iterator[Shard] | None = None  # set once OUT is prepared
         self.exhausted = False
         self.attempts: Counter[str] = Counter()
+        self._manifest = None  # open while shards are listed from it
         self.done_before = self.failed_before = 0
         self.images = self.failures = self.shards_run = self.shards_skipped = 0
         self.progress: Progress | None = None
@@ -391,7 +392,8 @@ class _Run:
             status = self.out.status()
             self.done_before, self.failed_before = status.images_done + status.failures, status.failures
             self.say(f"resuming: {len(done):,} of {self.job.shards:,} shards already done")
-        self.todo = shards(self.job.rows, self.job.shard_size, skip=done)
+        self._manifest = open_manifest(self.opts.manifest, self.opts.storage_options)
+        self.todo = manifest_shards(self._manifest, self.job.shard_size, skip=done)
         self.progress = Progress(self.stream, self.job.images, self.done_before)
 
     def next_shard(self) -> Shard | None:
@@ -474,9 +476,8 @@ class _Run:
         else:
             self.give_up(shard, error)
 
-    def give_up(self, shard: Shard, error: str) -> None:
-        """Commit the shard with every image recorded as a failure (here: no actor is needed for that)."""
-        self.say(f"{shard.id}: gave up after {SHARD_ATTEMPTS} attempts; its rows go to failures/ ({error})")
+    def _shard_writer(self, shard: Shard) -> tuple[ShardWriter, list]:
+        """A writer for committing `shard` here in the driver (no actor is needed for that), and its items."""
         with open_manifest(self.opts.manifest, self.opts.storage_options) as m:
             rows = read_shard(m, shard, self.opts.defaults)
         if self._driver_writer is None:
@@ -486,7 +487,13 @@ class _Run:
                              model_revision=self.job.settings["model_source"]["revision"],
                              embed_images=self.opts.embed_images,
                              fence=lambda: check_holder(self.out, self.lease.run_id))
-        for item in rows.items:
+        return writer, rows.items
+
+    def give_up(self, shard: Shard, error: str) -> None:
+        """Commit the shard with every image recorded as a failure."""
+        self.say(f"{shard.id}: gave up after {SHARD_ATTEMPTS} attempts; its rows go to failures/ ({error})")
+        writer, items = self._shard_writer(shard)
+        for item in items:
             writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard; the last: {error}",
                         attempts=SHARD_ATTEMPTS)
         result = writer.commit()
@@ -568,6 +575,8 @@ class _Run:
                 slot.handle = None
         if self._driver_writer is not None:
             self._driver_writer.close()
+        if self._manifest is not None:
+            self._manifest.close()
         if self.progress is not None:
             self.progress.close()
 
