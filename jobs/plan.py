@@ -15,7 +15,7 @@ are batched by (width, height, steps, scheduler, guidance_scale), up to the batc
 manifest order — which images share a batch never changes an image, only the speed.
 """
 from collections.abc import Container, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +49,8 @@ class Shard:
     stop: int  # the row it stops at: one past the last row when stop_k == 0
     start_k: int = 0
     stop_k: int = 0
+    # One row of a split shard, made alone (see jobs.driver): the driver commits the shard from its pieces.
+    piece: bool = False
 
     @property
     def id(self) -> str:
@@ -63,6 +65,12 @@ class Shard:
     def rows(self) -> int:
         """Rows the shard has images of (whole or in part)."""
         return self.row_stop - self.start
+
+    def pieces(self) -> list["Shard"]:
+        """The shard cut into one piece per row, each with the row's images in this shard."""
+        return [replace(self, start=r, start_k=self.start_k if r == self.start else 0,
+                        stop=r if r == self.stop else r + 1, stop_k=self.stop_k if r == self.stop else 0, piece=True)
+                for r in range(self.start, self.row_stop)]
 
 
 def count_shards(rows: int, shard_size: int) -> int:

@@ -709,6 +709,23 @@ class ShardWriter:
     def fail(self, item: WorkItem, error: str, attempts: int) -> None:
         self._records[item.id] = _Failed(item, error, attempts)
 
+    def collect(self) -> list[dict]:
+        """Every outcome, once every image is written, for the driver to `adopt` (a piece of a split
+        shard is not committed on its own; see jobs.driver)."""
+        records = sorted(self._records.values(), key=lambda r: (r.item.row, r.item.k))
+        written = iter(self._wait([r for r in records if isinstance(r, _Done)]))
+        return [{"id": r.item.id, "written": next(written), "scheduler_config": r.scheduler_config, "seconds": r.seconds}
+                if isinstance(r, _Done) else {"id": r.item.id, "error": r.error, "attempts": r.attempts} for r in records]
+
+    def adopt(self, item: WorkItem, record: dict) -> None:
+        """Record an outcome that `collect` gave for `item`: its image is written already."""
+        if "error" in record:
+            self.fail(item, record["error"], record["attempts"])
+            return
+        future = Future()
+        future.set_result(record["written"])
+        self._records[item.id] = _Done(item, future, record["scheduler_config"], record["seconds"])
+
     def commit(self) -> ShardResult:
         """Wait for the images, then write failures (if any) and the metadata file — the commit point.
 

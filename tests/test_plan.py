@@ -164,6 +164,13 @@ def test_without_num_images_shards_are_todays_row_ranges(tmp_path):
             assert list(manifest_shards(m, 5, skip={"shard-000002"})) == list(shards(23, 5, skip={"shard-000002"}))
 
 
+def test_pieces_are_the_rows_of_a_shard_with_its_images():
+    shard = Shard(7, 1, 3, start_k=2, stop_k=1)
+    assert [(p.start, p.start_k, p.stop, p.stop_k, p.piece, p.id) for p in shard.pieces()] == [
+        (1, 2, 2, 0, True, "shard-000007"), (2, 0, 3, 0, True, "shard-000007"), (3, 0, 3, 1, True, "shard-000007")]
+    assert shard.rows == 3 and Shard(0, 0, 5).pieces()[4] == Shard(0, 4, 5, piece=True)
+
+
 def test_ten_million_rows_of_images_are_planned_lazily_with_flat_memory():
     def counts():
         for _ in range(10_000_000 // 16_384 + 1):

@@ -398,3 +398,23 @@ def test_shard_timeout_kills_the_actor_and_the_job_finishes(tmp_path, hanging_ma
         "gave up after 3 attempts of its shard; the last: shard-000001 ran past --shard-timeout 6 s")
     assert time.monotonic() - start < 120
     assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1
+
+
+def test_a_shard_that_expires_twice_runs_its_rows_alone_and_only_the_hanging_row_fails(tmp_path, hanging_manifest):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = sdbatch("run", hanging_manifest, "--output", out, "--shard-size", 4, "--shard-timeout", 6, *TINY, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "shard-000000: ran past its deadline 2 times; its 4 rows run again one at a time" in r.stderr
+    assert "shard-000000 (row 1 alone) ran past --shard-timeout 6 s; killed" in r.stderr
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == ["a", "b", "c"] and list(failures) == ["hang"]
+    assert failures["hang"]["error"] == ("gave up after 3 attempts of its shard, the last of its row alone; the last: "
+                                         "shard-000000 (row 1 alone) ran past --shard-timeout 6 s")
+    assert failures["hang"]["attempts"] == 3 and failures["hang"]["steps"] == 1000
+    assert [p.name for p in (out / "metadata").iterdir()] == ["shard-000000.parquet"]  # one commit, by the driver
+    check_images(out, meta)
+    assert {str(p.relative_to(out)) for p in (out / "images").rglob("*.png")} == {m["image_path"] for m in meta.values()}
+    assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1
+    assert "rows      4/4 done" in sdbatch("status", out).stdout
+    assert time.monotonic() - start < 120

@@ -453,3 +453,37 @@ def test_a_dataset_of_row_shards_continues_only_where_rows_and_images_agree(tmp_
     old["images"] = old["rows"]  # every row one image: the same shards either way
     path.write_text(json.dumps(old))
     assert out.prepare(job(manifest, images=7)) == set()
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_a_split_shard_is_committed_once_from_the_outcomes_of_its_pieces(tmp_path, manifest, embed):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest, embed_images=embed)
+    out.prepare(spec)
+    with open_manifest(manifest) as m, ImageWriter(out) as writer:
+        shard = next(manifest_shards(m, 3))  # img0, img1-0, img1-1
+        records = {}
+        for piece in shard.pieces():  # what each piece's actor hands back
+            rows = read_shard(m, piece, spec.defaults)
+            w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT,
+                            embed_images=embed)
+            for item in rows.items:
+                w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.5)
+            records |= {r["id"]: r for r in w.collect()}
+        assert not (tmp_path / "out" / "metadata").exists()  # pieces commit nothing
+        whole = read_shard(m, shard, spec.defaults)
+        w = ShardWriter(out, writer, whole, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT,
+                        embed_images=embed)
+        for item in whole.items:
+            if item.id == "img1-1":  # its piece timed out
+                w.fail(item, "ran past --shard-timeout", attempts=3)
+            else:
+                w.adopt(item, records[item.id])
+        assert (w.commit().images, out.done_shards()) == (2, {"shard-000000"})
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "shard-000000.parquet").to_pylist()
+    assert [r["id"] for r in meta] == ["img0", "img1-0"]
+    for r in meta:
+        data = (tmp_path / "out" / r["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r["image_sha256"] and (not embed or r["image"]["bytes"] == data)
+    assert not (tmp_path / "out" / "images" / "shard-000000" / "img1-1.png").exists()  # written by its piece, failed
+    assert pq.read_table(tmp_path / "out" / "failures" / "shard-000000.parquet").column("id").to_pylist() == ["img1-1"]
