@@ -117,6 +117,11 @@ class ShardRunner:
             generating += time.perf_counter() - t
         if rows.items and len(errors) == len(rows.items):
             raise ShardFailed(f"{shard.id}: all {len(errors)} images failed; the first error: {errors[0]}")
+        if shard.piece:  # one row of a split shard: the driver commits the shard once every piece is back
+            records = shard_writer.collect()
+            failures = sum("error" in r for r in records)
+            return {"shard": shard.id, "images": len(records) - failures, "failures": failures, "records": records,
+                    "generating_seconds": generating, "seconds": time.perf_counter() - start}
         result = shard_writer.commit()
         return {"shard": shard.id, "images": result.images, "failures": result.failures,
                 "generating_seconds": generating, "seconds": time.perf_counter() - start}

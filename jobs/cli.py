@@ -167,7 +167,7 @@ def run_command(
     model_cache: ModelCacheOption = None,
     actors: Annotated[int | None, typer.Option("--actors", help="Actors (default: one per GPU, or 1 without GPUs).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (same size, steps, scheduler, guidance).")] = 4,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Manifest rows per shard, the unit of work, commit and resume.")] = 200,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard, the unit of work, commit and resume (a row with more images spans several shards).")] = 200,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "fp32",
     compile_unet: CompileOption = False,

@@ -11,6 +11,9 @@
 4. Dispatch: the next shard goes to whichever actor is free (`ray.wait`), so a slow GPU only
    slows itself. A shard whose actor dies (or raises) is retried on a fresh actor up to
    SHARD_ATTEMPTS times, then its rows go to failures/; dead actors are replaced up to a budget.
+   A shard that ran past its deadline twice is split: each of its rows runs alone, as a piece
+   with a deadline of its own, so only a row that hangs fails; the driver commits the shard
+   (one metadata file, as always) once every piece has an outcome.
    Watchdog: an actor whose shard runs past --shard-timeout, or that finishes no image for
    STALL_FACTOR times a batch's measured time (at least STALL_FLOOR seconds), is killed and
    replaced, and its shard counts as a failed attempt: progress replies alone do not prove work.
@@ -39,13 +42,14 @@ from jobs import devices, sources, storage
 from jobs.actor import ActorConfig, ShardActor
 from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
-from jobs.plan import Shard, read_shard, shards
+from jobs.plan import Shard, manifest_shards, read_shard
 from jobs.progress import Progress
 from jobs.sink import ImageWriter, JobSpec, Output, ShardWriter
 from sdcore.errors import SdcoreError
 
 MODES = ("auto", "resume", "overwrite")
 SHARD_ATTEMPTS = 3  # tries of one shard before its rows are recorded as failures
+SPLIT_AFTER_EXPIRIES = 2  # a shard past its deadline this often runs its rows alone (its last attempt)
 START_TIMEOUT = 600.0  # seconds without any working actor (loading, waiting for a GPU node) before giving up
 TICK = 0.5  # seconds between progress updates
 GET_TIMEOUT = 60.0  # for ray.get of results that ray.wait already reported ready
@@ -244,6 +248,20 @@ class _Slot:
         return self.handle is not None
 
 
+@dataclass
+class _Split:
+    """A shard whose rows run alone: the outcomes of its pieces so far."""
+
+    shard: Shard
+    pieces_left: int
+    records: dict[str, dict] = field(default_factory=dict)  # image id -> ShardWriter.collect() record
+    failed: dict[int, str] = field(default_factory=dict)  # manifest row -> why its piece failed
+
+
+def _name(shard: Shard) -> str:
+    return f"{shard.id} (row {shard.start} alone)" if shard.piece else shard.id
+
+
 class _Run:
     def __init__(self, opts: RunOptions, job: JobSpec, out: Output, lease: Lease, plan: ActorPlan, stream: TextIO,
                  on_dispatch: Callable | None, started_at: float):
@@ -263,6 +281,9 @@ class _Run:
         self.todo: Iterator[Shard] | None = None  # set once OUT is prepared
         self.exhausted = False
         self.attempts: Counter[str] = Counter()
+        self.expiries: Counter[str] = Counter()
+        self.splits: dict[str, _Split] = {}
+        self._manifest = None  # open while shards are listed from it
         self.done_before = self.failed_before = 0
         self.images = self.failures = self.shards_run = self.shards_skipped = 0
         self.progress: Progress | None = None
@@ -334,7 +355,8 @@ class _Run:
             status = self.out.status()
             self.done_before, self.failed_before = status.images_done + status.failures, status.failures
             self.say(f"resuming: {len(done):,} of {self.job.shards:,} shards already done")
-        self.todo = shards(self.job.rows, self.job.shard_size, skip=done)
+        self._manifest = open_manifest(self.opts.manifest, self.opts.storage_options)
+        self.todo = manifest_shards(self._manifest, self.job.shard_size, skip=done)
         self.progress = Progress(self.stream, self.job.images, self.done_before)
 
     def next_shard(self) -> Shard | None:
@@ -372,19 +394,23 @@ class _Run:
                                "re-run the same command to continue.") from None
             # Whatever went wrong may have broken the actor (a CUDA error poisons its device): use a fresh one.
             self.shard_failed(shard, f"{type(cause).__name__}: {cause}")
-            self.lose_actor(slot, f"{shard.id} failed ({type(cause).__name__})")
+            self.lose_actor(slot, f"{_name(shard)} failed ({type(cause).__name__})")
             return
         except ray.exceptions.RayError as e:
             self.shard_failed(shard, f"the actor died ({_first_line(e)})")
-            self.lose_actor(slot, f"died during {shard.id}")
+            self.lose_actor(slot, f"died during {_name(shard)}")
             return
         self.last_working = time.monotonic()
         self.images += result["images"]
         self.failures += result["failures"]
-        self.shards_run += 1
         slot.stats.images += result["images"]
         slot.stats.failures += result["failures"]
-        slot.stats.shards += 1
+        if shard.piece:
+            self.splits[shard.id].records.update((r["id"], r) for r in result["records"])
+            self.piece_done(shard)
+        else:
+            self.shards_run += 1
+            slot.stats.shards += 1
         slot.stats.busy_seconds += result["generating_seconds"]
         self.measured_images += result["images"] + result["failures"]
         self.measured_seconds += result["generating_seconds"]
@@ -406,20 +432,33 @@ class _Run:
             else:
                 continue
             shard = slot.shard
-            self.shard_failed(shard, f"{shard.id} {why}")
-            self.lose_actor(slot, f"{shard.id} {why}; killed")
+            self.shard_failed(shard, f"{_name(shard)} {why}", expired=True)
+            self.lose_actor(slot, f"{_name(shard)} {why}; killed")
 
-    def shard_failed(self, shard: Shard, error: str) -> None:
-        """Queue the shard again (first in line), or give up on it after SHARD_ATTEMPTS."""
+    def shard_failed(self, shard: Shard, error: str, *, expired: bool = False) -> None:
+        """Queue the shard again (first in line), split it into its rows after it expired twice, or give
+        up on it after SHARD_ATTEMPTS. A piece of a split shard is its row's last attempt."""
+        if shard.piece:
+            split = self.splits[shard.id]
+            split.failed[shard.start] = error
+            self.piece_done(shard)
+            return
         self.attempts[shard.id] += 1
-        if self.attempts[shard.id] < SHARD_ATTEMPTS:
+        self.expiries[shard.id] += expired
+        if self.expiries[shard.id] >= SPLIT_AFTER_EXPIRIES and shard.rows > 1:
+            # One hanging row would otherwise take the whole shard down with it.
+            pieces = shard.pieces()
+            self.say(f"{shard.id}: ran past its deadline {self.expiries[shard.id]} times; "
+                     f"its {len(pieces)} rows run again one at a time")
+            self.splits[shard.id] = _Split(shard, len(pieces))
+            self.retry_queue.extendleft(reversed(pieces))
+        elif self.attempts[shard.id] < SHARD_ATTEMPTS:
             self.retry_queue.appendleft(shard)
         else:
             self.give_up(shard, error)
 
-    def give_up(self, shard: Shard, error: str) -> None:
-        """Commit the shard with every image recorded as a failure (here: no actor is needed for that)."""
-        self.say(f"{shard.id}: gave up after {SHARD_ATTEMPTS} attempts; its rows go to failures/ ({error})")
+    def _shard_writer(self, shard: Shard) -> tuple[ShardWriter, list]:
+        """A writer for committing `shard` here in the driver (no actor is needed for that), and its items."""
         with open_manifest(self.opts.manifest, self.opts.storage_options) as m:
             rows = read_shard(m, shard, self.opts.defaults)
         if self._driver_writer is None:
@@ -429,12 +468,41 @@ class _Run:
                              model_revision=self.job.settings["model_source"]["revision"],
                              embed_images=self.opts.embed_images,
                              fence=lambda: check_holder(self.out, self.lease.run_id))
-        for item in rows.items:
+        return writer, rows.items
+
+    def give_up(self, shard: Shard, error: str) -> None:
+        """Commit the shard with every image recorded as a failure."""
+        self.say(f"{shard.id}: gave up after {SHARD_ATTEMPTS} attempts; its rows go to failures/ ({error})")
+        writer, items = self._shard_writer(shard)
+        for item in items:
             writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard; the last: {error}",
                         attempts=SHARD_ATTEMPTS)
         result = writer.commit()
         self.failures += result.failures
         self.shards_run += 1
+
+    def piece_done(self, piece: Shard) -> None:
+        """One piece of a split shard has an outcome; after the last, commit the shard from them all."""
+        split = self.splits[piece.id]
+        split.pieces_left -= 1
+        if split.pieces_left:
+            return
+        writer, items = self._shard_writer(split.shard)
+        failed = 0
+        for item in items:
+            if item.id in split.records:
+                writer.adopt(item, split.records[item.id])
+            else:
+                writer.fail(item, f"gave up after {SHARD_ATTEMPTS} attempts of its shard, the last of its row alone; "
+                                  f"the last: {split.failed[item.row]}", attempts=SHARD_ATTEMPTS)
+                failed += 1
+        writer.commit()
+        del self.splits[piece.id]
+        self.failures += failed
+        self.shards_run += 1
+        failed_rows = sorted(split.failed)
+        self.say(f"{piece.id}: committed; its rows made alone"
+                 + (f", except row(s) {', '.join(map(str, failed_rows))}: see failures/" if failed_rows else ""))
 
     # the loop
 
@@ -511,6 +579,8 @@ class _Run:
                 slot.handle = None
         if self._driver_writer is not None:
             self._driver_writer.close()
+        if self._manifest is not None:
+            self._manifest.close()
         if self.progress is not None:
             self.progress.close()
 

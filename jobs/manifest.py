@@ -125,7 +125,11 @@ def derive_seed(job_seed: int, row_id: str) -> int:
 
 
 def image_ids(row_id: str, num_images: int) -> list[str]:
-    return [row_id] if num_images == 1 else [f"{row_id}-{k}" for k in range(num_images)]
+    return [image_id_of(row_id, num_images, k) for k in range(num_images)]
+
+
+def image_id_of(row_id: str, num_images: int, k: int) -> str:
+    return row_id if num_images == 1 else f"{row_id}-{k}"
 
 
 @dataclass

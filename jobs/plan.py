@@ -1,21 +1,26 @@
-"""Planning: shards of manifest rows, the images each row asks for, and the batches they run in.
+"""Planning: shards of the job's images, the images each row asks for, and the batches they run in.
 
-A shard is a range of manifest rows `[start, stop)` — K rows, the last one shorter — named
-`shard-000042`. It depends only on the row count and K, so a re-run with the same manifest and
-K has the same shards, and the driver can list millions of them lazily without reading a
-prompt: the actor that gets a shard reads its rows itself (`read_shard`).
+A shard is a range of the job's images in manifest order — K images (`--shard-size`), the last
+one shorter — named `shard-000042`. Its bounds are (row, k) pairs: it runs from image `start_k`
+of row `start` up to, not including, image `stop_k` of row `stop`, so a row with many images
+spans several shards and a lost shard never costs more than K images. The bounds depend only on
+the manifest's `num_images` column and K, so a re-run has the same shards; the driver finds them
+by streaming that one column (`manifest_shards`), lazily, without reading a prompt, and the actor
+that gets a shard reads its rows itself (`read_shard`). When every row asks for one image
+(or there is no `num_images` column), shards are plain row ranges: `shards(rows, K)`.
 
 A work item is one image: a manifest row's parameters with the job defaults filled in, the
 derived seed, and the image id (see jobs.manifest for the id and seed rules). Items of a shard
 are batched by (width, height, steps, scheduler, guidance_scale), up to the batch size, in
 manifest order — which images share a batch never changes an image, only the speed.
 """
-from collections.abc import Container, Iterator
-from dataclasses import dataclass
+from collections.abc import Container, Iterable, Iterator
+from dataclasses import dataclass, replace
 
+import numpy as np
 import pyarrow as pa
 
-from jobs.manifest import MAX_SEED, Defaults, Manifest, column, derive_seed, image_ids, row_ids
+from jobs.manifest import MAX_SEED, Defaults, Manifest, column, derive_seed, image_id_of, row_ids
 
 SHARD_PREFIX = "shard-"
 
@@ -37,17 +42,35 @@ def shard_index(shard: str) -> int:
 
 @dataclass(frozen=True)
 class Shard:
+    """Images (start, start_k) up to, not including, (stop, stop_k), as (manifest row, image of the row)."""
+
     index: int
     start: int  # first manifest row
-    stop: int  # one past the last row
+    stop: int  # the row it stops at: one past the last row when stop_k == 0
+    start_k: int = 0
+    stop_k: int = 0
+    # One row of a split shard, made alone (see jobs.driver): the driver commits the shard from its pieces.
+    piece: bool = False
 
     @property
     def id(self) -> str:
         return shard_id(self.index)
 
     @property
+    def row_stop(self) -> int:
+        """One past the last row the shard has images of."""
+        return self.stop + (self.stop_k > 0)
+
+    @property
     def rows(self) -> int:
-        return self.stop - self.start
+        """Rows the shard has images of (whole or in part)."""
+        return self.row_stop - self.start
+
+    def pieces(self) -> list["Shard"]:
+        """The shard cut into one piece per row, each with the row's images in this shard."""
+        return [replace(self, start=r, start_k=self.start_k if r == self.start else 0,
+                        stop=r if r == self.stop else r + 1, stop_k=self.stop_k if r == self.stop else 0, piece=True)
+                for r in range(self.start, self.row_stop)]
 
 
 def count_shards(rows: int, shard_size: int) -> int:
@@ -68,6 +91,58 @@ def shards(rows: int, shard_size: int, *, skip: Container[str] = ()) -> Iterator
     for index in range(count_shards(rows, shard_size)):
         if shard_id(index) not in skip:
             yield shard_at(index, rows, shard_size)
+
+
+CUT_CHUNK = 4096  # shard bounds computed per numpy call: memory stays flat whatever the row sizes
+
+
+def image_shards(counts: Iterable[np.ndarray], shard_size: int, *, skip: Container[str] = ()) -> Iterator[Shard]:
+    """All shards of `shard_size` images, lazily, for rows asking for `counts` images (an iterable of
+    arrays, in manifest order: e.g. the `num_images` column batch by batch), leaving out `skip`."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    index, start = 0, (0, 0)
+    for stop in _cuts(counts, shard_size):
+        if shard_id(index) not in skip:
+            yield Shard(index, start[0], stop[0], start[1], stop[1])
+        index, start = index + 1, stop
+
+
+def _cuts(counts: Iterable[np.ndarray], shard_size: int) -> Iterator[tuple[int, int]]:
+    """(row, k) where each shard stops: at images shard_size, 2 * shard_size, ... and at the end."""
+    first_row, done, cut = 0, 0, shard_size  # rows and images before this batch; the next cut's image number
+    for batch in counts:
+        batch = np.asarray(batch, np.int64)
+        if not len(batch):
+            continue
+        # begins[j]: the image number of row j's first image; begins[-1]: one past the batch's last
+        begins = np.concatenate(([done], done + np.cumsum(batch)))
+        end = int(begins[-1])
+        while cut <= end:
+            n = min((end - cut) // shard_size + 1, CUT_CHUNK)
+            at = cut + shard_size * np.arange(n, dtype=np.int64)
+            rows = np.searchsorted(begins, at, side="right") - 1  # the row holding image `at` (or the batch's end)
+            yield from zip((first_row + rows).tolist(), (at - begins[rows]).tolist())
+            cut += n * shard_size
+        first_row, done = first_row + len(batch), end
+    if done and done > cut - shard_size:  # a last, shorter shard
+        yield first_row, 0
+
+
+def manifest_counts(manifest: Manifest) -> Iterator[np.ndarray] | None:
+    """The images each row asks for, batch by batch (only that column is read); None when every row asks for one."""
+    if "num_images" not in manifest.params or pa.types.is_null(manifest.schema.field("num_images").type):
+        return None
+    return (column(batch, "num_images").cast(pa.float64()).fill_null(1).to_numpy(zero_copy_only=False).astype(np.int64)
+            for _, batch in manifest.batches(columns=["num_images"]))
+
+
+def manifest_shards(manifest: Manifest, shard_size: int, *, skip: Container[str] = ()) -> Iterator[Shard]:
+    """The job's shards for `manifest` (see `image_shards`); plain row ranges without a `num_images` column."""
+    counts = manifest_counts(manifest)
+    if counts is None:
+        return shards(manifest.num_rows, shard_size, skip=skip)
+    return image_shards(counts, shard_size, skip=skip)
 
 
 @dataclass(frozen=True)
@@ -102,12 +177,16 @@ class ShardRows:
 
 
 def read_shard(manifest: Manifest, shard: Shard, defaults: Defaults) -> ShardRows:
-    table = manifest.read(shard.start, shard.stop)
-    return ShardRows(shard, work_items(table, shard.start, defaults), table.select(manifest.passthrough.names))
+    """The shard's images (only those of its k range in its first and last row) and its rows' pass-through columns."""
+    table = manifest.read(shard.start, shard.row_stop)
+    items = work_items(table, shard.start, defaults, first_k=shard.start_k, last_stop_k=shard.stop_k or None)
+    return ShardRows(shard, items, table.select(manifest.passthrough.names))
 
 
-def work_items(table: pa.Table, first_row: int, defaults: Defaults) -> list[WorkItem]:
-    """The images asked for by the manifest rows in `table` (row numbers from `first_row`)."""
+def work_items(table: pa.Table, first_row: int, defaults: Defaults, *, first_k: int = 0,
+               last_stop_k: int | None = None) -> list[WorkItem]:
+    """The images asked for by the manifest rows in `table` (row numbers from `first_row`): of the
+    first row only images `first_k` on, of the last row only those before `last_stop_k` (None: all)."""
     n = table.num_rows
 
     def values(name: str, default) -> list:
@@ -127,7 +206,11 @@ def work_items(table: pa.Table, first_row: int, defaults: Defaults) -> list[Work
         values("scheduler", defaults.scheduler), values("num_images", 1),
     )):
         base = derive_seed(defaults.seed, rid) if seed is None else int(seed)
-        for k, image_id in enumerate(image_ids(rid, int(count))):
+        count = int(count)
+        lo = first_k if i == 0 else 0
+        hi = last_stop_k if i == n - 1 and last_stop_k is not None else count
+        for k in range(lo, hi):
+            image_id = image_id_of(rid, count, k)
             items.append(WorkItem(
                 id=image_id, row=first_row + i, k=k, prompt=prompt, negative_prompt=negative,
                 seed=(base + k) % MAX_SEED, steps=int(steps), guidance_scale=float(guidance),

@@ -2,7 +2,8 @@
 
     OUT/images/<shard>/<id>.png      PNG; iTXt chunk `sdbatch` = JSON of the generation parameters
     OUT/metadata/<shard>.parquet     one row per image (METADATA_FIELDS + pass-through + version,
-                                     + with --embed-images the PNG itself in an `image` column)
+                                     + with --embed-images the PNG itself in an `image` column);
+                                     its key-value metadata holds job.json and the shard's bounds
     OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
     OUT/_sdbatch/job.json            settings and the job's identity (fingerprints); no credentials
     OUT/_sdbatch/damaged/<time>/...  files found unreadable, moved aside (never deleted)
@@ -21,7 +22,7 @@ Every metadata file carries job.json in its Parquet key-value metadata, so a los
 rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
-size, dtype or defaults into it, and deletes an old dataset (only one it recognises by
+size, sharding, dtype or defaults into it, and deletes an old dataset (only one it recognises by
 `_sdbatch/job.json`) only when asked to overwrite.
 """
 import contextlib
@@ -57,6 +58,10 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree th
 JOB_FILE = "_sdbatch/job.json"
 DAMAGED_FOLDER = "_sdbatch/damaged"
 JOB_KEY = b"sdbatch_job"  # the metadata files' key-value entry holding job.json
+SHARD_KEY = b"sdbatch_shard"  # ... and the shard's bounds, [start, start_k, stop, stop_k] (see jobs.plan.Shard)
+# How shards are cut: "images" (--shard-size images; jobs.plan) or "rows" (--shard-size rows, sdbatch
+# before image shards). The two agree when every row asks for one image.
+SHARDING = "images"
 DATASET_FOLDERS = ("metadata", "failures", "images")
 WRITE_PROBE = ".sdbatch-write-probe-"
 # The files sdbatch writes under DATASET_FOLDERS, and the hidden temporaries of its local atomic writes.
@@ -187,16 +192,17 @@ class JobSpec:
     dtype: str
     settings: dict = field(default_factory=dict)  # informational (batch size, actors, device, storage options, ...)
     embed_images: bool = False  # part of the identity: every metadata file of a dataset has one schema
+    sharding: str = SHARDING
 
     @property
     def shards(self) -> int:
-        return count_shards(self.rows, self.shard_size)
+        return count_shards(self.images if self.sharding == "images" else self.rows, self.shard_size)
 
     def identity(self) -> dict:
         return {
             "manifest_fingerprint": self.manifest_fingerprint, "model_fingerprint": self.model_fingerprint,
-            "shard_size": self.shard_size, "defaults": asdict(self.defaults), "dtype": self.dtype,
-            "embed_images": self.embed_images,
+            "shard_size": self.shard_size, "sharding": self.sharding, "defaults": asdict(self.defaults),
+            "dtype": self.dtype, "embed_images": self.embed_images,
         }
 
     def to_json(self) -> dict:
@@ -212,6 +218,34 @@ class JobSpec:
             "shards": self.shards,
             "settings": storage.redact(self.settings),
         }
+
+
+def sharding_of(job: dict) -> str:
+    """How a job.json's shards are cut; one written before image shards says nothing: rows."""
+    sharding = job.get("identity", {}).get("sharding")
+    if sharding is None:  # the two schemes agree then: such a dataset goes on as an image-sharded one
+        return "images" if job["images"] == job["rows"] else "rows"
+    return sharding
+
+
+def total_shards(job: dict) -> int:
+    size = job["identity"]["shard_size"]
+    return count_shards(job["images"] if sharding_of(job) == "images" else job["rows"], size)
+
+
+def rows_done(bounds: dict[int, tuple[int, int, int, int]]) -> int:
+    """Rows all of whose images are in done shards, from the done shards' bounds by shard index."""
+    done = 0
+    for index, (start, start_k, stop, _) in bounds.items():
+        n = stop - start  # the rows whose last image is in this shard
+        if n and start_k:  # the first of them began in earlier shards, which must be done too
+            j = index - 1
+            while j in bounds and bounds[j][0] == start and bounds[j][1] > 0:
+                j -= 1
+            if j not in bounds:
+                n -= 1
+        done += n
+    return done
 
 
 @dataclass
@@ -415,10 +449,13 @@ class Output:
             elif mode == "overwrite":
                 self._dataset_files()
             else:
-                there, now = existing.get("identity", {}), job.identity()
+                there, now = {**existing.get("identity", {}), "sharding": sharding_of(existing)}, job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
                 if differs:
                     detail = "; ".join(f"{k}: {_brief(there.get(k))} there, {_brief(now.get(k))} now" for k in differs)
+                    if "sharding" in differs:
+                        detail += (" — an older sdbatch cut its shards by rows, and this manifest has rows of "
+                                   "several images, which this one cuts by images")
                     raise OutputError(f"{self.name} holds a different job ({detail}); "
                                       "use --overwrite to replace it, or choose another output")
             return existing
@@ -534,7 +571,7 @@ class Output:
         if job is None:
             raise OutputError(f"{self.name}: not an sdbatch dataset (no {JOB_FILE})")
         done = self.done_shards()
-        total = count_shards(job["rows"], job["identity"]["shard_size"])
+        total = total_shards(job)
         if any(shard_id(i) not in done for i in range(total)):
             return False
         self.write(SUCCESS_FILE, json.dumps({"shards": total, **summary}, indent=2).encode())
@@ -547,20 +584,26 @@ class Output:
             raise OutputError(f"{self.name}: not an sdbatch dataset (no {JOB_FILE})")
         job_from = self.job_from
         rows, size = job["rows"], job["identity"]["shard_size"]
-        total = count_shards(rows, size)
+        total = total_shards(job)
         listed = sorted(s for s in self.done_shards() if shard_index(s) < total)
         with_failures = set(self._list("failures", ".parquet"))
 
-        def inspect(shard: str) -> tuple[list[float], int] | DamagedFile:
+        def inspect(shard: str) -> tuple[list[float], int, tuple] | DamagedFile:
             try:
                 seconds = self._parse(metadata_path(shard), lambda f: pq.read_table(f, columns=["generation_seconds"]))
                 failed = self._parse(failures_path(shard), lambda f: pq.ParquetFile(f).metadata.num_rows) \
                     if shard in with_failures else 0
             except DamagedFile as e:
                 return e
-            return seconds.column(0).to_pylist(), failed
+            kv = seconds.schema.metadata or {}
+            if SHARD_KEY in kv:
+                bounds = tuple(json.loads(kv[SHARD_KEY]))
+            else:  # written before shards had their bounds: rows, or images that are rows
+                s = shard_at(shard_index(shard), rows, size)
+                bounds = (s.start, 0, s.stop, 0)
+            return seconds.column(0).to_pylist(), failed, bounds
 
-        timing, failed, damaged = [], {}, {}
+        timing, failed, damaged, bounds = [], {}, {}, {}
         with ThreadPoolExecutor(16) as pool:  # object stores answer slowly but in parallel
             for shard, found in zip(listed, pool.map(inspect, listed)):
                 if isinstance(found, DamagedFile):
@@ -568,6 +611,7 @@ class Output:
                 else:
                     timing.append((shard, len(found[0]), sum(found[0])))
                     failed[shard] = found[1]
+                    bounds[shard_index(shard)] = found[2]
         first_failures = []
         for shard in (s for s, n in failed.items() if n):
             if len(first_failures) >= failures:
@@ -576,7 +620,7 @@ class Output:
             first_failures += table.to_pylist()[:failures - len(first_failures)]
         return OutputStatus(
             url=self.name, job=job, shards=total, shards_done=len(timing), rows=rows,
-            rows_done=sum(shard_at(shard_index(s), rows, size).rows for s, _, _ in timing), images=job["images"],
+            rows_done=rows_done(bounds), images=job["images"],
             images_done=sum(n for _, n, _ in timing), failures=sum(failed.values()), success=self.success(),
             shard_timing=timing, first_failures=first_failures, damaged=damaged, job_from=job_from,
         )
@@ -738,6 +782,23 @@ class ShardWriter:
     def fail(self, item: WorkItem, error: str, attempts: int) -> None:
         self._records[item.id] = _Failed(item, error, attempts)
 
+    def collect(self) -> list[dict]:
+        """Every outcome, once every image is written, for the driver to `adopt` (a piece of a split
+        shard is not committed on its own; see jobs.driver)."""
+        records = sorted(self._records.values(), key=lambda r: (r.item.row, r.item.k))
+        written = iter(self._wait([r for r in records if isinstance(r, _Done)]))
+        return [{"id": r.item.id, "written": next(written), "scheduler_config": r.scheduler_config, "seconds": r.seconds}
+                if isinstance(r, _Done) else {"id": r.item.id, "error": r.error, "attempts": r.attempts} for r in records]
+
+    def adopt(self, item: WorkItem, record: dict) -> None:
+        """Record an outcome that `collect` gave for `item`: its image is written already."""
+        if "error" in record:
+            self.fail(item, record["error"], record["attempts"])
+            return
+        future = Future()
+        future.set_result(record["written"])
+        self._records[item.id] = _Done(item, future, record["scheduler_config"], record["seconds"])
+
     def commit(self) -> ShardResult:
         """Wait for the images, then write failures (if any) and the metadata file — the commit point.
 
@@ -750,15 +811,7 @@ class ShardWriter:
         records = sorted(self._records.values(), key=lambda r: (r.item.row, r.item.k))
         done = [r for r in records if isinstance(r, _Done)]
         failed = [r for r in records if isinstance(r, _Failed)]
-        written, errors = [], []
-        for r in done:
-            try:
-                written.append(r.future.result())
-            except Exception as e:  # wait for every write before giving up, so none lands after
-                errors.append(e)
-        if errors:
-            raise storage.StorageError(f"{self.shard}: {len(errors)} of {len(done)} images could not be written; "
-                                       f"the shard is not committed. First error: {errors[0]}") from errors[0]
+        written = self._wait(done)
         if self.fence is not None:
             self.fence()
         passthrough = self.rows.passthrough
@@ -783,9 +836,23 @@ class ShardWriter:
         if self.embed_images:
             columns["image"] = [{"bytes": w[1], "path": p} for w, p in zip(written, paths)]
         schema = metadata_schema(passthrough.schema, embed_images=self.embed_images)
-        schema = schema.with_metadata({**(schema.metadata or {}), JOB_KEY: json.dumps(self.job).encode()})
+        shard = self.rows.shard
+        schema = schema.with_metadata({**(schema.metadata or {}), JOB_KEY: json.dumps(self.job).encode(),
+                                       SHARD_KEY: json.dumps([shard.start, shard.start_k, shard.stop, shard.stop_k]).encode()})
         self.out.write(metadata_path(self.shard), self._parquet(schema, done, columns))
         return ShardResult(self.shard, len(done), len(failed))
+
+    def _wait(self, done: list[_Done]) -> list:
+        written, errors = [], []
+        for r in done:
+            try:
+                written.append(r.future.result())
+            except Exception as e:  # wait for every write before giving up, so none lands after
+                errors.append(e)
+        if errors:
+            raise storage.StorageError(f"{self.shard}: {len(errors)} of {len(done)} images could not be written; "
+                                       f"the shard is not committed. First error: {errors[0]}") from errors[0]
+        return written
 
     def _parquet(self, schema: pa.Schema, records: list, extra: dict[str, list]) -> bytes:
         items = [r.item for r in records]

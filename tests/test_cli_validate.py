@@ -100,5 +100,5 @@ def test_status(tmp_path, good):
                             model_fingerprint="f", rows=3, images=5, shard_size=2, defaults=Defaults(), dtype="fp32"))
     r = sdbatch("status", tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    assert "shards    0/2 done (2 remaining)" in r.stdout and "rows      0/3 done" in r.stdout
+    assert "shards    0/3 done (3 remaining)" in r.stdout and "rows      0/3 done" in r.stdout  # 5 images in shards of 2
     assert "images    0/5 written" in r.stdout and "_SUCCESS  no" in r.stdout

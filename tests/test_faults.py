@@ -33,6 +33,7 @@ def test_random_faults_leave_every_row_exactly_once(tmp_path):
     rng = random.Random(SEED)
     rows = 40  # about 25 s of work on one CPU actor: most faults land mid-job
     counts = [rng.choice([1, 1, 1, 2, 3]) for _ in range(rows)]
+    counts[rows // 2] = 8  # a row whose images span three shards
     manifest = write_manifest(tmp_path / "m.parquet", id=[f"r{i}" for i in range(rows)],
                               prompt=[f"prompt {i}" for i in range(rows)], num_images=counts, steps=[20] * rows)
     out = tmp_path / "out"
@@ -78,6 +79,10 @@ def test_random_faults_leave_every_row_exactly_once(tmp_path):
     check_images(out, meta)
     pngs = {str(p.relative_to(out)) for p in (out / "images").rglob("*.png")}
     assert pngs == {m["image_path"] for m in meta.values()}, (SEED, log)
+    shards = {}  # a shard holds --shard-size images, whatever rows they come from
+    for m in meta.values():
+        shards.setdefault(m["image_path"].split("/")[1], []).append(m["id"])
+    assert len(shards) == -(-len(expected) // 3) and all(len(ids) <= 3 for ids in shards.values()), (SEED, log)
     success = json.loads((out / "_SUCCESS").read_text())
     assert (success["images"], success["failures"], success["rows"]) == (len(expected), 0, rows)
     assert not (out / "_sdbatch" / "lease.json").exists()

@@ -2,13 +2,14 @@
 import itertools
 import tracemalloc
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from jobs.manifest import MAX_SEED, Defaults, derive_seed, open_manifest
-from jobs.plan import (Shard, WorkItem, batches, count_shards, is_shard_id, read_shard, shard_at, shard_id,
-                       shard_index, shards, work_items)
+from jobs.plan import (Shard, WorkItem, batches, count_shards, image_shards, is_shard_id, manifest_shards, read_shard,
+                       shard_at, shard_id, shard_index, shards, work_items)
 
 
 def test_shards_cover_the_rows_once_in_order():
@@ -117,3 +118,68 @@ def test_batches_respect_the_size_and_keep_manifest_order():
     assert [[i.id for i in b] for b in batches(items, 100)] == [[i.id for i in items]]
     with pytest.raises(ValueError):
         batches(items, 0)
+
+
+# --- shards of images: a row with many images spans several shards --------------------------------
+
+def bounds(got) -> list[tuple]:
+    return [(s.index, (s.start, s.start_k), (s.stop, s.stop_k)) for s in got]
+
+
+def test_image_shards_cut_rows_of_mixed_sizes_at_every_k_images():
+    counts = [np.array([1, 3, 1]), np.array([2, 1])]  # 8 images; batch bounds do not matter
+    assert bounds(image_shards(counts, 3)) == [
+        (0, (0, 0), (1, 2)), (1, (1, 2), (3, 1)), (2, (3, 1), (5, 0))]
+    assert bounds(image_shards([np.array([1, 3, 1, 2, 1])], 3)) == bounds(image_shards(counts, 3))
+
+
+def test_a_row_larger_than_the_shard_size_spans_shards_and_exact_multiples_end_on_rows():
+    assert bounds(image_shards([np.array([2, 10, 2])], 4)) == [
+        (0, (0, 0), (1, 2)), (1, (1, 2), (1, 6)), (2, (1, 6), (2, 0)), (3, (2, 0), (3, 0))]
+    assert bounds(image_shards([np.array([4, 4]), np.array([8])], 4)) == [
+        (0, (0, 0), (1, 0)), (1, (1, 0), (2, 0)), (2, (2, 0), (2, 4)), (3, (2, 4), (3, 0))]
+    assert bounds(image_shards([np.array([10_000])], 10_000)) == [(0, (0, 0), (1, 0))]
+    assert [s.index for s in image_shards([np.array([2, 10, 2])], 4, skip={"shard-000001"})] == [0, 2, 3]
+
+
+def test_read_shard_makes_only_the_images_of_its_k_range(tmp_path):
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(table(id=["a", "b", "c"], num_images=[2, 10, 2], label=["x", "y", "z"]), path, row_group_size=2)
+    with open_manifest(path) as m:
+        got = [read_shard(m, s, Defaults()) for s in manifest_shards(m, 4)]
+        whole = work_items(m.read(0, 3), 0, Defaults())
+    assert [[i.id for i in r.items] for r in got] == [
+        ["a-0", "a-1", "b-0", "b-1"], ["b-2", "b-3", "b-4", "b-5"], ["b-6", "b-7", "b-8", "b-9"], ["c-0", "c-1"]]
+    assert [i for r in got for i in r.items] == whole  # same seeds and ids as the rows read whole
+    assert [r.passthrough["label"].to_pylist() for r in got] == [["x", "y"], ["y"], ["y"], ["z"]]
+
+
+def test_without_num_images_shards_are_todays_row_ranges(tmp_path):
+    plain, ones = str(tmp_path / "plain.parquet"), str(tmp_path / "ones.parquet")
+    pq.write_table(table(steps=list(range(1, 24))), plain, row_group_size=5)
+    pq.write_table(table(num_images=pa.array([1] * 22 + [None], pa.int64())), ones, row_group_size=5)
+    for path in (plain, ones):
+        with open_manifest(path) as m:
+            assert list(manifest_shards(m, 5)) == list(shards(23, 5))
+            assert list(manifest_shards(m, 5, skip={"shard-000002"})) == list(shards(23, 5, skip={"shard-000002"}))
+
+
+def test_pieces_are_the_rows_of_a_shard_with_its_images():
+    shard = Shard(7, 1, 3, start_k=2, stop_k=1)
+    assert [(p.start, p.start_k, p.stop, p.stop_k, p.piece, p.id) for p in shard.pieces()] == [
+        (1, 2, 2, 0, True, "shard-000007"), (2, 0, 3, 0, True, "shard-000007"), (3, 0, 3, 1, True, "shard-000007")]
+    assert shard.rows == 3 and Shard(0, 0, 5).pieces()[4] == Shard(0, 4, 5, piece=True)
+
+
+def test_ten_million_rows_of_images_are_planned_lazily_with_flat_memory():
+    def counts():
+        for _ in range(10_000_000 // 16_384 + 1):
+            yield np.full(16_384, 3, np.int64)
+
+    first = list(itertools.islice(image_shards(counts(), 2), 3))
+    assert bounds(first) == [(0, (0, 0), (0, 2)), (1, (0, 2), (1, 1)), (2, (1, 1), (2, 0))]
+    tracemalloc.start()
+    n = sum(1 for _ in image_shards(counts(), 1000))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == -(-(10_000_000 // 16_384 + 1) * 16_384 * 3 // 1000) and peak < 2_000_000

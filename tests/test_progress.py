@@ -101,13 +101,13 @@ def test_status_json_agrees_with_the_text(tmp_path):
     facts = json.loads(got.stdout)
     assert facts | {"running": None} == {
         "url": str(tmp_path / "out"), "manifest": "m.parquet", "model": "builtin:tiny",
-        "shards_done": 0, "shards_total": 2, "shards_remaining": 2, "rows_done": 0, "rows_total": 3,
+        "shards_done": 0, "shards_total": 3, "shards_remaining": 3, "rows_done": 0, "rows_total": 3,
         "images_done": 0, "images_total": 5, "failures": 0, "finished": False, "success_stale": False,
         "running": None, "images_per_second": None, "eta_seconds": None, "shard_timing": [],
         "timing_total": {"shard": "all", "images": 0, "seconds": 0.0, "images_per_second": None},
         "first_failures": [], "damaged": {}, "job_from": None}
     assert facts["running"].startswith("run ") and f"running   {facts['running']}: - images/s recently, ETA ?" in text.stdout
-    for line in ("shards    0/2 done (2 remaining)", "rows      0/3 done", "images    0/5 written", "failures  0", "_SUCCESS  no"):
+    for line in ("shards    0/3 done (3 remaining)", "rows      0/3 done", "images    0/5 written", "failures  0", "_SUCCESS  no"):
         assert line in text.stdout
 
 

@@ -101,14 +101,13 @@ def test_manifest_to_dataset(tmp_path, manifest):
     assert snapshot(out) == before
 
 
-def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(24)], steps=[10] * 24)
-    out = tmp_path / "out"
-    args = [SDBATCH, "run", manifest, "--output", out, "--shard-size", 3, *TINY]
-    first = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_when_committed(args: list, out: Path, shards: int) -> dict:
+    """Start `sdbatch run args`, SIGKILL it once `shards` shards are committed, wait until the actor it
+    leaves behind is quiet; the metadata files then, with their bytes and mtimes."""
+    first = subprocess.Popen([SDBATCH, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list((out / "metadata").glob("*.parquet"))) < 2:
+        while time.monotonic() < deadline and len(list((out / "metadata").glob("*.parquet"))) < shards:
             assert first.poll() is None, "the job ended before it could be killed"
             time.sleep(0.05)
         first.send_signal(signal.SIGKILL)
@@ -122,6 +121,13 @@ def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path):
         time.sleep(0.2)
         if (now := snapshot(out / "metadata")) != done_before:
             done_before, quiet_since = now, time.monotonic()
+    return done_before
+
+
+def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(24)], steps=[10] * 24)
+    out = tmp_path / "out"
+    done_before = kill_when_committed(["run", manifest, "--output", out, "--shard-size", 3, *TINY], out, 2)
     assert 2 <= len(done_before) < 8, sorted(done_before)
     assert not (out / "_SUCCESS").exists()
 
@@ -138,6 +144,43 @@ def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path):
     pngs = list((out / "images").rglob("*.png"))
     assert len(pngs) == 24
     assert json.loads((out / "_SUCCESS").read_text())["images"] == 24
+
+
+def test_a_row_of_many_images_spans_shards_and_a_kill_keeps_every_committed_one(tmp_path):
+    # 800 images of one row in shards of 50: a kill costs at most the shards in flight, not the row.
+    # (A row of 10,000 images takes ~5 min on one core at 64x64 and 1 step; 800 keep the test near 45 s.)
+    big = 800
+    manifest = write_manifest(tmp_path / "m.parquet", id=["a", "big", "b", "c"], prompt=["a", "many", "b", "c"],
+                              num_images=[1, big, 3, 1], label=["la", "lbig", "lb", "lc"])
+    out = tmp_path / "out"
+    args = ["run", manifest, "--output", out, "--shard-size", 50, "--batch-size", 16,
+            "--model", MODEL, "--width", "64", "--height", "64", "--steps", "1", "--scheduler", "ddim"]
+    total, shards = big + 5, -(-(big + 5) // 50)
+    done_before = kill_when_committed(args, out, 3)
+    assert 3 <= len(done_before) < shards - 2, sorted(done_before)
+    images_before = {name: snapshot(out / "images" / name.removesuffix(".parquet")) for name in done_before}
+    first = pq.read_table(out / "metadata" / "shard-000000.parquet").to_pylist()
+    assert [r["id"] for r in first] == ["a", *(f"big-{k}" for k in range(49))]
+    assert {r["label"] for r in first[1:]} == {"lbig"} and {r["manifest_row"] for r in first[1:]} == {1}
+
+    r = sdbatch(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {len(done_before)} of {shards} shards already done" in r.stderr
+    assert f"this run: {total - 50 * len(done_before)} images" in r.stdout
+    after = snapshot(out / "metadata")
+    assert {name: after[name] for name in done_before} == done_before  # not redone: same bytes, same mtime
+    for name, files in images_before.items():
+        assert snapshot(out / "images" / name.removesuffix(".parquet")) == files
+    meta, failures = read_dataset(out)  # asserts that no id appears twice
+    assert set(meta) == {"a", "c", *(f"big-{k}" for k in range(big)), "b-0", "b-1", "b-2"} and not failures
+    assert all(meta[f"big-{k}"]["seed"] == (seed_of("big") + k) % 2**63 for k in range(big))
+    check_images(out, meta)
+    pngs = {str(p.relative_to(out)) for p in (out / "images").rglob("*.png")}
+    assert pngs == {m["image_path"] for m in meta.values()}  # no orphans
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert (success["images"], success["rows"], success["shards"]) == (total, 4, shards)
+    status = sdbatch("status", out)
+    assert f"shards    {shards}/{shards} done" in status.stdout and "rows      4/4 done" in status.stdout
 
 
 # --- bad input: exit 2, nothing written, Ray never started ---------------------------------------------
@@ -364,3 +407,23 @@ def test_shard_timeout_kills_the_actor_and_the_job_finishes(tmp_path, hanging_ma
         "gave up after 3 attempts of its shard; the last: shard-000001 ran past --shard-timeout 6 s")
     assert time.monotonic() - start < 120
     assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1
+
+
+def test_a_shard_that_expires_twice_runs_its_rows_alone_and_only_the_hanging_row_fails(tmp_path, hanging_manifest):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    r = sdbatch("run", hanging_manifest, "--output", out, "--shard-size", 4, "--shard-timeout", 6, *TINY, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "shard-000000: ran past its deadline 2 times; its 4 rows run again one at a time" in r.stderr
+    assert "shard-000000 (row 1 alone) ran past --shard-timeout 6 s; killed" in r.stderr
+    meta, failures = read_dataset(out)
+    assert sorted(meta) == ["a", "b", "c"] and list(failures) == ["hang"]
+    assert failures["hang"]["error"] == ("gave up after 3 attempts of its shard, the last of its row alone; the last: "
+                                         "shard-000000 (row 1 alone) ran past --shard-timeout 6 s")
+    assert failures["hang"]["attempts"] == 3 and failures["hang"]["steps"] == 1000
+    assert [p.name for p in (out / "metadata").iterdir()] == ["shard-000000.parquet"]  # one commit, by the driver
+    check_images(out, meta)
+    assert {str(p.relative_to(out)) for p in (out / "images").rglob("*.png")} == {m["image_path"] for m in meta.values()}
+    assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1
+    assert "rows      4/4 done" in sdbatch("status", out).stdout
+    assert time.monotonic() - start < 120

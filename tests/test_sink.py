@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs import sink, storage
 from jobs.manifest import Defaults, open_manifest
-from jobs.plan import read_shard, shards
+from jobs.plan import manifest_shards, read_shard, shards
 from jobs.sink import ImageWriter, JobSpec, Output, OutputError, ShardWriter
 
 MODEL, FINGERPRINT = "builtin:tiny", "f" * 16
@@ -416,3 +416,74 @@ def test_overwrite_refuses_when_foreign_files_sit_in_the_dataset_folders(tmp_pat
     assert out.prepare(job(manifest, dtype="bf16"), mode="overwrite") == set()
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == [
         "_sdbatch/damaged/kept.parquet", "_sdbatch/job.json"]
+
+
+def test_image_shards_record_their_bounds_and_status_counts_rows_whose_images_are_all_done(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest, shard_size=2)  # 8 images: img1's two images go to shards 0 and 1
+    out.prepare(spec)
+    with open_manifest(manifest) as m, ImageWriter(out) as writer:
+        cut = list(manifest_shards(m, 2))
+        assert [(s.start, s.start_k, s.stop, s.stop_k) for s in cut] == [(0, 0, 1, 1), (1, 1, 3, 0), (3, 0, 5, 0), (5, 0, 7, 0)]
+        for shard in (cut[1], cut[2]):
+            rows = read_shard(m, shard, spec.defaults)
+            w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT)
+            for item in rows.items:
+                w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.5)
+            w.commit()
+    assert json.loads(pq.read_schema(tmp_path / "out" / "metadata" / "shard-000001.parquet").metadata[sink.SHARD_KEY]) == [1, 1, 3, 0]
+    status = out.status()
+    # img1 began in shard 0, which is not done: only img2, img3, img4
+    assert (status.shards, status.shards_done, status.rows_done, status.images_done) == (4, 2, 3, 4)
+    assert sink.rows_done({0: (0, 0, 1, 1), 1: (1, 1, 1, 3), 2: (1, 3, 3, 0)}) == 3
+    assert sink.rows_done({0: (0, 0, 1, 1), 2: (1, 3, 3, 0)}) == 2 and sink.rows_done({2: (1, 3, 3, 0)}) == 1
+
+
+def test_a_dataset_of_row_shards_continues_only_where_rows_and_images_agree(tmp_path, manifest):
+    out = Output(str(tmp_path / "out"))
+    out.prepare(job(manifest))
+    path = tmp_path / "out" / "_sdbatch" / "job.json"
+    old = json.loads(path.read_text())
+    del old["identity"]["sharding"]  # as sdbatch wrote it before shards were cut by images
+    path.write_text(json.dumps(old))
+    with pytest.raises(OutputError, match="sharding: rows there, images now — an older sdbatch cut its shards by rows.*"
+                                          "use --overwrite to replace it"):
+        out.prepare(job(manifest))
+    assert sink.total_shards(old) == 3  # 7 rows in shards of 3, as it was made
+    old["images"] = old["rows"]  # every row one image: the same shards either way
+    path.write_text(json.dumps(old))
+    assert out.prepare(job(manifest, images=7)) == set()
+
+
+@pytest.mark.parametrize("embed", [False, True])
+def test_a_split_shard_is_committed_once_from_the_outcomes_of_its_pieces(tmp_path, manifest, embed):
+    out = Output(str(tmp_path / "out"))
+    spec = job(manifest, embed_images=embed)
+    out.prepare(spec)
+    with open_manifest(manifest) as m, ImageWriter(out) as writer:
+        shard = next(manifest_shards(m, 3))  # img0, img1-0, img1-1
+        records = {}
+        for piece in shard.pieces():  # what each piece's actor hands back
+            rows = read_shard(m, piece, spec.defaults)
+            w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT,
+                            embed_images=embed)
+            for item in rows.items:
+                w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.5)
+            records |= {r["id"]: r for r in w.collect()}
+        assert not (tmp_path / "out" / "metadata").exists()  # pieces commit nothing
+        whole = read_shard(m, shard, spec.defaults)
+        w = ShardWriter(out, writer, whole, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT,
+                        embed_images=embed)
+        for item in whole.items:
+            if item.id == "img1-1":  # its piece timed out
+                w.fail(item, "ran past --shard-timeout", attempts=3)
+            else:
+                w.adopt(item, records[item.id])
+        assert (w.commit().images, out.done_shards()) == (2, {"shard-000000"})
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "shard-000000.parquet").to_pylist()
+    assert [r["id"] for r in meta] == ["img0", "img1-0"]
+    for r in meta:
+        data = (tmp_path / "out" / r["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r["image_sha256"] and (not embed or r["image"]["bytes"] == data)
+    assert not (tmp_path / "out" / "images" / "shard-000000" / "img1-1.png").exists()  # written by its piece, failed
+    assert pq.read_table(tmp_path / "out" / "failures" / "shard-000000.parquet").column("id").to_pylist() == ["img1-1"]
