@@ -590,9 +590,12 @@ def run(opts: RunOptions, *, stream: TextIO | None = None, on_dispatch: Callable
     (tests use it to kill actors mid-shard). Raises RunError; manifest/storage/output errors as themselves."""
     stream = stream or sys.stderr
     wall = time.monotonic()
-    job, out = plan_job(opts)
-    lease = Lease(out)
     with _sigterm_as_interrupt():
+        try:
+            job, out = plan_job(opts)
+        except KeyboardInterrupt:
+            raise RunError("interrupted while checking the manifest and the output; nothing was written", 130) from None
+        lease = Lease(out)
         try:
             took_over = lease.acquire()
             if took_over:

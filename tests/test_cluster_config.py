@@ -351,7 +351,7 @@ def test_image_installs_sdbatch_with_its_extras_and_runs_it():
     assert set(extras.group(1).split(",")) == {"s3", "gcs", "hub"} <= set(project["project"]["optional-dependencies"])
     (entrypoint,) = dockerfile_instructions("ENTRYPOINT")
     assert json.loads(entrypoint) == ["sdbatch"]
-    assert project["project"]["scripts"]["sdbatch"] == "jobs.cli:program"
+    assert project["project"]["scripts"]["sdbatch"] == "jobs.entry:main"
     # What pip needs to install the checkout: the metadata pyproject.toml names, every package.
     copied = " ".join(dockerfile_instructions("COPY")).split()
     needed = {"pyproject.toml", project["project"]["readme"], *project["project"]["license-files"]}

@@ -377,6 +377,33 @@ def test_signal_during_ray_start_says_so_and_leaves_no_ray_process(tmp_path, man
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a handler for SIGTERM (its SigCgt mask in /proc)."""
+    for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+def test_signal_while_the_program_imports_says_so(tmp_path, manifest):
+    """A SIGTERM that lands while `sdbatch` is still importing torch and Ray, seconds before any check."""
+    driver_process = subprocess.Popen([SDBATCH, "run", str(manifest), "--output", str(tmp_path / "out"), *TINY],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not catches_sigterm(driver_process.pid):
+            assert time.monotonic() < deadline and driver_process.poll() is None, "no SIGTERM handler"
+            time.sleep(0.005)
+        driver_process.send_signal(signal.SIGTERM)
+        _, stderr = driver_process.communicate(timeout=60)
+    finally:
+        if driver_process.poll() is None:
+            driver_process.kill()
+    assert driver_process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "sdbatch: error: interrupted while starting; nothing was done", stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def hanging_manifest(tmp_path):
     # Row "hang" would take minutes (1000 steps at 512² on builtin:tiny); the others take a blink.
