@@ -5,12 +5,13 @@ import torch
 
 from reference import TINY_UNET, reference_unet, sd15_config
 from sdcore import layers
+from sdcore import configs
 from sdcore.errors import UnsupportedModelError
 from sdcore.unet import UNet, UNetConfig
 
 
 def _ours_like(reference, config: dict) -> UNet:
-    unet = UNet(UNetConfig.from_diffusers(config)).eval()
+    unet = UNet(configs.unet_config(config)).eval()
     unet.load_state_dict(reference.state_dict(), strict=True)
     return unet
 
@@ -38,7 +39,7 @@ def sd15_on_meta():
 
     with torch.device("meta"):
         reference = UNet2DConditionModel(**{k: v for k, v in sd15_config("unet").items() if not k.startswith("_")})
-        ours = UNet(UNetConfig.from_diffusers(sd15_config("unet")))
+        ours = UNet(configs.unet_config(sd15_config("unet")))
     return reference, ours
 
 
@@ -117,7 +118,7 @@ def test_half_precision_runs_in_that_dtype(ours, dtype):
 @torch.no_grad()
 def test_meta_build_then_assign_load(reference):
     with torch.device("meta"):
-        unet = UNet(UNetConfig.from_diffusers(TINY_UNET))
+        unet = UNet(configs.unet_config(TINY_UNET))
     assert list(unet.buffers()) == []
     unet.load_state_dict(reference.state_dict(), strict=True, assign=True)
     assert all(p.device.type == "cpu" for p in unet.parameters())
@@ -141,14 +142,14 @@ def test_sd15_keys_and_shapes_equal_reference(sd15_on_meta):
 
 
 def test_from_diffusers_reads_published_and_saved_configs(sd15_on_meta, tmp_path):
-    assert UNetConfig.from_diffusers(sd15_config("unet")) == UNetConfig()
+    assert configs.unet_config(sd15_config("unet")) == UNetConfig()
     reference, _ = sd15_on_meta
     reference.save_config(tmp_path)  # exactly what save_pretrained writes next to the weights
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["num_attention_heads"] is None and "addition_embed_type" in saved
-    assert UNetConfig.from_diffusers(saved) == UNetConfig()
-    assert UNetConfig.from_diffusers(TINY_UNET).block_out_channels == (32, 64, 64, 64)
-    assert UNetConfig.from_diffusers({}) == UNetConfig()
+    assert configs.unet_config(saved) == UNetConfig()
+    assert configs.unet_config(TINY_UNET).block_out_channels == (32, 64, 64, 64)
+    assert configs.unet_config({}) == UNetConfig()
 
 
 SD2_CHANGES = {"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True}
@@ -164,7 +165,7 @@ SDXL_CHANGES = {
 @pytest.mark.parametrize("changes, family", [(SD2_CHANGES, "Stable Diffusion 2.x"), (SDXL_CHANGES, "SDXL")])
 def test_other_families_are_refused(changes, family):
     with pytest.raises(UnsupportedModelError, match=f"looks like {family}.*supports SD 1.x only"):
-        UNetConfig.from_diffusers({**sd15_config("unet"), **changes})
+        configs.unet_config({**sd15_config("unet"), **changes})
 
 
 @pytest.mark.parametrize("changes, named", [
@@ -184,4 +185,4 @@ def test_other_families_are_refused(changes, family):
 ])
 def test_unimplemented_options_are_refused(changes, named):
     with pytest.raises(UnsupportedModelError, match=named):
-        UNetConfig.from_diffusers({**sd15_config("unet"), **changes})
+        configs.unet_config({**sd15_config("unet"), **changes})
