@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdcore.layers import Linear
 
 
 @dataclass
@@ -28,10 +27,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.heads = cfg.num_attention_heads
         dim = cfg.hidden_size
-        self.q_proj = Linear(dim, dim)
-        self.k_proj = Linear(dim, dim)
-        self.v_proj = Linear(dim, dim)
-        self.out_proj = Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -45,8 +44,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)

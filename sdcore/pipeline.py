@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sdcore import schedulers
+from sdcore import cpu, schedulers
 from sdcore.errors import CompileUnavailableError, NonFiniteOutputError
 from sdcore.schedulers.base import to_device
 
@@ -32,6 +32,12 @@ class Pipeline:
     dtype: torch.dtype
     _compiled_unet: Callable | None = field(default=None, init=False, repr=False)  # see compile()
     _cuda_graphs: bool = field(default=False, init=False, repr=False)  # the compiled UNet replays CUDA graphs
+
+    def __post_init__(self):
+        if self.device.type == "cpu":
+            # Every CPU dtype: the kernels take float32 inputs only (a half-precision pipeline's float32
+            # retry of its decoder included), and the decoder runs channels-last in any dtype.
+            cpu.accelerate(self)
 
     def _unet_rows_per_call(self, guided: bool) -> int | None:
         """How many rows `generate` sends through the UNet in one call (None: the whole batch).
@@ -71,9 +77,9 @@ class Pipeline:
 
         Each new input shape (batch, height, width) is compiled when first met, which takes minutes for
         SD v1.5 on a few CPU cores; every later step of that shape is faster. On the CPU the weights are
-        frozen into the compiled code (inductor's `freezing`), so that oneDNN's kernels get them
-        pre-packed instead of re-laid out at every call: that is where the gain comes from. Images
-        differ from the eager ones in the low bits only, as on another device.
+        frozen into the compiled code (inductor's `freezing`), so that its matmul and convolution kernels
+        get them pre-packed instead of re-laid out at every call. Images differ from the eager ones in
+        the low bits only, as on another device.
 
         Raises CompileUnavailableError at once where torch.compile cannot build code (no C++ compiler
         on a CPU machine, no Triton beside a GPU), rather than at the first step of every batch.

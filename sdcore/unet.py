@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdcore.layers import Attention, Downsample, Linear, ResnetBlock, Upsample, group_norm
+from sdcore.layers import Attention, Downsample, ResnetBlock, Upsample, group_norm
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -48,8 +48,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
 class TimestepMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = Linear(in_dim, dim)
-        self.linear_2 = Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -60,7 +60,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = Linear(dim, 2 * inner)
+        self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -71,7 +71,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # Keyed "0" and "2" because the checkpoints name these `net.0.proj` and `net.2` (`net.1` was dropout).
-        self.net = nn.ModuleDict({"0": GEGLU(dim, mult * dim), "2": Linear(mult * dim, dim)})
+        self.net = nn.ModuleDict({"0": GEGLU(dim, mult * dim), "2": nn.Linear(mult * dim, dim)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net["2"](self.net["0"](x))

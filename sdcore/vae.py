@@ -139,8 +139,4 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         # z: latents / scaling_factor, [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly in [-1, 1]
-        z = self.post_quant_conv(z)
-        if z.device.type == "cpu":
-            # oneDNN's convolutions ran the decoder 15% faster on channels-last maps (BENCHMARKS.md).
-            z = z.contiguous(memory_format=torch.channels_last)
-        return self.decoder(z).contiguous()
+        return self.decoder(self.post_quant_conv(z))

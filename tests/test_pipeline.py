@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import sdcore
-from sdcore import layers
+from sdcore import cpu
+from sdcore.cpu import CPUKernels
 from sdcore.errors import NonFiniteOutputError
 from tests.reference import (
     TINY_CLIP,
@@ -172,13 +173,12 @@ def test_half_precision_runs_and_stays_close(dtype):
     assert np.abs(half.astype(int) - full.astype(int)).mean() < 8
 
 
-def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape(monkeypatch):
+def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape():
     from torch._dynamo.utils import counters
 
     # The tiny model's kernels are below the CPU fast paths' limits: lowered, compile meets those convolutions.
-    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
     pipe = sdcore.load_pipeline("builtin:tiny")
+    cpu.accelerate(pipe, CPUKernels(matmul_min_kernel=0, winograd_min_channels=0))
     kwargs = dict(steps=4, height=64, width=64, scheduler="ddim", output="latent")
     eager = pipe.generate(["a fox", "a lighthouse"], seeds=[3, 4], **kwargs)
     pipe.compile()

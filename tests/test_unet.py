@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from reference import TINY_UNET, reference_unet, sd15_config
-from sdcore import layers
+from sdcore import cpu
 from sdcore import configs
+from sdcore.cpu import CPUKernels
 from sdcore.errors import UnsupportedModelError
 from sdcore.unet import UNet, UNetConfig
 
@@ -58,16 +59,14 @@ def test_matches_reference_with_per_row_timesteps(reference, ours, hw):
 
 
 @torch.no_grad()
-def test_matches_reference_through_winograd_convolutions(monkeypatch, reference):
+def test_matches_reference_through_winograd_convolutions(reference):
     # The tiny model's channels are below Winograd's minimum. Lowered, the 3x3 convolutions of the top
     # level (2 x 16 x 24 positions) run Winograd's, in four bands of four rows.
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
-    monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 200)
-    ours = _ours_like(reference, TINY_UNET)
+    ours = cpu.accelerate(_ours_like(reference, TINY_UNET), CPUKernels(winograd_min_channels=0, winograd_band_positions=200))
     sample, context = _inputs((16, 24), seed=6)
     timesteps = torch.tensor([10, 900])
     got = ours(sample, timesteps, context)
-    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 8
+    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, cpu.FastConv3x3)) >= 8
     assert (got - reference(sample, timesteps, context).sample).abs().max().item() <= 1e-4
 
 

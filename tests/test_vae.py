@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from reference import TINY_VAE, reference_vae, sd15_config
-from sdcore import layers
+from sdcore import cpu
 from sdcore import configs
+from sdcore.cpu import CPUKernels
 from sdcore.errors import UnsupportedModelError
 from sdcore.vae import AutoencoderKL, VAEConfig
 
@@ -38,15 +39,14 @@ def test_decode_matches_reference(reference, ours, latent_hw):
 
 
 @torch.no_grad()
-def test_decode_matches_reference_through_winograd_convolutions(monkeypatch, reference):
+def test_decode_matches_reference_through_winograd_convolutions(reference):
     # The tiny decoder's channels are below Winograd's minimum. Lowered, its 3x3 convolutions on maps of
     # over 128 positions run Winograd's on the channels-last maps the decoder works in, in bands of a few rows.
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
-    monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 300)
-    ours = _ours_like(reference)  # its own: the module's shared decoder keeps no Winograd kernels
+    kernels = CPUKernels(winograd_min_channels=0, winograd_band_positions=300)
+    ours = cpu.accelerate(_ours_like(reference), kernels)  # its own: the module's shared decoder stays plain
     z = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(2))
     got = ours.decode(z)
-    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 6
+    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, cpu.FastConv3x3)) >= 6
     assert (got - reference.decode(z).sample).abs().max().item() <= 1e-3
 
 
