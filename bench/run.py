@@ -282,7 +282,8 @@ def render_kernels(k: dict) -> list[str]:
             "| variant | s | runs |", "|---|---:|---|",
             *[f"| {name} | {median(ts):.2f} | {', '.join(f'{t:.2f}' for t in ts)} |" for name, ts in k["runs_s"].items()],
             "",
-            f"Kernels off ÷ on: **{k['speedup']:.2f}** × ({k['on_s'] / k['off_s'] - 1:+.0%} time with the kernels). "
+            f"Kernels off ÷ on: **{k['speedup']:.2f}** × ({abs(1 - k['on_s'] / k['off_s']):.0%} "
+            f"{'less' if k['on_s'] <= k['off_s'] else 'more'} time with the kernels). "
             f"Target (kept only if at least 1.10 ×, issue 28): {verdict(k['speedup'] >= KERNELS_TARGET_SPEEDUP)}.", ""]
 
 
