@@ -7,7 +7,7 @@ of the library is timed apart: it is paid once per process whatever the weights.
 "Ready" RSS counts only pages touched so far; memory-mapped weights that are not touched until
 first use are not in it, so the peak after a first use (a text encoding, a UNet call on an 8x8
 latent and a VAE decode, which read every weight) is reported too, with the part of it that is
-sdcore's transformed convolution kernels, made on first use and kept (`sdcore.layers.Conv3x3`).
+sdcore's transformed convolution kernels, made on first use and kept (`sdcore.cpu.FastConv3x3`).
 """
 import json
 import os
@@ -70,12 +70,9 @@ def main(library: str, path: str, config_folder: str | None = None) -> dict:
 
 def made_kernel_bytes(pipe) -> int:
     """Bytes of what sdcore's convolutions made from their weights so far (Winograd's kernels)."""
-    from sdcore.layers import Conv3x3
+    from sdcore import cpu
 
-    made = [m._from_weight[2].values() for net in (pipe.unet, pipe.vae) for m in net.modules()
-            if isinstance(m, Conv3x3) and m._from_weight is not None]
-    tensors = [t for values in made for value in values for t in (value if isinstance(value, list) else [value])]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return cpu.made_kernel_bytes([pipe.unet, pipe.vae])
 
 
 if __name__ == "__main__":

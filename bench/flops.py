@@ -59,7 +59,7 @@ def image(size: int, steps: int) -> int:
 def cpu_matmul_peak(n: int = 3072, reps: int = 5) -> float:
     """FLOP/s of the best of `reps` n x n x n float32 matmuls (sdcore's linear: oneDNN where it has
     it), on torch's threads."""
-    from sdcore.layers import linear
+    from sdcore.cpu import linear
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     with torch.inference_mode():

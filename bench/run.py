@@ -1,10 +1,11 @@
 """`make bench` = `python -m bench.run`: sdcore against diffusers on the same random SD v1.5 weights.
 
 Writes BENCHMARKS.md (bench/intro.md, then the generated tables, then bench/levers.md) and
-BENCHMARKS.json (every run's seconds) at the top of the repository. `--help` lists the knobs; the
+BENCHMARKS.json (every run's seconds; generated, not committed) at the top of the repository. `--help` lists the knobs; the
 defaults are what BENCHMARKS.md reports: 21-28 minutes on 2 Zen 4 cores, as the shared host's load goes.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import torch
 
 from bench import fixtures, flops, gpu, jobsystem, levers
 from bench.timing import child_json, interleaved, machine, median, verdict, versions
+from sdcore import cpu, weights
 from sdcore.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # use at most this × the weights. The targets are judged on unrounded figures.
 CPU_TARGET_RATIO = 0.8
 COLD_START_TARGET_MEMORY = 1.2
+# sdcore's CPU kernels are kept only if a whole image runs at least this much faster with them.
+KERNELS_TARGET_SPEEDUP = 1.10
 # The cold start's two layouts of the same weights.
 FOLDER, SINGLE_FILE = "diffusers folder", "single .safetensors"
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,12 +58,17 @@ def parse_args(argv):
     p.add_argument("--compile-batches", type=int, nargs="+", default=[1],
                    help="batch sizes (of --batches) of the whole images with --compile (default 1)")
     p.add_argument("--lever-reps", type=int, default=3, help="repetitions of each lever A/B")
+    p.add_argument("--kernel-steps", type=int, default=20,
+                   help="denoising steps of the whole images with sdcore's CPU kernels on and off (default 20)")
+    p.add_argument("--kernel-reps", type=int, default=3,
+                   help="repetitions of the whole image with sdcore's CPU kernels on and off (default 3)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out sdcore with --compile (torch.compile: a few minutes of compiling)")
     p.add_argument("--cold-reps", type=int, default=3, help="fresh processes per cold-start measurement")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the random weights are kept")
-    p.add_argument("--sections", nargs="+", default=["cold", "cpu", "levers", "jobs", "gpu"],
-                   choices=["cold", "cpu", "levers", "jobs", "gpu"])
+    p.add_argument("--sections", nargs="+", default=["cold", "cpu", "kernels", "levers", "jobs", "gpu"],
+                   choices=["cold", "cpu", "kernels", "levers", "jobs", "gpu"],
+                   help="e.g. `--sections kernels` for the whole image with sdcore's CPU kernels on and off alone")
     p.add_argument("--gpu-dtypes", nargs="+", default=["bf16", "fp16"], choices=list(GPU_DTYPES),
                    help="GPU dtypes, in order; the levers run in the first (default bf16 fp16)")
     p.add_argument("--gpu-batches", type=int, nargs="+", default=[16, 8, 1], help="GPU batch sizes (default 16 8 1)")
@@ -103,10 +112,12 @@ def main(argv=None) -> dict:
     # Fresh processes first, while this one is still small.
     if "cold" in args.sections:
         result["cold_start"] = cold_start(folder, single, args.cold_reps)
-    if {"cpu", "levers"} & set(args.sections):
-        ours, ref = load_both(folder)
+    if {"cpu", "kernels", "levers"} & set(args.sections):
+        ours, ref = load_both(folder) if "cpu" in args.sections else (load_ours(folder), None)
         if "cpu" in args.sections:
             result["cpu"] = cpu_section(ours, ref, args)
+        if "kernels" in args.sections:
+            result["cpu_kernels"] = kernels_section(ours, args)
         if "levers" in args.sections:
             result["levers"] = lever_section(ours, args)
         if "cpu" in args.sections and args.compile:
@@ -157,10 +168,14 @@ def cold_start(folder: Path, single: Path, reps: int) -> list[dict]:
 
 # --- CPU: components and whole images ---------------------------------------------------------------
 
-def load_both(folder: Path):
+def load_ours(folder: Path):
     import sdcore
 
-    return sdcore.load_pipeline(folder), fixtures.load_reference(folder)
+    return sdcore.load_pipeline(folder)
+
+
+def load_both(folder: Path):
+    return load_ours(folder), fixtures.load_reference(folder)
 
 
 def cpu_section(ours, ref, args) -> dict:
@@ -208,9 +223,8 @@ def cpu_section(ours, ref, args) -> dict:
                                       generator=gens, output_type="pil", height=args.size, width=args.size).images
 
         fns = {"sdcore": run_ours, "diffusers": run_ref}
-        # The components above ran every kernel, but not a whole image's pattern of allocations: sdcore's first
-        # whole image, after diffusers' first, faulted in 0.1 million pages (0.4 GiB) and its VAE decode took
-        # 3.7 s against the next image's 2.3. One step of each, untimed, keeps that out of the timed images.
+        # The components above ran every kernel, but not a whole image's pattern of allocations, whose first
+        # page faults would fall in the first timed image. One step of each, untimed, keeps them out.
         log(f"CPU batch {batch}: a one-step image of each, untimed; then whole images ({args.steps} steps) x{reps}")
         for fn in fns.values():
             fn(1)
@@ -228,6 +242,49 @@ def cpu_section(ours, ref, args) -> dict:
 def whole_image(pipe, batch: int, args, steps: int | None = None) -> list:
     return pipe.generate((PROMPTS * batch)[:batch], seeds=list(range(batch)), steps=steps or args.steps, guidance_scale=7.5,
                          scheduler="ddim", output="pil", height=args.size, width=args.size)
+
+
+def plain_twin(pipe):
+    """A pipeline over the same weight tensors (no copy) with plain PyTorch modules, no CPU kernels."""
+    modules = weights.on_meta({c: getattr(pipe, c).config for c in weights.COMPONENTS})
+    for c, module in modules.items():
+        module.load_state_dict(getattr(pipe, c).state_dict(), assign=True)
+        module.eval().requires_grad_(False)
+    twin = dataclasses.replace(pipe, **modules)
+    cpu.accelerate(twin, None)
+    return twin
+
+
+def kernels_section(ours, args) -> dict:
+    """sdcore's whole image, batch 1, float32, with its CPU kernels (sdcore.cpu) and with plain PyTorch
+    modules, interleaved: what the kernels must earn (issue 28: at least 10 % faster)."""
+    variants = {"kernels on": ours, "kernels off": plain_twin(ours)}
+    steps = args.kernel_steps
+    # Untimed one-step images first: the kernels' transformed weights are made on first use.
+    log(f"CPU kernels on/off: a one-step image of each, untimed; then whole images ({steps} steps) x{args.kernel_reps}")
+    for pipe in variants.values():
+        whole_image(pipe, 1, args, 1)
+    shares = {}
+    times = interleaved({name: (lambda pipe=pipe: whole_image(pipe, 1, args, steps)) for name, pipe in variants.items()},
+                        args.kernel_reps, warmup=False, log=log, shares=shares)
+    on, off = median(times["kernels on"]), median(times["kernels off"])
+    return {"size": args.size, "steps": steps, "on_s": on, "off_s": off, "speedup": off / on, "runs_s": times,
+            "min_cpu_share": min(min(v) for v in shares.values()), "threads": torch.get_num_threads()}
+
+
+def render_kernels(k: dict) -> list[str]:
+    runs = len(k["runs_s"]["kernels on"])
+    return [f"## CPU kernels on vs off — whole image {k['size']}², float32", "",
+            f"sdcore's whole image (batch 1, {k['steps']} DDIM steps + decode, guidance 7.5, seed 0) with its CPU "
+            "kernels (`sdcore.cpu.accelerate`, as every CPU pipeline is built) against the same pipeline with plain "
+            "PyTorch modules over the same weights; interleaved, seconds, median of "
+            f"{runs} runs each, {k['threads']} torch threads, lowest CPU share {k['min_cpu_share']:.2f}.", "",
+            "| variant | s | runs |", "|---|---:|---|",
+            *[f"| {name} | {median(ts):.2f} | {', '.join(f'{t:.2f}' for t in ts)} |" for name, ts in k["runs_s"].items()],
+            "",
+            f"Kernels off ÷ on: **{k['speedup']:.2f}** × ({abs(1 - k['on_s'] / k['off_s']):.0%} "
+            f"{'less' if k['on_s'] <= k['off_s'] else 'more'} time with the kernels). "
+            f"Target (kept only if at least 1.10 ×, issue 28): {verdict(k['speedup'] >= KERNELS_TARGET_SPEEDUP)}.", ""]
 
 
 def compiled_section(ours, cpu: dict, args) -> dict:
@@ -399,6 +456,8 @@ def render(r: dict) -> str:
             for k, val in p.items()) + ".", ""]
     if "cpu_compiled" in r:
         out += render_compiled(r["cpu_compiled"], r["settings"])
+    if "cpu_kernels" in r:
+        out += render_kernels(r["cpu_kernels"])
     if "cold_start" in r:
         out += ["## 2. Cold start — weights on disk → ready pipeline (fresh process each)", "",
                 f"Weights: {_gib(r['weights_bytes'])}. Load = the load call alone (median of the runs; the page "

@@ -32,6 +32,7 @@ from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Output, ShardWriter
 from sdcore import allocator, load_pipeline
+from sdcore.batching import Batching
 from sdcore.errors import NonFiniteOutputError
 
 
@@ -101,8 +102,11 @@ class ShardRunner:
     def run_shard(self, shard: Shard) -> dict:
         start = time.perf_counter()
         self._shard, self._images_done = shard.id, 0
-        if self.pipe.device.type == "cpu" and self.config.cpu_threads:
-            torch.set_num_threads(self.config.cpu_threads)  # here: Ray runs each call on one of its threads
+        if self.pipe.device.type == "cpu":
+            if self.config.cpu_threads:
+                torch.set_num_threads(self.config.cpu_threads)  # here: Ray runs each call on one of its threads
+            # Rows per call depend on this thread's torch thread count.
+            self.pipe.batching = Batching.for_device(self.pipe.device, self.pipe.dtype, self.pipe.compiled)
         rows = storage.DEFAULT_RETRY.call(f"reading the rows of {shard.id}", read_shard, self.manifest, shard,
                                           self.config.defaults)
         if self._job is None:

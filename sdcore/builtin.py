@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from sdcore import configs as config_readers
 from sdcore import weights
 from sdcore.pipeline import Pipeline
 from sdcore.tokenizer import Tokenizer
@@ -51,9 +52,9 @@ TINY_CLIP = {
 
 def configs() -> dict:
     return {
-        "unet": weights.UNetConfig.from_diffusers(TINY_UNET),
-        "vae": weights.VAEConfig.from_diffusers(TINY_VAE),
-        "text_encoder": weights.CLIPTextConfig.from_transformers(TINY_CLIP),
+        "unet": config_readers.unet_config(TINY_UNET),
+        "vae": config_readers.vae_config(TINY_VAE),
+        "text_encoder": config_readers.clip_config(TINY_CLIP),
     }
 
 

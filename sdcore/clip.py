@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdcore.errors import UnsupportedModelError
-from sdcore.layers import Linear
 
 
 @dataclass
@@ -23,35 +21,16 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     layer_norm_eps: float = 1e-5
 
-    @classmethod
-    def from_transformers(cls, d: dict) -> "CLIPTextConfig":
-        """Read a transformers `config.json` (the 2022 release's file or today's `save_pretrained`)."""
-        act = d.get("hidden_act", "quick_gelu")
-        if act != "quick_gelu":
-            hidden = d.get("hidden_size")
-            family = {
-                1024: "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder)",
-                1280: "SDXL's second text encoder (OpenCLIP ViT-bigG/14)",
-            }.get(hidden, "a text encoder other than CLIP ViT-L/14")
-            raise UnsupportedModelError(
-                f"text encoder config looks like {family}: hidden_act {act!r}, hidden_size {hidden}; "
-                "sdbatch supports SD 1.x only (CLIP ViT-L/14 with quick_gelu)"
-            )
-        # bos/eos/pad ids, projection_dim, dropout, dtype etc. do not shape the model and are ignored
-        # (the release's bos/eos ids 0/2 are wrong anyway; the tokenizer owns the special ids).
-        fields = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in fields})
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.heads = cfg.num_attention_heads
         dim = cfg.hidden_size
-        self.q_proj = Linear(dim, dim)
-        self.k_proj = Linear(dim, dim)
-        self.v_proj = Linear(dim, dim)
-        self.out_proj = Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -65,8 +44,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)

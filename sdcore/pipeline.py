@@ -3,7 +3,7 @@
 Reproducibility rule: every row owns a CPU `torch.Generator` seeded with its seed. It draws the
 row's initial latents and then that row's stochastic step noise, in the reference pipeline's
 order, so an image depends only on its own row — not on batch size or neighbours. On the CPU its
-bytes do not depend on them either (`_unet_rows_per_call`).
+bytes do not depend on them either (`sdcore.batching`).
 """
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sdcore import schedulers
+from sdcore import cpu, schedulers
+from sdcore.batching import Batching
 from sdcore.errors import CompileUnavailableError, NonFiniteOutputError
 from sdcore.schedulers.base import to_device
 
@@ -32,33 +33,16 @@ class Pipeline:
     dtype: torch.dtype
     _compiled_unet: Callable | None = field(default=None, init=False, repr=False)  # see compile()
     _cuda_graphs: bool = field(default=False, init=False, repr=False)  # the compiled UNet replays CUDA graphs
+    # Rows per UNet and VAE call: set from the device here and by compile(); a caller that changes the
+    # torch thread count sets it again (sdcore.batching).
+    batching: Batching = field(default=None, init=False)
 
-    def _unet_rows_per_call(self, guided: bool) -> int | None:
-        """How many rows `generate` sends through the UNet in one call (None: the whole batch).
-
-        On the CPU an image's bytes must not depend on the rows beside it. The kernels there compute each
-        float32 sample alike in any batch of two samples or more, on one or two torch threads (CPU actors run
-        one; half precision, with other kernels, is not held to it and keeps its rows apart).
-        A single sample takes other kernels (a one-row matmul, a minibatch-1 convolution), and over more
-        threads ATen cuts an elementwise op into chunks whose ends, where they fall off a vector's width,
-        run scalar code that rounds exp otherwise (SiLU), at places that move with the batch. With guidance
-        every row is two samples, unconditional and conditional, so there the whole batch goes through at
-        once: fewer passes over the weights, about 6 % less time per UNet step at 4 rows (bench/levers.md).
-        Otherwise the rows go one at a time, as through a compiled UNet, which compiles
-        every new batch shape and whose kernels make no such promise. A GPU takes the whole batch, and its
-        images agree across batches to float precision.
-        """
-        if self.device.type != "cpu":
-            return None
-        together = (guided and self.dtype == torch.float32 and self._compiled_unet is None
-                    and torch.get_num_threads() <= 2)
-        return None if together else 1
-
-    @property
-    def _vae_rows_per_call(self) -> int | None:
-        """As `_unet_rows_per_call`, for the VAE decoder: one row at a time on the CPU, where a batch
-        brings it no speed (BENCHMARKS.md) and every row is a single sample."""
-        return 1 if self.device.type == "cpu" else None
+    def __post_init__(self):
+        self.batching = Batching.for_device(self.device, self.dtype)
+        if self.device.type == "cpu":
+            # Every CPU dtype: the kernels take float32 inputs only (a half-precision pipeline's float32
+            # retry of its decoder included), and the decoder runs channels-last in any dtype.
+            cpu.accelerate(self)
 
     @staticmethod
     def _in_chunks(fn: Callable[..., torch.Tensor], rows: int, *batches: torch.Tensor) -> torch.Tensor:
@@ -71,9 +55,9 @@ class Pipeline:
 
         Each new input shape (batch, height, width) is compiled when first met, which takes minutes for
         SD v1.5 on a few CPU cores; every later step of that shape is faster. On the CPU the weights are
-        frozen into the compiled code (inductor's `freezing`), so that oneDNN's kernels get them
-        pre-packed instead of re-laid out at every call: that is where the gain comes from. Images
-        differ from the eager ones in the low bits only, as on another device.
+        frozen into the compiled code (inductor's `freezing`), so that its matmul and convolution kernels
+        get them pre-packed instead of re-laid out at every call. Images differ from the eager ones in
+        the low bits only, as on another device.
 
         Raises CompileUnavailableError at once where torch.compile cannot build code (no C++ compiler
         on a CPU machine, no Triton beside a GPU), rather than at the first step of every batch.
@@ -94,6 +78,7 @@ class Pipeline:
         # With CUDA graphs the compiled UNet returns tensors that its next call overwrites.
         self._cuda_graphs = self.device.type == "cuda" and bool(list_mode_options(mode or "default").get("triton.cudagraphs"))
         self._compiled_unet = torch.compile(self.unet, mode=mode, dynamic=False)
+        self.batching = Batching.for_device(self.device, self.dtype, compiled=True)
 
     @property
     def compiled(self) -> bool:
@@ -177,7 +162,7 @@ class Pipeline:
             noise_uncond, noise_cond = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
             return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
-        unet_rows = self._unet_rows_per_call(use_cfg) or len(latents)
+        unet_rows = self.batching.unet_rows(use_cfg) or len(latents)
         contexts = (context,) if uncond_context is None else (context, uncond_context)
         total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
@@ -223,7 +208,7 @@ class Pipeline:
         """vae.decode(z) [B, 4, h, w] → [B, 3, 8h, 8w], in ever smaller groups of rows while the device runs
         out of memory: the decoder needs far more memory per row than the UNet (at large sizes, more than
         a whole batch of denoising), and the denoised latents are too costly to lose to it."""
-        rows = self._vae_rows_per_call or len(z)
+        rows = self.batching.vae_rows or len(z)
         while True:
             try:
                 return self._in_chunks(self.vae.decode, rows, z)

@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdcore.errors import UnsupportedModelError
-from sdcore.layers import Attention, Downsample, Linear, ResnetBlock, Upsample, group_norm
+from sdcore.layers import Attention, Downsample, ResnetBlock, Upsample, group_norm
 
 CROSS_ATTN_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -33,105 +32,6 @@ class UNetConfig:
     freq_shift: float = 0
     downsample_padding: int = 1
 
-    @classmethod
-    def from_diffusers(cls, d: dict) -> "UNetConfig":
-        """Read a diffusers `unet/config.json` (the 2022 release's file or today's `save_pretrained`).
-
-        Anything that would change the computation but is not implemented here is refused, never ignored.
-        """
-        def refuse(why: str):
-            raise UnsupportedModelError(f"UNet config {why}; sdbatch supports SD 1.x only")
-
-        if d.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-            refuse(f"is a {d['_class_name']}, not a UNet2DConditionModel")
-
-        # Released as `attention_head_dim`, but it has always been the number of heads (diffusers issue 2011).
-        heads = _uniform(d.get("attention_head_dim", cls.heads))
-        per_level_heads = isinstance(heads, (list, tuple))
-        layers = _uniform(d.get("transformer_layers_per_block", 1))
-
-        sdxl = [clue for clue, present in (
-            (f"addition_embed_type {d.get('addition_embed_type')!r}", d.get("addition_embed_type") is not None),
-            (f"transformer_layers_per_block {layers} (one per level)", isinstance(layers, (list, tuple))),
-            ("cross_attention_dim 2048", d.get("cross_attention_dim") == 2048),
-        ) if present]
-        if sdxl:
-            refuse(f"looks like SDXL ({', '.join(sdxl)})")
-        sd2 = [clue for clue, present in (
-            ("cross_attention_dim 1024", d.get("cross_attention_dim") == 1024),
-            (f"attention_head_dim {heads} (one per level)", per_level_heads),
-            ("use_linear_projection true", d.get("use_linear_projection", False)),
-        ) if present]
-        if sd2:
-            refuse(f"looks like Stable Diffusion 2.x ({', '.join(sd2)})")
-        if d.get("time_cond_proj_dim") is not None:
-            refuse("looks like a latent consistency (LCM) UNet (time_cond_proj_dim is set)")
-        if d.get("in_channels", 4) != 4 or d.get("out_channels", 4) != 4:
-            refuse(f"has {d.get('in_channels', 4)} input / {d.get('out_channels', 4)} output channels "
-                   "(SD 1.x text-to-image: 4 / 4; 9 inputs is an inpainting UNet)")
-        for key, value in d.items():
-            if key in _MUST_BE and _uniform(value) not in _MUST_BE[key]:
-                refuse(f"sets {key} = {value!r}, which sdbatch does not implement (SD 1.x: {_MUST_BE[key][0]!r})")
-        if d.get("norm_num_groups", cls.norm_num_groups) is None:
-            refuse("has no group norms (norm_num_groups null)")
-
-        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "heads"}
-        cfg = cls(**fields, heads=heads)
-        for key in ("block_out_channels", "down_block_types", "up_block_types"):
-            setattr(cfg, key, tuple(getattr(cfg, key)))
-        levels = len(cfg.block_out_channels)
-        if len(cfg.down_block_types) != levels or len(cfg.up_block_types) != levels:
-            refuse(f"has {len(cfg.down_block_types)} down / {len(cfg.up_block_types)} up blocks for {levels} levels")
-        allowed_types = {"down_block_types": (CROSS_ATTN_DOWN, PLAIN_DOWN), "up_block_types": (CROSS_ATTN_UP, PLAIN_UP)}
-        for key, allowed in allowed_types.items():
-            unknown = [t for t in getattr(cfg, key) if t not in allowed]
-            if unknown:
-                refuse(f"has {key} {unknown} (SD 1.x uses only {allowed})")
-        if d.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-            refuse(f"has mid_block_type {d['mid_block_type']!r} (SD 1.x: 'UNetMidBlock2DCrossAttn')")
-        return cfg
-
-
-# Keys of diffusers' UNet config that change the computation, and the values implemented here (SD 1.x's first).
-# Keys in neither this nor UNetConfig (sample_size, dropout, `_`-keys, ...) do not affect inference.
-_MUST_BE = {
-    "transformer_layers_per_block": (1,),
-    "act_fn": ("silu",),
-    "center_input_sample": (False,),
-    "mid_block_scale_factor": (1,),
-    "resnet_time_scale_shift": ("default",),
-    "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1,),
-    "upcast_attention": (False,),
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
-    "dual_cross_attention": (False,),
-    "num_attention_heads": (None,),
-    "reverse_transformer_layers_per_block": (None,),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-    "class_embeddings_concat": (False,),
-    "projection_class_embeddings_input_dim": (None,),
-    "addition_time_embed_dim": (None,),
-    "time_embedding_type": ("positional",),
-    "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,),
-    "attention_type": ("default",),
-    "cross_attention_norm": (None,),
-}
-
-
-def _uniform(value):
-    """A per-level list that repeats one value means that value (e.g. only_cross_attention [False] * 4)."""
-    if isinstance(value, (list, tuple)) and len(set(value)) == 1:
-        return value[0]
-    return value
-
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
     """Sinusoidal features of (possibly fractional) timesteps: [B] -> [B, dim] in float32.
@@ -148,8 +48,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
 class TimestepMLP(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = Linear(in_dim, dim)
-        self.linear_2 = Linear(dim, dim)
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -160,7 +60,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = Linear(dim, 2 * inner)
+        self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -171,7 +71,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         # Keyed "0" and "2" because the checkpoints name these `net.0.proj` and `net.2` (`net.1` was dropout).
-        self.net = nn.ModuleDict({"0": GEGLU(dim, mult * dim), "2": Linear(mult * dim, dim)})
+        self.net = nn.ModuleDict({"0": GEGLU(dim, mult * dim), "2": nn.Linear(mult * dim, dim)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net["2"](self.net["0"](x))

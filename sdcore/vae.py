@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdcore.errors import UnsupportedModelError
 from sdcore.layers import Attention, Downsample, ResnetBlock, Upsample, group_norm
 
 
@@ -22,39 +21,6 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     norm_eps: float = 1e-6  # fixed in the reference, never in its config files
-
-    @classmethod
-    def from_diffusers(cls, d: dict) -> "VAEConfig":
-        """Read a diffusers `vae/config.json` (the 2022 release's file or today's `save_pretrained`).
-
-        SDXL's VAE has this exact architecture (only its scaling factor differs) and is accepted.
-        """
-        def refuse(why: str):
-            raise UnsupportedModelError(f"VAE config {why}; sdbatch supports the SD 1.x AutoencoderKL only")
-
-        if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            refuse(f"is a {d['_class_name']}, not an AutoencoderKL")
-        latent = d.get("latent_channels", 4)
-        if latent == 16:
-            refuse("looks like Stable Diffusion 3 / Flux (16 latent channels)")
-        if latent != 4:
-            refuse(f"has {latent} latent channels (SD 1.x: 4)")
-        if d.get("shift_factor") is not None or d.get("latents_mean") is not None or d.get("latents_std") is not None:
-            refuse("normalises latents with a shift or per-channel mean/std (SD3/Flux/Playground style)")
-        if not d.get("use_quant_conv", True) or not d.get("use_post_quant_conv", True):
-            refuse("has no quant_conv / post_quant_conv (SD3/Flux style)")
-        if not d.get("mid_block_add_attention", True):
-            refuse("has no mid-block attention")
-        if d.get("act_fn", "silu") != "silu":
-            refuse(f"uses act_fn {d['act_fn']!r} (SD 1.x: 'silu')")
-        cfg = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "norm_eps"})
-        cfg.block_out_channels = tuple(cfg.block_out_channels)
-        levels = len(cfg.block_out_channels)
-        for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = d.get(key, [kind] * levels)
-            if list(types) != [kind] * levels:
-                refuse(f"has {key} {types} (SD 1.x: {levels} x {kind!r})")
-        return cfg
 
 
 class SpatialSelfAttention(Attention):
@@ -173,8 +139,4 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         # z: latents / scaling_factor, [B, 4, h, w] -> image [B, 3, 8h, 8w], roughly in [-1, 1]
-        z = self.post_quant_conv(z)
-        if z.device.type == "cpu":
-            # oneDNN's convolutions ran the decoder 15% faster on channels-last maps (BENCHMARKS.md).
-            z = z.contiguous(memory_format=torch.channels_last)
-        return self.decoder(z).contiguous()
+        return self.decoder(self.post_quant_conv(z))

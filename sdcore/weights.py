@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from sdcore import configs as config_readers
 from sdcore.clip import CLIPTextConfig, CLIPTextEncoder
 from sdcore.errors import UnsupportedModelError, WeightsError
 from sdcore.pipeline import Pipeline
@@ -96,9 +97,7 @@ def load_folder(root: Path, *, device="cpu", dtype=torch.float32, source: str | 
         config_file = root / c / "config.json"
         if not config_file.is_file():
             raise WeightsError(f"{config_file}: missing")
-        _, config_cls = MODULES[c]
-        reader = config_cls.from_transformers if c == "text_encoder" else config_cls.from_diffusers
-        configs[c] = reader(_read_json(config_file))
+        configs[c] = config_readers.READERS[c](_read_json(config_file))
 
     files, sources = {}, {}
     for c in COMPONENTS:

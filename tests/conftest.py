@@ -19,7 +19,7 @@ import torch
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def few_threads(request):
     """One torch thread (a CPU actor's), then two: the counts on which sdcore computes a sample alike in any batch
-    (sdcore.pipeline.Pipeline._unet_rows_per_call)."""
+    (sdcore.batching)."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param

@@ -6,13 +6,12 @@ import argparse
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import sdcore
 from bench import flops, gpu, jobsystem, levers, run
-from bench.timing import verdict
-from sdcore import layers
+from sdcore import cpu
+from sdcore.cpu import CPUKernels
 from tests.reference import TINY_CLIP, TINY_UNET, TINY_VAE, reference_text_encoder, reference_unet, reference_vae, write_diffusers_folder
 
 
@@ -28,43 +27,22 @@ def test_flop_counts_are_the_published_figures():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("lever, shape", [("winograd_conv", (2, 8, 16, 16)), ("small_conv_matmul", (2, 8, 4, 4))])
-def test_cpu_lever_off_runs_the_plain_convolution_and_comes_back(monkeypatch, lever, shape):
-    # So that the small test kernel takes the matmul on small maps and Winograd on larger ones.
-    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
-    conv = layers.Conv3x3(8, 8)
-    model, x = nn.Sequential(conv), torch.randn(shape)
-    plain = F.conv2d(x, conv.weight, conv.bias, padding=1)
-    on = conv(x)
-    with levers.LEVERS[lever][2](model):
-        assert torch.equal(conv(x), plain)
-    assert torch.equal(conv(x), on) and not torch.equal(on, plain)
-
-
-@torch.no_grad()
-def test_cpu_lever_off_keeps_winograd_kernels_unpacked(monkeypatch):
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
-    conv = layers.Conv3x3(8, 8)
+def test_cpu_levers_switch_each_kernel_off_and_come_back():
+    kernels = CPUKernels(winograd_min_channels=0)
+    model = cpu.accelerate(nn.Sequential(nn.Linear(8, 8), nn.Conv2d(8, 8, 3, padding=1)), kernels)
     x = torch.randn(2, 8, 16, 16)
-    with levers.LEVERS["packed_winograd_kernels"][2](nn.Sequential(conv)):
-        off = conv(x)
-        assert list(conv._from_weight[2]) == [layers.winograd_transform_kernel]
-    assert torch.equal(conv(x), off)
-    assert list(conv._from_weight[2]) == [layers.winograd_transform_kernel, layers.packed_winograd_kernel]
 
+    def call():
+        return model[1](x) + model[0](x.transpose(1, 3)).transpose(1, 3)
 
-@torch.no_grad()
-def test_cpu_levers_measure_each_lever_off_alone_and_all_off():
-    model = nn.Sequential(layers.Linear(8, 8), layers.Conv3x3(8, 8))
-    x = torch.randn(2, 8, 16, 16)
-    rows = levers.measure({"tiny": (model, lambda: model[1](x) + model[0](x.transpose(1, 3)).transpose(1, 3))},
-                          reps=1, log=lambda _: None)
+    with_all = call()
+    rows = levers.measure({"tiny": (model, call)}, reps=1, log=lambda _: None, kernels=kernels)
     assert [r["variant"] for r in rows] == ["all levers"] + [f"without {name}" for name in levers.LEVERS] + ["without any"]
     assert all(r["median_s"] > 0 and len(r["runs_s"]) == 1 for r in rows)
-    v = torch.randn(5, 8)
-    with levers.LEVERS["onednn_linear"][2](model):
-        assert torch.equal(model[0](v), F.linear(v, model[0].weight, model[0].bias))
+    # Back to every kernel, with the Winograd kernels made once and kept.
+    assert isinstance(model[0], cpu.OneDNNLinear) and model[1].kernels == kernels
+    assert torch.equal(call(), with_all)
+    assert list(model[1]._from_weight[2]) == [cpu.packed_winograd_kernel, cpu.winograd_transform_kernel]
 
 
 def test_read_once_reads_every_file_of_a_folder_or_one_file(tmp_path):
@@ -98,16 +76,6 @@ def test_job_section_makes_the_loops_images(tmp_path):
         assert figure["job_first_call_s"] == job["first_call_s"][0]
     (planned,) = result["plans"]
     assert (planned["rows"], planned["shards"]) == (1000, 5) and planned["peak_rss"] >= planned["rss_after_import"]
-    text = "\n".join(jobsystem.render(result))
-    assert "| builtin:tiny, 64², 1 steps | 6 | 1 |" in text and "| 1,000 | 5 |" in text
-    assert f"| {tiny['loop_first_call_s']:.2f} / {tiny['job_first_call_s']:.2f} |" in text
-    assert f"spent {result['outside_batches_ms_per_image']:.1f} ms per image outside its batches" in text
-    # Each target judged on the figures above it.
-    assert (f"SD rows: 1 actor {verdict(sd['efficiency'] >= 0.95)} ({100 * sd['efficiency']:.0f} %). In the calls after "
-            f"each process's first (actors × the loop's later call ÷ the job's): 1 actor "
-            f"{100 * sd['loop_later_call_s'] / sd['job_later_call_s']:.0f} %; in a longer job than these 4 images") in text
-    assert f"Target (≤ 5 ms): {verdict(result['framework_ms_per_image'] <= 5)}." in text
-    assert "10,000,000 rows): not judged, the largest manifest planned had 1,000 rows." in text
     assert len(logged) == 3
 
 
@@ -133,8 +101,6 @@ def test_gpu_section_code_runs_on_the_cpu(tmp_path):
     f32, bf16, levers = [("float32", 2), ("float32", 1)], [("bfloat16", 2), ("bfloat16", 1)], list(gpu.LEVERS)
     assert saved == [(f32[:1], []), (f32, [])] + [(f32, levers[:n]) for n in range(1, len(levers) + 1)] + [
         (f32 + bf16[:1], levers), (f32 + bf16, levers)]
-    text = "\n".join(gpu.render(result))
-    assert "| float32 | 1 |" in text and "| cuda_graphs | float32 | 2 |" in text
 
 
 def test_gpu_lever_that_fails_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
@@ -154,8 +120,6 @@ def test_gpu_lever_that_fails_is_recorded_and_the_rest_go_on(tmp_path, monkeypat
     assert failed == {"lever": "compile", "dtype": "float32", "batch": 1,
                       "error": "RuntimeError: Cannot find a working triton installation"}
     assert worked["lever"] == "channels_last" and worked["images_per_s"] > 0
-    assert "| compile | float32 | 1 | failed: RuntimeError: Cannot find a working triton installation |" in "\n".join(
-        gpu.render(result))
 
 
 def test_compiled_section_times_the_compiled_pipeline(tmp_path):
@@ -173,8 +137,6 @@ def test_compiled_section_times_the_compiled_pipeline(tmp_path):
     assert [w["batch"] for w in result["whole_images"]] == [1, 2]
     for w in result["whole_images"]:
         assert w["compiled_s"] > 0 and w["ratio"] == w["compiled_s"] / 2.0
-    text = "\n".join(run.render_compiled(result, {"steps": 2}))
-    assert "| whole image (2 steps + decode) | 2 |" in text and "Target with `--compile`" in text
 
 
 def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
@@ -198,65 +160,6 @@ def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
     merged = json.loads((tmp_path / "BENCH.json").read_text())
     assert merged["machine"]["cores"] == 2 and merged["gpu"]["machine"]["cores"] == 16
     assert merged["gpu"]["rows"] == figures["rows"] and merged["gpu"]["partial"] is True
-    text = (tmp_path / "BENCH.md").read_text()
-    assert "Measured apart: `python -m bench.run --sections gpu`" in text and "torch 2.11.0" in text
-    assert "the run stopped before its end" in text and "| bfloat16 | 16 | 8.00 | 5.00 | **1.60** | 65 % | 65 % |" in text
-    assert ("Target (H100-class, 512², 50 steps, batch 16: ≥ 6 images/s and ≥ 1.5 × diffusers eager): bfloat16 met "
-            "(eager: 8.00 images/s, 1.60 × diffusers eager, 65 % of peak).") in text
-
-
-def test_gpu_target_takes_the_fastest_lever_and_needs_both_figures():
-    def row(dtype, batch, per_s, speedup):
-        return {"dtype": dtype, "batch": batch, "sdcore": {"images_per_s": per_s, "peak_fraction": None},
-                "speedup_vs_diffusers": speedup}
-
-    figures = {"device": "NVIDIA H100 80GB HBM3", "size": 512, "steps": 50,
-               "rows": [row("bfloat16", 16, 5.0, 1.2), row("bfloat16", 1, 0.9, 1.9), row("float16", 16, 6.5, 1.4),
-                        row("float32", 16, 5.5, 1.6)],
-               "levers": [{"lever": "compile", "dtype": "bfloat16", "batch": 16, "images_per_s": 7.0,
-                           "speedup_vs_diffusers": 1.7, "peak_fraction": 0.5},
-                          {"lever": "channels_last", "dtype": "bfloat16", "batch": 16, "images_per_s": 5.5,
-                           "speedup_vs_diffusers": 1.3, "peak_fraction": 0.4},
-                          {"lever": "cuda_graphs", "dtype": "bfloat16", "batch": 16, "error": "RuntimeError: no"}]}
-    assert gpu.target_line(figures).endswith(
-        "bfloat16 met (compile: 7.00 images/s, 1.70 × diffusers eager, 50 % of peak), "
-        "float16 NOT met (eager: 6.50 images/s, 1.40 × diffusers eager, peak unknown), "
-        "float32 NOT met (eager: 5.50 images/s, 1.60 × diffusers eager, peak unknown).")
-    assert gpu.target_line({**figures, "device": "NVIDIA L4"}).endswith(": not judged on NVIDIA L4.")
-    figures["rows"] = figures["rows"][1:2]  # a run cut short before the target batch
-    assert gpu.target_line(figures).endswith(": batch 16 not measured.")
-
-
-def test_job_targets_judge_each_figure_at_its_threshold():
-    def sd_row(actors, efficiency, loop_later, job_later):
-        return {"actors": actors, "efficiency": efficiency, "loop_later_call_s": loop_later, "job_later_call_s": job_later}
-
-    line = jobsystem.efficiency_target([sd_row(1, 0.95, 9.0, 9.0), sd_row(2, 0.949, 5.0, 11.0)], 8)
-    assert line == ("Target (job ≥ 95 % of the loop's steady images/s), SD rows: 1 actor met (95 %), 2 actors NOT met (95 %). "
-                    "In the calls after each process's first (actors × the loop's later call ÷ the job's): 1 actor 100 %, "
-                    "2 actors 91 %; in a longer job than these 8 images per actor, the efficiency comes closer to those.")
-    # One call per process: no later calls to compare.
-    assert jobsystem.efficiency_target([sd_row(1, 0.9, float("nan"), float("nan"))], 1).endswith("1 actor NOT met (90 %).")
-    plans = [{"rows": 100_000, "peak_rss": 400 * 2**20}, {"rows": 10_000_000, "peak_rss": 10**9}]
-    assert jobsystem.driver_target(plans).endswith(": NOT met (954 MiB, against 400 MiB at 100,000 rows).")
-    plans[1]["peak_rss"] = 10**9 - 1
-    assert ": met (954 MiB" in jobsystem.driver_target(plans)
-
-
-@pytest.mark.parametrize("single_load_s, single_peak_gib, judged", [
-    (0.4, 4.6, "single .safetensors met (0.40 s, 1.15 ×)"),
-    (0.6, 4.6, "single .safetensors NOT met (0.60 s, 1.15 ×)"),  # slower than diffusers' from_pretrained
-    (0.4, 5.0, "single .safetensors NOT met (0.40 s, 1.25 ×)"),  # over 1.2 × the weights, its kernels included
-])
-def test_cold_start_target_against_from_pretrained_and_the_weights(single_load_s, single_peak_gib, judged):
-    def row(layout, library, load_s, peak_gib):
-        return {"layout": layout, "library": library, "load_s": load_s, "peak_rss_after_first_use": peak_gib * 2**30}
-
-    rows = [row(run.FOLDER, "sdcore", 0.3, 4.4), row(run.FOLDER, "diffusers", 0.5, 4.3),
-            row(run.SINGLE_FILE, "sdcore", single_load_s, single_peak_gib), row(run.SINGLE_FILE, "diffusers", 17.0, 8.5)]
-    line = run._cold_start_target({"cold_start": rows, "weights_bytes": 4 * 2**30})
-    assert line.startswith("Target (load no slower than diffusers' `from_pretrained` on the folder, 0.50 s;")
-    assert line.endswith(f": diffusers folder met (0.30 s, 1.10 ×), {judged}.")
 
 
 def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
@@ -280,20 +183,45 @@ def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
     assert sorted(parity) == ["image_b1_max_abs_uint8", "image_b2_max_abs_uint8", "unet_b1", "unet_b2", "vae_b1", "vae_b2"]
     assert max(parity[k] for k in ("unet_b1", "unet_b2")) < 1e-4 and max(parity["vae_b1"], parity["vae_b2"]) < 1e-3
     assert max(v for k, v in parity.items() if k.startswith("image")) <= 2
-    steps = [row["sdcore_s"] for row in result["rows"] if row["figure"].startswith("one UNet step")]
-    [together] = run._rows_together(result["rows"])
-    assert f"(CFG batch 4), the call `generate` makes on the CPU, took {steps[1]:.2f} s against 2 × {steps[0]:.2f} s" in together
 
 
-def test_levers_render_names_only_what_the_run_measured():
-    base = {"command": "make bench", "allocator": "glibc", "weights_bytes": 4 * 2**30,
-            "machine": {"cpu": "AMD EPYC (Zen 4)", "cores": 2, "ram_gib": 23.4, "torch_threads": 2, "python": "3.11.7",
-                        "load_average_at_start": [0.1], "date": "2026-12-03 18:00 UTC"},
-            "versions": {"torch": "2.13.0", "diffusers": "0.42.1", "transformers": "5.24.0", "sdbatch": "0.1.0",
-                         "sdbatch_commit": "abc1234"}}
-    rows = [{"workload": "UNet step", "variant": v, "median_s": 2.0, "runs_s": [2.0], "slowdown_vs_all": 1.0}
-            for v in ("all levers", "without onednn_linear", "without a_lever_since_removed", "without any")]
-    text = run.render({**base, "levers": rows})
-    assert f"- `onednn_linear`: {levers.LEVERS['onednn_linear'][0]}" in text
-    assert "- `a_lever_since_removed`: since dropped (bench/levers.md)" in text
-    assert "- `winograd_conv`:" not in text
+def test_report_renders_from_a_small_fake_result_set():
+    machine = {"cpu": "AMD EPYC (Zen 4)", "cores": 2, "ram_gib": 23.4, "torch_threads": 2, "python": "3.11.7",
+               "load_average_at_start": [0.1], "date": "2026-12-03 18:00 UTC"}
+    versions = {"torch": "2.13.0", "diffusers": "0.42.1", "transformers": "5.24.0", "sdbatch": "0.1.0",
+                "sdbatch_commit": "abc1234"}
+
+    def row(figure, batch):
+        return {"figure": figure, "batch": batch, "sdcore_s": 1.0, "diffusers_s": 2.0, "ratio": 0.5, "ratio_fastest": 0.5,
+                "sdcore_flops_per_s": 1e11, "diffusers_flops_per_s": 5e10, "reps": 2, "min_cpu_share": 0.9}
+
+    def cold(layout, library):
+        return {"layout": layout, "library": library, "load_s": 0.5, "import_s": 1.0, "peak_rss_ready": 2**30,
+                "peak_rss_after_first_use": 4 * 2**30, "kernels_made_bytes": 0, "runs": [{}]}
+
+    result = {
+        "command": "make bench", "allocator": "glibc", "weights_bytes": 4 * 2**30, "machine": machine,
+        "versions": versions, "total_s": 60.0, "settings": {"size": 256, "steps": 20},
+        "cpu": {"rows": [row("one UNet step (CFG batch 2)", 1), row("whole image (20 steps + decode)", 1)],
+                "parity": {"unet_b1": 1e-6}, "threads": 2, "matmul_peak_flops": 2e11},
+        "cpu_kernels": {"size": 256, "steps": 5, "on_s": 10.0, "off_s": 12.0, "speedup": 1.2, "min_cpu_share": 0.9,
+                        "threads": 2, "runs_s": {"kernels on": [10.0], "kernels off": [12.0]}},
+        "cold_start": [cold(layout, library) for layout in (run.FOLDER, run.SINGLE_FILE) for library in ("sdcore", "diffusers")],
+        "levers": [{"workload": "UNet step", "variant": v, "median_s": 2.0, "runs_s": [2.0], "slowdown_vs_all": 1.0}
+                   for v in ("all levers", "without onednn_linear", "without any")],
+    }
+    text = run.render(result)
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    for section in ("This run", "1. Model, same weights", "CPU kernels on vs off", "2. Cold start", "Levers"):
+        assert any(section in h for h in headings), section
+    assert "| kernels on | 10.00 |" in text
+
+
+def test_kernels_section_times_the_pipeline_with_and_without_its_cpu_kernels():
+    pipe = sdcore.load_pipeline("builtin:tiny")
+    twin = run.plain_twin(pipe)
+    assert all(p is q or p.data_ptr() == q.data_ptr() for p, q in zip(pipe.unet.parameters(), twin.unet.parameters()))
+    assert not any(isinstance(m, (cpu.OneDNNLinear, cpu.FastConv3x3)) for m in twin.unet.modules())
+    result = run.kernels_section(pipe, argparse.Namespace(size=64, steps=2, kernel_steps=2, kernel_reps=1))
+    assert result["on_s"] > 0 and result["off_s"] > 0 and result["speedup"] == result["off_s"] / result["on_s"]
+    assert [len(ts) for ts in result["runs_s"].values()] == [1, 1]

@@ -3,6 +3,7 @@ import torch
 
 from reference import TINY_CLIP, reference_text_encoder, sd15_config
 from sdcore.clip import CLIPTextConfig, CLIPTextEncoder
+from sdcore import configs
 from sdcore.errors import UnsupportedModelError
 
 BOS, EOS = 49406, 49407
@@ -31,7 +32,7 @@ def reference():
 
 @torch.no_grad()
 def test_tiny_matches_reference(reference):
-    ours = CLIPTextEncoder(CLIPTextConfig.from_transformers(TINY_CLIP)).eval()
+    ours = CLIPTextEncoder(configs.clip_config(TINY_CLIP)).eval()
     ours.load_state_dict(_strip(reference.state_dict()), strict=True)
     ids = _ids()
     expected = reference(input_ids=ids).last_hidden_state
@@ -47,7 +48,7 @@ def test_tiny_matches_reference(reference):
 @torch.no_grad()
 def test_meta_build_then_assign_load(reference):
     with torch.device("meta"):
-        ours = CLIPTextEncoder(CLIPTextConfig.from_transformers(TINY_CLIP))
+        ours = CLIPTextEncoder(configs.clip_config(TINY_CLIP))
     assert list(ours.buffers()) == []
     ours.load_state_dict(_strip(reference.state_dict()), strict=True, assign=True)
     assert all(p.device.type == "cpu" for p in ours.parameters())
@@ -67,7 +68,7 @@ def test_sd15_keys_and_shapes():
     published = sd15_config("text_encoder")
     with torch.device("meta"):
         ref = CLIPTextModel(_reference_config(published))
-        ours = CLIPTextEncoder(CLIPTextConfig.from_transformers(published))
+        ours = CLIPTextEncoder(configs.clip_config(published))
     expected = {k: tuple(v.shape) for k, v in _strip(ref.state_dict()).items()}
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == expected
@@ -76,16 +77,16 @@ def test_sd15_keys_and_shapes():
 
 def test_config_parsing():
     published = sd15_config("text_encoder")
-    assert CLIPTextConfig.from_transformers(published) == CLIPTextConfig()
+    assert configs.clip_config(published) == CLIPTextConfig()
     # What today's save_pretrained writes for the same model (other keys, corrected bos/eos ids).
     saved = _reference_config(published).to_dict()
-    assert CLIPTextConfig.from_transformers(saved) == CLIPTextConfig()
-    assert CLIPTextConfig.from_transformers({}) == CLIPTextConfig()
+    assert configs.clip_config(saved) == CLIPTextConfig()
+    assert configs.clip_config({}) == CLIPTextConfig()
 
     open_clip_h = {**published, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096,
                    "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512}
     with pytest.raises(UnsupportedModelError, match=r"Stable Diffusion 2\.x.*SD 1\.x only"):
-        CLIPTextConfig.from_transformers(open_clip_h)
+        configs.clip_config(open_clip_h)
     bigg = {**open_clip_h, "hidden_size": 1280, "num_attention_heads": 20, "num_hidden_layers": 32}
     with pytest.raises(UnsupportedModelError, match="SDXL"):
-        CLIPTextConfig.from_transformers(bigg)
+        configs.clip_config(bigg)

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import sdcore
-from sdcore import layers
+from sdcore import cpu
+from sdcore.batching import Batching
+from sdcore.cpu import CPUKernels
 from sdcore.errors import NonFiniteOutputError
 from tests.reference import (
     TINY_CLIP,
@@ -61,6 +63,7 @@ def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler, guidance_sc
 
 @pytest.mark.parametrize("few_threads", [2], indirect=True)
 def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(builtin_pipe, monkeypatch, few_threads):
+    monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cpu", torch.float32, threads=few_threads))
     unet_rows, decoded_rows = [], []
     forward, decode = builtin_pipe.unet.forward, builtin_pipe.vae.decode
     monkeypatch.setattr(builtin_pipe.unet, "forward", lambda x, *args: unet_rows.append(len(x)) or forward(x, *args))
@@ -74,13 +77,12 @@ def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(b
 
     assert calls(7.5) == ([8, 8], [1] * 4)  # each step one CFG batch of all four rows
     assert calls(1.0) == ([1] * 8, [1] * 4)
-    monkeypatch.setattr(builtin_pipe, "_compiled_unet", builtin_pipe.unet)  # as after compile(): one shape to compile
+    # As after compile(): one shape to compile.
+    monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cpu", torch.float32, compiled=True, threads=2))
     assert calls(7.5) == ([2] * 8, [1] * 4)
-    monkeypatch.setattr(builtin_pipe, "_compiled_unet", None)
-    monkeypatch.setattr(builtin_pipe, "dtype", torch.bfloat16)
-    assert builtin_pipe._unet_rows_per_call(guided=True) == 1
-    monkeypatch.setattr(builtin_pipe, "dtype", torch.float32)
+    assert Batching.for_device("cpu", torch.bfloat16, threads=2).unet_rows(guided=True) == 1
     torch.set_num_threads(3)  # the few_threads fixture sets the count back
+    monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cpu", torch.float32))
     assert calls(7.5) == ([2] * 8, [1] * 4)
 
 
@@ -172,13 +174,12 @@ def test_half_precision_runs_and_stays_close(dtype):
     assert np.abs(half.astype(int) - full.astype(int)).mean() < 8
 
 
-def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape(monkeypatch):
+def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape():
     from torch._dynamo.utils import counters
 
     # The tiny model's kernels are below the CPU fast paths' limits: lowered, compile meets those convolutions.
-    monkeypatch.setattr(layers, "MATMUL_MIN_KERNEL", 0)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
     pipe = sdcore.load_pipeline("builtin:tiny")
+    cpu.accelerate(pipe, CPUKernels(matmul_min_kernel=0, winograd_min_channels=0))
     kwargs = dict(steps=4, height=64, width=64, scheduler="ddim", output="latent")
     eager = pipe.generate(["a fox", "a lighthouse"], seeds=[3, 4], **kwargs)
     pipe.compile()
@@ -213,8 +214,7 @@ def test_decode_out_of_device_memory_retries_in_smaller_groups_and_keeps_the_den
         return unet_forward(x, *args)
 
     # As on a GPU: the whole batch in one call, until memory runs out.
-    monkeypatch.setattr(type(builtin_pipe), "_vae_rows_per_call", property(lambda self: None))
-    monkeypatch.setattr(type(builtin_pipe), "_unet_rows_per_call", lambda self, guided: None)
+    monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cuda", torch.float32))
     monkeypatch.setattr(builtin_pipe.vae, "decode", decode_at_most(1))
     monkeypatch.setattr(builtin_pipe.unet, "forward", counting_unet)
     images = builtin_pipe.generate(prompts, seeds=seeds, **kwargs)

@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from reference import TINY_UNET, reference_unet, sd15_config
-from sdcore import layers
+from sdcore import cpu
+from sdcore import configs
+from sdcore.cpu import CPUKernels
 from sdcore.errors import UnsupportedModelError
 from sdcore.unet import UNet, UNetConfig
 
 
 def _ours_like(reference, config: dict) -> UNet:
-    unet = UNet(UNetConfig.from_diffusers(config)).eval()
+    unet = UNet(configs.unet_config(config)).eval()
     unet.load_state_dict(reference.state_dict(), strict=True)
     return unet
 
@@ -38,7 +40,7 @@ def sd15_on_meta():
 
     with torch.device("meta"):
         reference = UNet2DConditionModel(**{k: v for k, v in sd15_config("unet").items() if not k.startswith("_")})
-        ours = UNet(UNetConfig.from_diffusers(sd15_config("unet")))
+        ours = UNet(configs.unet_config(sd15_config("unet")))
     return reference, ours
 
 
@@ -57,16 +59,14 @@ def test_matches_reference_with_per_row_timesteps(reference, ours, hw):
 
 
 @torch.no_grad()
-def test_matches_reference_through_winograd_convolutions(monkeypatch, reference):
+def test_matches_reference_through_winograd_convolutions(reference):
     # The tiny model's channels are below Winograd's minimum. Lowered, the 3x3 convolutions of the top
     # level (2 x 16 x 24 positions) run Winograd's, in four bands of four rows.
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
-    monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 200)
-    ours = _ours_like(reference, TINY_UNET)
+    ours = cpu.accelerate(_ours_like(reference, TINY_UNET), CPUKernels(winograd_min_channels=0, winograd_band_positions=200))
     sample, context = _inputs((16, 24), seed=6)
     timesteps = torch.tensor([10, 900])
     got = ours(sample, timesteps, context)
-    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 8
+    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, cpu.FastConv3x3)) >= 8
     assert (got - reference(sample, timesteps, context).sample).abs().max().item() <= 1e-4
 
 
@@ -117,7 +117,7 @@ def test_half_precision_runs_in_that_dtype(ours, dtype):
 @torch.no_grad()
 def test_meta_build_then_assign_load(reference):
     with torch.device("meta"):
-        unet = UNet(UNetConfig.from_diffusers(TINY_UNET))
+        unet = UNet(configs.unet_config(TINY_UNET))
     assert list(unet.buffers()) == []
     unet.load_state_dict(reference.state_dict(), strict=True, assign=True)
     assert all(p.device.type == "cpu" for p in unet.parameters())
@@ -141,14 +141,14 @@ def test_sd15_keys_and_shapes_equal_reference(sd15_on_meta):
 
 
 def test_from_diffusers_reads_published_and_saved_configs(sd15_on_meta, tmp_path):
-    assert UNetConfig.from_diffusers(sd15_config("unet")) == UNetConfig()
+    assert configs.unet_config(sd15_config("unet")) == UNetConfig()
     reference, _ = sd15_on_meta
     reference.save_config(tmp_path)  # exactly what save_pretrained writes next to the weights
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["num_attention_heads"] is None and "addition_embed_type" in saved
-    assert UNetConfig.from_diffusers(saved) == UNetConfig()
-    assert UNetConfig.from_diffusers(TINY_UNET).block_out_channels == (32, 64, 64, 64)
-    assert UNetConfig.from_diffusers({}) == UNetConfig()
+    assert configs.unet_config(saved) == UNetConfig()
+    assert configs.unet_config(TINY_UNET).block_out_channels == (32, 64, 64, 64)
+    assert configs.unet_config({}) == UNetConfig()
 
 
 SD2_CHANGES = {"attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True}
@@ -164,7 +164,7 @@ SDXL_CHANGES = {
 @pytest.mark.parametrize("changes, family", [(SD2_CHANGES, "Stable Diffusion 2.x"), (SDXL_CHANGES, "SDXL")])
 def test_other_families_are_refused(changes, family):
     with pytest.raises(UnsupportedModelError, match=f"looks like {family}.*supports SD 1.x only"):
-        UNetConfig.from_diffusers({**sd15_config("unet"), **changes})
+        configs.unet_config({**sd15_config("unet"), **changes})
 
 
 @pytest.mark.parametrize("changes, named", [
@@ -184,4 +184,4 @@ def test_other_families_are_refused(changes, family):
 ])
 def test_unimplemented_options_are_refused(changes, named):
     with pytest.raises(UnsupportedModelError, match=named):
-        UNetConfig.from_diffusers({**sd15_config("unet"), **changes})
+        configs.unet_config({**sd15_config("unet"), **changes})

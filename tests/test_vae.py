@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from reference import TINY_VAE, reference_vae, sd15_config
-from sdcore import layers
+from sdcore import cpu
+from sdcore import configs
+from sdcore.cpu import CPUKernels
 from sdcore.errors import UnsupportedModelError
 from sdcore.vae import AutoencoderKL, VAEConfig
 
@@ -15,7 +17,7 @@ def reference():
 
 
 def _ours_like(reference) -> AutoencoderKL:
-    vae = AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE)).eval()
+    vae = AutoencoderKL(configs.vae_config(TINY_VAE)).eval()
     vae.load_state_dict(reference.state_dict(), strict=True)
     return vae
 
@@ -37,15 +39,14 @@ def test_decode_matches_reference(reference, ours, latent_hw):
 
 
 @torch.no_grad()
-def test_decode_matches_reference_through_winograd_convolutions(monkeypatch, reference):
+def test_decode_matches_reference_through_winograd_convolutions(reference):
     # The tiny decoder's channels are below Winograd's minimum. Lowered, its 3x3 convolutions on maps of
     # over 128 positions run Winograd's on the channels-last maps the decoder works in, in bands of a few rows.
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
-    monkeypatch.setattr(layers, "WINOGRAD_BAND_POSITIONS", 300)
-    ours = _ours_like(reference)  # its own: the module's shared decoder keeps no Winograd kernels
+    kernels = CPUKernels(winograd_min_channels=0, winograd_band_positions=300)
+    ours = cpu.accelerate(_ours_like(reference), kernels)  # its own: the module's shared decoder stays plain
     z = torch.randn(1, 4, 6, 10, generator=torch.Generator().manual_seed(2))
     got = ours.decode(z)
-    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, layers.Conv3x3)) >= 6
+    assert sum(m._from_weight is not None for m in ours.modules() if isinstance(m, cpu.FastConv3x3)) >= 6
     assert (got - reference.decode(z).sample).abs().max().item() <= 1e-3
 
 
@@ -81,7 +82,7 @@ def test_encode_clamps_logvar_like_reference(reference, ours):
 @torch.no_grad()
 def test_meta_build_then_assign_load(reference):
     with torch.device("meta"):
-        vae = AutoencoderKL(VAEConfig.from_diffusers(TINY_VAE))
+        vae = AutoencoderKL(configs.vae_config(TINY_VAE))
     assert list(vae.buffers()) == []
     vae.load_state_dict(reference.state_dict(), strict=True, assign=True)
     assert all(p.device.type == "cpu" for p in vae.parameters())
@@ -99,7 +100,7 @@ def _reference_on_meta(config: dict):
 def test_sd15_keys_and_shapes():
     published = sd15_config("vae")
     with torch.device("meta"):
-        vae = AutoencoderKL(VAEConfig.from_diffusers(published))
+        vae = AutoencoderKL(configs.vae_config(published))
     expected = {k: tuple(v.shape) for k, v in _reference_on_meta(published).state_dict().items()}
     assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == expected
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
@@ -108,24 +109,24 @@ def test_sd15_keys_and_shapes():
 def test_config_parsing(tmp_path):
     published = sd15_config("vae")
     assert "scaling_factor" not in published
-    assert VAEConfig.from_diffusers(published) == VAEConfig()
-    assert VAEConfig.from_diffusers({}) == VAEConfig()
+    assert configs.vae_config(published) == VAEConfig()
+    assert configs.vae_config({}) == VAEConfig()
     # What today's save_pretrained writes for the same model.
     _reference_on_meta(published).save_config(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert VAEConfig.from_diffusers(saved) == VAEConfig()
+    assert configs.vae_config(saved) == VAEConfig()
 
     # SDXL's VAE is the same architecture with another scaling factor.
     sdxl = {**published, "scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024}
-    assert VAEConfig.from_diffusers(sdxl) == VAEConfig(scaling_factor=0.13025)
+    assert configs.vae_config(sdxl) == VAEConfig(scaling_factor=0.13025)
 
     sd3 = {**published, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
            "use_quant_conv": False, "use_post_quant_conv": False}
     with pytest.raises(UnsupportedModelError, match=r"Stable Diffusion 3 / Flux.*SD 1\.x"):
-        VAEConfig.from_diffusers(sd3)
+        configs.vae_config(sd3)
     with pytest.raises(UnsupportedModelError, match="quant_conv"):
-        VAEConfig.from_diffusers({**published, "use_quant_conv": False})
+        configs.vae_config({**published, "use_quant_conv": False})
     with pytest.raises(UnsupportedModelError, match="AutoencoderTiny"):
-        VAEConfig.from_diffusers({"_class_name": "AutoencoderTiny"})
+        configs.vae_config({"_class_name": "AutoencoderTiny"})
     with pytest.raises(UnsupportedModelError, match="down_block_types"):
-        VAEConfig.from_diffusers({**published, "down_block_types": ["DownEncoderBlock2D"] * 3})
+        configs.vae_config({**published, "down_block_types": ["DownEncoderBlock2D"] * 3})

@@ -22,6 +22,7 @@ import sdcore
 from reference import (SD15, TINY_CLIP, TINY_UNET, TINY_VAE, reference_text_encoder, reference_unet, reference_vae,
                        sd15_config, write_clip_vocab_folder)
 from sdcore import builtin, weights
+from sdcore import configs as config_readers
 from sdcore.errors import UnsupportedModelError, WeightsError
 from sdcore.tokenizer import Tokenizer
 
@@ -109,9 +110,9 @@ def reference_configs(unet: dict, vae: dict, clip: dict) -> dict:
 
 def our_configs(configs: dict) -> dict:
     return {
-        "unet": weights.UNetConfig.from_diffusers(configs["unet"]),
-        "vae": weights.VAEConfig.from_diffusers(configs["vae"]),
-        "text_encoder": weights.CLIPTextConfig.from_transformers(configs["text_encoder"]),
+        "unet": config_readers.unet_config(configs["unet"]),
+        "vae": config_readers.vae_config(configs["vae"]),
+        "text_encoder": config_readers.clip_config(configs["text_encoder"]),
     }
 
 
