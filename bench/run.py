@@ -140,6 +140,7 @@ def main(argv=None) -> dict:
 
 
 def write_json(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
 
 
@@ -418,8 +419,7 @@ def render(r: dict) -> str:
         f"- Versions: torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
         f"sdbatch {v['sdbatch']} (commit {v['sdbatch_commit']}), Python {m['python']}",
         f"- Memory allocator: {r['allocator']}, as in sdbatch's CPU actors and `sdbatch generate` (without it, "
-        "page faults on freed activations made the same figure swing by up to 25 % between runs; `bench/levers.md` "
-        "below has the numbers)",
+        "page faults on freed activations make the same figure swing between runs)",
         f"- Weights: random SD v1.5 (UNet, VAE, CLIP text encoder: {_gib(r['weights_bytes'])} of float32), "
         "the same files for both libraries", "",
     ]

@@ -1,8 +1,7 @@
 """A process-wide setting for CPU inference: glibc keeps freed memory instead of returning it.
 
 By default glibc gives every large block (an activation of tens of MB) back to the kernel when it is
-freed, and the next step faults the same memory in again, one zeroed 4 KiB page at a time: some
-300 000 page faults for one 256² image, a sixth of its time at 2 threads (`bench/levers.md`). With
+freed, and the next step faults the same memory in again, one zeroed 4 KiB page at a time. With
 no memory-mapped blocks and no trimming, a step reuses the memory the step before it freed.
 
 It changes malloc for everything in the process, so only a program that owns its process calls it:

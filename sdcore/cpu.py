@@ -5,8 +5,8 @@ over from nn.Linear and 3x3 nn.Conv2d: linear layers through oneDNN's matmul, an
 as Winograd's F(2x2, 3x3) or as im2col + matmul where those beat oneDNN's direct convolution; the
 VAE decoder runs channels-last. Each computes what the module it replaces computes, rounded
 differently. Anything else (half precision, autograd, another device, torch.compile) runs the plain
-module's code. `CPUKernels` holds the switches and limits; bench/levers.md has the measurements
-behind them.
+module's code. `CPUKernels` holds the switches and limits; BENCHMARKS.md measures what each is
+worth.
 """
 import weakref
 from collections.abc import Callable, Iterable
