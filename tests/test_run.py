@@ -351,22 +351,32 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def test_signal_during_ray_start_says_so_and_leaves_no_ray_process(tmp_path, manifest):
-    driver_process = subprocess.Popen([SDBATCH, "run", str(manifest), "--output", str(tmp_path / "out"), *TINY],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def sigterm_when(command: list[str], ready, timeout: float) -> tuple[int, str]:
+    """Run `command` and send it SIGTERM as soon as `ready(pid)` holds; its exit code and stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        ray = {}
-        while not any("raylet" in cmd or "gcs_server" in cmd for cmd in ray.values()):
-            assert time.monotonic() < deadline and driver_process.poll() is None, "Ray never started"
-            time.sleep(0.02)
-            ray = descendants(driver_process.pid)
-        driver_process.send_signal(signal.SIGTERM)
-        _, stderr = driver_process.communicate(timeout=60)
+        deadline = time.monotonic() + timeout
+        while not ready(process.pid):
+            assert time.monotonic() < deadline and process.poll() is None, "never ready for the signal"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
     finally:
-        if driver_process.poll() is None:
-            driver_process.kill()
-    assert driver_process.returncode == 130, stderr
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, stderr
+
+
+def test_signal_during_ray_start_says_so_and_leaves_no_ray_process(tmp_path, manifest):
+    ray = {}
+
+    def ray_started(pid: int) -> bool:
+        ray.update(descendants(pid))
+        return any("raylet" in cmd or "gcs_server" in cmd for cmd in ray.values())
+
+    returncode, stderr = sigterm_when([SDBATCH, "run", str(manifest), "--output", str(tmp_path / "out"), *TINY],
+                                      ray_started, timeout=60)
+    assert returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == (
         "sdbatch: error: interrupted during start-up, before any actor was ready: nothing was generated, and Ray "
         "was shut down; re-run the same command to start again"), stderr
@@ -387,19 +397,9 @@ def catches_sigterm(pid: int) -> bool:
 
 def test_signal_while_the_program_imports_says_so(tmp_path, manifest):
     """A SIGTERM that lands while `sdbatch` is still importing torch and Ray, seconds before any check."""
-    driver_process = subprocess.Popen([SDBATCH, "run", str(manifest), "--output", str(tmp_path / "out"), *TINY],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not catches_sigterm(driver_process.pid):
-            assert time.monotonic() < deadline and driver_process.poll() is None, "no SIGTERM handler"
-            time.sleep(0.005)
-        driver_process.send_signal(signal.SIGTERM)
-        _, stderr = driver_process.communicate(timeout=60)
-    finally:
-        if driver_process.poll() is None:
-            driver_process.kill()
-    assert driver_process.returncode == 130, stderr
+    returncode, stderr = sigterm_when([SDBATCH, "run", str(manifest), "--output", str(tmp_path / "out"), *TINY],
+                                      catches_sigterm, timeout=30)
+    assert returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "sdbatch: error: interrupted while starting; nothing was done", stderr
     assert not (tmp_path / "out").exists()
 
