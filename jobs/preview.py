@@ -218,18 +218,41 @@ def select(out: sink.Output, n: int, where: str | None = None) -> pa.Table:
     done = sorted(out.done_shards())
     if not done:
         raise PreviewError(f"{out.name}: no finished shards yet, so no images to show")
-    # Arrow's own local file system for local paths: fsspec's Python files race with interpreter exit.
-    fs = None if storage.is_local(out.fs) else out.fs
-    dataset = ds.dataset([out.path(sink.metadata_path(s)) for s in done], format="parquet", filesystem=fs)
-    expression = parse_where(where, dataset.schema) if where else None
     try:
-        table = dataset.head(n, columns=["id", "seed", "prompt", "image_path"], filter=expression)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-        raise PreviewError(f"{out.name}: cannot read the metadata{' with --where ' + repr(where) if where else ''}: {e}") from None
+        table = _first_rows(out, done, n, where)
+    except ARROW_ERRORS as e:
+        # A damaged metadata file: leave out the shards `status` finds damaged, and say so.
+        damaged = out.status(failures=0).damaged
+        if not damaged:
+            raise _unreadable(out, where, e) from None
+        for problem in damaged.values():
+            typer.echo(f"sdbatch: warning: left out {problem}; the next `sdbatch run` redoes its shard", err=True)
+        done = [s for s in done if s not in damaged]
+        if not done:
+            raise PreviewError(f"{out.name}: every finished shard's metadata is damaged") from None
+        try:
+            table = _first_rows(out, done, n, where)
+        except ARROW_ERRORS as e:
+            raise _unreadable(out, where, e) from None
     if table.num_rows == 0:
         raise PreviewError(f"{out.name}: no images match --where {where!r}" if where else
                            f"{out.name}: the finished shards hold no images (see `sdbatch status` for failures)")
     return table
+
+
+ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError)
+
+
+def _first_rows(out: sink.Output, shards: list[str], n: int, where: str | None) -> pa.Table:
+    # Arrow's own local file system for local paths: fsspec's Python files race with interpreter exit.
+    fs = None if storage.is_local(out.fs) else out.fs
+    dataset = ds.dataset([out.path(sink.metadata_path(s)) for s in shards], format="parquet", filesystem=fs)
+    expression = parse_where(where, dataset.schema) if where else None
+    return dataset.head(n, columns=["id", "seed", "prompt", "image_path"], filter=expression)
+
+
+def _unreadable(out: sink.Output, where: str | None, e: Exception) -> PreviewError:
+    return PreviewError(f"{out.name}: cannot read the metadata{' with --where ' + repr(where) if where else ''}: {e}")
 
 
 # ------------------------------------------------------------------------------------ drawing

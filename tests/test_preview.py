@@ -153,6 +153,21 @@ def test_missing_image_gets_a_placeholder_tile(tmp_path):
     assert shown(Image.open(sheet).convert("RGB"), 2, 2, 32) == ["?", "r1-0"]
 
 
+def test_damaged_metadata_is_left_out_and_named(tmp_path, capsys):
+    out = make_dataset(str(tmp_path / "damaged"))
+    (tmp_path / "damaged" / "metadata" / "shard-000000.parquet").write_bytes(b"PAR1 cut off")
+    sheet = tmp_path / "grid.png"
+    assert pv.preview(out.url, str(sheet), columns=4, thumb_size=32) == 4  # shard 0's r0, r1-0, r1-1, r2 left out
+    assert shown(Image.open(sheet).convert("RGB"), 4, 4, 32) == ["r3", "r4", "r5", "r6"]
+    err = capsys.readouterr().err
+    assert err.startswith("sdbatch: warning: left out metadata/shard-000000.parquet: not a readable Parquet file")
+    assert err.rstrip().endswith("the next `sdbatch run` redoes its shard")
+    for f in (tmp_path / "damaged" / "metadata").iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(pv.PreviewError, match="every finished shard's metadata is damaged"):
+        pv.preview(out.url, str(sheet))
+
+
 def test_dataset_and_sheet_through_fsspec(tmp_path):
     make_dataset("memory://preview-remote/out")
     assert pv.preview("memory://preview-remote/out", "memory://preview-remote/sheet.jpg", where="label == 'b'",
