@@ -31,6 +31,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import os
 import posixpath
 import re
 import threading
@@ -64,8 +65,10 @@ SHARD_KEY = b"sdbatch_shard"  # ... and the shard's bounds, [start, start_k, sto
 SHARDING = "images"
 DATASET_FOLDERS = ("metadata", "failures", "images")
 WRITE_PROBE = ".sdbatch-write-probe-"
-# The files sdbatch writes under DATASET_FOLDERS, and the hidden temporaries of its local atomic writes.
-OURS = re.compile(r"(metadata|failures)/shard-\d{6,}\.parquet|images/shard-\d{6,}/[^/]+\.png|(.*/)?\.[^/]+\.tmp-[0-9a-f]{32}")
+# The hidden temporary files of local atomic writes (jobs.storage), and all the files sdbatch writes
+# under DATASET_FOLDERS.
+TEMPORARY = r"\.[^/]+\.tmp-[0-9a-f]{32}"
+OURS = re.compile(rf"(metadata|failures)/shard-\d{{6,}}\.parquet|images/shard-\d{{6,}}/[^/]+\.png|(.*/)?{TEMPORARY}")
 SUCCESS_FILE = "_SUCCESS"
 PNG_KEY = "sdbatch"  # the PNG text chunk holding the generation parameters
 PNG_COMPRESS_LEVEL = 6
@@ -490,7 +493,19 @@ class Output:
                         self._move(rel, f"{aside}/{rel}")
         if status.success_is_stale:
             self.remove(SUCCESS_FILE)
+        if storage.is_local(self.fs):
+            self._remove_unfinished_writes()
         return {s for s, _, _ in status.shard_timing}
+
+    def _remove_unfinished_writes(self) -> None:
+        """Delete the temporary files of local writes that a kill cut short. Only this run writes here
+        now (it holds the lease), so none of them will be finished."""
+        temporary = re.compile(TEMPORARY)
+        for folder in DATASET_FOLDERS:
+            for parent, _, names in os.walk(self.path(folder)):
+                for name in filter(temporary.fullmatch, names):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(parent, name))
 
     def _move(self, rel: str, to: str) -> None:
         if storage.is_local(self.fs):

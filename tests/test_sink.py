@@ -336,6 +336,23 @@ def test_commit_requires_an_outcome_for_every_image(tmp_path, manifest):
         assert (w.commit().images, out.done_shards()) == (4, {"shard-000000"})
 
 
+def test_a_resumed_run_removes_the_temporary_files_of_killed_writes(tmp_path, manifest):
+    root = tmp_path / "out"
+    out, spec = Output(str(root)), job(manifest)
+    out.prepare(spec)
+    run_shards(out, manifest, spec, only={"shard-000000"})
+    cut_short = [root / "metadata" / f".shard-000001.parquet.tmp-{'a' * 32}",
+                 root / "images" / "shard-000001" / f".img3.png.tmp-{'b' * 32}",
+                 root / "images" / "shard-000000" / f".img0.png.tmp-{'c' * 32}"]
+    for path in cut_short:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a PNG")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p not in cut_short}
+    assert out.prepare(spec) == {"shard-000000"}
+    assert not any(p.exists() for p in cut_short)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # nothing else touched
+
+
 def test_damaged_metadata_is_named_moved_aside_and_its_shard_redone(tmp_path, manifest):
     from typer.testing import CliRunner
 
