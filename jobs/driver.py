@@ -220,7 +220,8 @@ def plan_actors(opts: RunOptions, cluster: dict) -> ActorPlan:
             note = f"--actors {count}, but the cluster has {gpus} GPU(s) now: the others wait for a GPU"
         elif not gpus:
             note = "the cluster has no GPU yet: the actors wait for one (an autoscaler may add GPU nodes)"
-        return ActorPlan(count, {"num_gpus": 1, "num_cpus": 1}, opts.device, None, note)
+        # An actor on a GPU slot must run on its GPU: "auto" there would fall back to the CPU, silently.
+        return ActorPlan(count, {"num_gpus": 1, "num_cpus": 1}, "cuda", None, note)
     # One core and one torch thread per CPU actor, whatever the machine: the number of threads
     # changes the low bits of CPU results, and images must not depend on how many actors ran.
     count = opts.actors or 1
