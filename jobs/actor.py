@@ -53,7 +53,7 @@ class ActorConfig:
     cpu_threads: int | None = None  # torch threads on the CPU (None: leave the process setting)
     keep_freed_memory: bool = False  # sdcore.allocator's setting, process-wide: for a CPU actor in a process of its own
     writer_threads: int = 4
-    writer_queue: int = 16  # images waiting for the writer before generation blocks
+    writer_queue: int = 16  # images waiting for the writer before generation blocks (at least two batches)
     embed_images: bool = False  # also put each PNG into the metadata's `image` column
     row_timeout: float | None = None  # seconds per image before a batch is stopped (None: no limit)
     run_id: str | None = None  # the driver's lease: each commit checks that it still holds it (None: no check)
@@ -79,7 +79,9 @@ class ShardRunner:
             self.pipe.compile()
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
-        self.writer = ImageWriter(self.out, threads=config.writer_threads, max_pending=config.writer_queue)
+        # Room for two batches: one batch's images are written while the next one denoises.
+        queue = max(config.writer_queue, 2 * config.batch_size)
+        self.writer = ImageWriter(self.out, threads=config.writer_threads, max_pending=queue)
         # pyarrow imports pandas (up to half a second) the first time it turns Python values into an array:
         # paid here, it is part of the actor's start, not a stall in the middle of its first shard.
         pa.array([0])

@@ -715,7 +715,7 @@ class ImageWriter:
     """
 
     def __init__(self, out: Output, *, threads: int = 4, max_pending: int = 16):
-        self.out = out
+        self.out, self.max_pending = out, max_pending
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-writer")
         self._slots = threading.BoundedSemaphore(max_pending)
 

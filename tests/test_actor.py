@@ -43,6 +43,16 @@ def make_runner(manifest, out, **config) -> ShardRunner:
                                    device="cpu", **config))
 
 
+def test_the_writer_queue_holds_two_batches(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a cat"])
+    for batch_size, queue in [(4, 16), (16, 32)]:
+        runner = make_runner(manifest, tmp_path / f"out{batch_size}", batch_size=batch_size)
+        try:
+            assert runner.writer.max_pending == queue
+        finally:
+            runner.close()
+
+
 def run_all(runner: ShardRunner, rows: int, shard_size: int) -> list[dict]:
     try:
         return [runner.run_shard(s) for s in shards(rows, shard_size)]
