@@ -29,8 +29,7 @@ def recent_rate(samples: Sequence[tuple[float, float]], window: float = RATE_WIN
     if len(samples) < 2:
         return None
     end_time, end_done = samples[-1]
-    times = [t for t, _ in samples]
-    start = max(bisect.bisect_right(times, end_time - window) - 1, 0)
+    start = max(bisect.bisect_right(samples, end_time - window, key=lambda s: s[0]) - 1, 0)
     start_time, start_done = samples[start]
     if end_time <= start_time:
         return None
@@ -66,7 +65,7 @@ class RateWindow:
     def add(self, t: float, done: float) -> None:
         self.samples.append((t, done))
         # drop what no longer starts the window: the window's start stays at or after samples[0]
-        cut = bisect.bisect_right([s for s, _ in self.samples], t - self.window) - 1
+        cut = bisect.bisect_right(self.samples, t - self.window, key=lambda s: s[0]) - 1
         if cut > 0:
             del self.samples[:cut]
 
@@ -159,6 +158,6 @@ def with_eta(status: "OutputStatus", holder: "LeaseRecord | None", committed: di
     for t, n in sorted((t, n) for t, n in times if t is not None and t >= holder.started):
         done += n
         samples.append((t, done))
-    rate = recent_rate(samples, window) if len(samples) > 1 else None
+    rate = recent_rate(samples, window)
     remaining = max(status.images - status.images_done - status.failures, 0)
     return replace(status, running=holder.describe(), images_per_second=rate, eta_seconds=eta_seconds(remaining, rate))
