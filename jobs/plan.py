@@ -11,10 +11,10 @@ that gets a shard reads its rows itself (`read_shard`). When every row asks for 
 
 A work item is one image: a manifest row's parameters with the job defaults filled in, the
 derived seed, and the image id (see jobs.manifest for the id and seed rules). Items of a shard
-are batched by (width, height, steps, scheduler, guidance_scale), up to the batch size, in
-manifest order — which images share a batch never changes an image, only the speed.
+are batched by (width, height, steps, scheduler, guidance_scale), up to the batch size of their
+image size, in manifest order — which images share a batch never changes an image, only the speed.
 """
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -219,12 +219,17 @@ def work_items(table: pa.Table, first_row: int, defaults: Defaults, *, first_k: 
     return items
 
 
-def batches(items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+def batches(items: list[WorkItem], batch_size: int | Callable[[WorkItem], int]) -> list[list[WorkItem]]:
     """Items grouped by `batch_key` (groups in order of first appearance, items in manifest
-    order), each group cut into batches of at most `batch_size`."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    order), each group cut into batches of at most `batch_size`: a number, or a function of a
+    group's first item (the rows for its image size, say)."""
     groups: dict[tuple, list[WorkItem]] = {}
     for item in items:
         groups.setdefault(item.batch_key, []).append(item)
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    cut = []
+    for group in groups.values():
+        size = batch_size(group[0]) if callable(batch_size) else batch_size
+        if size < 1:
+            raise ValueError(f"batch size must be at least 1, got {size}")
+        cut += [group[i:i + size] for i in range(0, len(group), size)]
+    return cut

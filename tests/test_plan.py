@@ -120,6 +120,15 @@ def test_batches_respect_the_size_and_keep_manifest_order():
         batches(items, 0)
 
 
+def test_batches_can_take_their_size_from_the_group():
+    t = table(width=[512, 768, 512, 768, 512, 768, 512])
+    rows = {512: 3, 768: 2}
+    got = [[i.row for i in b] for b in batches(work_items(t, 0, Defaults()), lambda item: rows[item.width])]
+    assert got == [[0, 2, 4], [6], [1, 3], [5]]
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        batches(work_items(t, 0, Defaults()), lambda item: 0)
+
+
 # --- shards of images: a row with many images spans several shards --------------------------------
 
 def bounds(got) -> list[tuple]:
