@@ -3,15 +3,19 @@
 `ShardRunner` is the whole of it, in plain Python (tests drive it without Ray); `ShardActor` is
 the Ray actor around it, one per GPU (or per CPU core). For each shard the driver hands over,
 the runner reads the shard's rows from the manifest itself (the driver never holds prompts or
-images), batches images of equal (size, steps, scheduler, guidance), generates, and passes each
+images), batches images of equal (size, steps, scheduler, guidance) — as many as jobs.buckets
+allows for their size, a short batch padded to that on a GPU — generates, and passes each
 image to the `ImageWriter`, whose threads encode and store PNGs while the next batch denoises.
 Then it commits the shard (metadata written last; see jobs.sink).
 
 Failures are per image, never per shard:
 - a row whose image comes out NaN/inf is recorded as a failure at once (the same seed would fail
   the same way again);
+- a batch that runs out of memory halves the rows for its image size (for the rest of the actor's
+  life) and runs again in batches of that many; a row that runs out of memory alone is tried once
+  more alone;
 - any other error in a batch runs the batch again one row at a time, so only the rows that fail
-  alone are recorded as failures (an out-of-memory batch thus still finishes, row by row);
+  alone are recorded as failures;
 - a batch that runs past `row_timeout` seconds per image (checked after every denoising step)
   stops; its rows then run alone, and a row that runs past it alone is recorded as a failure;
 - if every image of a shard failed with an error, the fault is more likely the actor (a broken
@@ -28,6 +32,7 @@ import ray
 import torch
 
 from jobs import devices, lease, sources, storage
+from jobs.buckets import BatchSizes, allow_recompiles
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Output, ShardWriter
@@ -48,7 +53,9 @@ class ActorConfig:
     device: str = "auto"  # resolved on the actor's node
     dtype: str = "fp32"
     compile: bool = False  # Pipeline.compile() after loading
-    batch_size: int = 4
+    cuda_graphs: bool = False  # compile in mode "reduce-overhead": the UNet's steps replay CUDA graphs
+    batch_size: int | None = None  # rows per pipeline call; None: auto (jobs.buckets)
+    pad_batches: bool | None = None  # pad short batches to their size's rows; None: on a GPU, when auto or compiled
     storage_options: dict = field(default_factory=dict)
     cpu_threads: int | None = None  # torch threads on the CPU (None: leave the process setting)
     keep_freed_memory: bool = False  # sdcore.allocator's setting, process-wide: for a CPU actor in a process of its own
@@ -75,12 +82,16 @@ class ShardRunner:
         self.model = sources.resolve(config.model, storage_options=config.storage_options, dtype=dtype,
                                      cache=config.model_cache)
         self.pipe = load_pipeline(self.model.path, device=devices.resolve_device(config.device), dtype=dtype)
-        if config.compile:
-            self.pipe.compile()
+        if config.compile or config.cuda_graphs:
+            self.pipe.compile(mode="reduce-overhead" if config.cuda_graphs else None)
+        self.batch_sizes = BatchSizes(config.batch_size, self.pipe.device, dtype)
+        self.pad_batches = config.pad_batches
+        if self.pad_batches is None:  # a compiled UNet on the CPU takes one row at a time (sdcore.batching)
+            self.pad_batches = self.pipe.device.type != "cpu" and (config.batch_size is None or self.pipe.compiled)
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
         # Room for two batches: one batch's images are written while the next one denoises.
-        queue = max(config.writer_queue, 2 * config.batch_size)
+        queue = max(config.writer_queue, 2 * self.batch_sizes.largest)
         self.writer = ImageWriter(self.out, threads=config.writer_threads, max_pending=queue)
         # pyarrow imports pandas (up to half a second) the first time it turns Python values into an array:
         # paid here, it is part of the actor's start, not a stall in the middle of its first shard.
@@ -117,7 +128,10 @@ class ShardRunner:
                                    model_fingerprint=self.pipe.fingerprint, model_revision=self.model.revision,
                                    embed_images=self.config.embed_images, fence=self._fence)
         generating, errors = 0.0, []
-        for batch in batches(rows.items, self.config.batch_size):
+        shard_batches = batches(rows.items, lambda item: self.batch_sizes.rows(item.height, item.width))
+        if self.pipe.compiled:
+            allow_recompiles(self.batch_sizes.unet_shapes())
+        for batch in shard_batches:
             t = time.perf_counter()
             errors += self._run_batch(shard_writer, batch)
             generating += time.perf_counter() - t
@@ -133,18 +147,37 @@ class ShardRunner:
                 "generating_seconds": generating, "seconds": time.perf_counter() - start}
 
     def _run_batch(self, shard_writer: ShardWriter, batch: list[WorkItem]) -> list[str]:
-        """Generate one batch and record every image's outcome; returns the errors (not NaNs) recorded."""
-        start = time.perf_counter()
-        try:
-            images = self._generate(batch)
-        except NonFiniteOutputError as e:
-            images = e.images
-        except Exception as e:
-            if self.pipe.device.type == "cuda":
-                torch.cuda.empty_cache()  # an out-of-memory batch leaves its blocks cached
-            return self._run_alone(shard_writer, batch, _describe(e))
-        self._record(shard_writer, batch, images, (time.perf_counter() - start) / len(batch), attempts=1)
-        return []
+        """Generate one batch, in calls of its size's rows (fewer once a call runs out of memory), and record
+        every image's outcome; returns the errors (not NaNs) recorded."""
+        height, width = batch[0].height, batch[0].width
+        errors, done = [], 0
+        while done < len(batch):
+            rows = self.batch_sizes.rows(height, width)
+            chunk = batch[done:done + rows]
+            # Pad rows repeat the last row and are dropped: a compiled UNet meets only the sizes' row counts.
+            padded = chunk + [chunk[-1]] * (rows - len(chunk)) if self.pad_batches else chunk
+            start = time.perf_counter()
+            failure, out_of_memory = None, False
+            try:
+                images = self._generate(padded)[:len(chunk)]
+            except NonFiniteOutputError as e:
+                images = e.images[:len(chunk)]
+            except torch.OutOfMemoryError as e:
+                failure, out_of_memory = _describe(e), True
+            except Exception as e:
+                failure = _describe(e)
+            # Out of the except block: the failed call's tensors, held by its traceback, are free now.
+            if failure is None:
+                self._record(shard_writer, chunk, images, (time.perf_counter() - start) / len(chunk), attempts=1)
+            else:
+                if self.pipe.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the failed call left its blocks cached
+                if out_of_memory and len(padded) > 1:
+                    self.batch_sizes.halve(height, width, len(padded))
+                    continue
+                errors += self._run_alone(shard_writer, chunk, failure)
+            done += len(chunk)
+        return errors
 
     def _run_alone(self, shard_writer: ShardWriter, batch: list[WorkItem], batch_error: str) -> list[str]:
         """After a batch failed: each of its rows once more on its own, to find the rows at fault."""

@@ -166,11 +166,16 @@ def run_command(
     output: Annotated[str, typer.Option("-o", "--output", help="Output dataset folder: a path or fsspec URL.")],
     model_cache: ModelCacheOption = None,
     actors: Annotated[int | None, typer.Option("--actors", help="Actors (default: one per GPU, or 1 without GPUs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call (same size, steps, scheduler, guidance).")] = 4,
+    batch_size: Annotated[str, typer.Option("--batch-size", metavar="<auto|N>", help=(
+        "Images per pipeline call (same size, steps, scheduler, guidance); auto: 4 on the CPU, on a GPU per image "
+        "size the largest of 1, 2, 4, 8, 16, 32 that fits its memory. Fewer after an out-of-memory error."))] = "auto",
     shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard, the unit of work, commit and resume (a row with more images spans several shards).")] = 200,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "fp32",
     compile_unet: CompileOption = False,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help=(
+        "Replay the UNet's steps as CUDA graphs (torch.compile's reduce-overhead mode; implies --compile, "
+        "needs CUDA)."))] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster (default: RAY_ADDRESS, else start a local one).")] = None,
     seed: SeedOption = Defaults.seed,
     steps: StepsOption = Defaults.steps,
@@ -198,8 +203,8 @@ def run_command(
                         scheduler=scheduler, negative_prompt=negative_prompt)
     opts = driver.RunOptions(
         manifest=manifest, model=model, model_cache=model_cache, output=output, defaults=defaults, actors=actors,
-        batch_size=batch_size,
-        shard_size=shard_size, device=device, dtype=dtype, compile=compile_unet, ray_address=ray_address,
+        batch_size=parse_batch_size(batch_size), shard_size=shard_size, device=device, dtype=dtype,
+        compile=compile_unet or cuda_graphs, cuda_graphs=cuda_graphs, ray_address=ray_address,
         storage_options=storage_options(storage_option),
         mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,
         shard_timeout=shard_timeout, row_timeout=row_timeout,
@@ -211,6 +216,16 @@ def run_command(
     except driver.RunError as e:
         raise CommandError(str(e), e.exit_code) from None
     typer.echo(progress.format_summary(result))
+
+
+def parse_batch_size(value: str) -> int | None:
+    """--batch-size: None for auto, else the number (driver.check_options checks its range)."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise CommandError(f"--batch-size must be auto or a number of images, got {value!r}") from None
 
 
 if __name__ == "__main__":  # python -m jobs.cli: the command from a source tree

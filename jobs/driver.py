@@ -40,6 +40,7 @@ import torch
 
 from jobs import devices, sources, storage
 from jobs.actor import ActorConfig, ShardActor
+from jobs.buckets import most_rows
 from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, manifest_shards, read_shard
@@ -73,11 +74,12 @@ class RunOptions:
     defaults: Defaults = field(default_factory=Defaults)
     model_cache: str | None = None  # on each node; None: jobs.sources.default_cache() there
     actors: int | None = None  # default: one per GPU, or 1 without GPUs
-    batch_size: int = 4
+    batch_size: int | None = None  # rows per pipeline call; None: auto (jobs.buckets)
     shard_size: int = 200
     device: str = "auto"
     dtype: str = "fp32"
     compile: bool = False  # torch.compile the UNet on every actor
+    cuda_graphs: bool = False  # compile in mode "reduce-overhead" (CUDA graphs); implies compile
     ray_address: str | None = None
     storage_options: dict = field(default_factory=dict)
     mode: str = "auto"  # see sink.Output.prepare
@@ -147,6 +149,9 @@ def check_options(opts: RunOptions) -> None:
     if opts.device == "cuda" and not joins_cluster(opts) and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device is visible here, and the local Ray cluster would have none; "
                         "use --device auto or cpu, or --ray-address of a cluster with GPUs")
+    if opts.cuda_graphs and (opts.device == "cpu" or (not joins_cluster(opts) and not torch.cuda.is_available())):
+        problems.append("--cuda-graphs needs CUDA, and " + ("--device cpu runs on the CPU" if opts.device == "cpu" else
+                        "no CUDA device is visible here"))
     if problems:
         raise RunError("; ".join(problems), 2)
 
@@ -166,7 +171,8 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
         rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults, dtype=opts.dtype,
         embed_images=opts.embed_images,
-        settings={"batch_size": opts.batch_size, "actors": opts.actors, "device": opts.device, "compile": opts.compile,
+        settings={"batch_size": opts.batch_size or "auto", "actors": opts.actors, "device": opts.device,
+                  "compile": opts.compile or opts.cuda_graphs, "cuda_graphs": opts.cuda_graphs,
                   "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options,
                   "model_cache": opts.model_cache},
     )
@@ -271,7 +277,8 @@ class _Run:
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, model_cache=opts.model_cache,
             defaults=opts.defaults, device=plan.device,
-            dtype=opts.dtype, compile=opts.compile, batch_size=opts.batch_size, storage_options=opts.storage_options,
+            dtype=opts.dtype, compile=opts.compile, cuda_graphs=opts.cuda_graphs, batch_size=opts.batch_size,
+            storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
             row_timeout=opts.row_timeout, run_id=lease.run_id,
         )
@@ -421,7 +428,7 @@ class _Run:
         now = time.monotonic()
         stall = None
         if self.measured_images:
-            per_batch = self.opts.batch_size * self.measured_seconds / self.measured_images
+            per_batch = most_rows(self.opts.batch_size, self.plan.device) * self.measured_seconds / self.measured_images
             stall = max(STALL_FLOOR, STALL_FACTOR * per_batch)
         for slot in self.slots:
             if slot.task is None:
@@ -616,6 +623,9 @@ def _run_actors(opts: RunOptions, job: JobSpec, out: Output, lease: Lease, strea
     try:
         started_ray = connect_ray(opts)
         plan = plan_actors(opts, ray.cluster_resources())
+        if opts.cuda_graphs and plan.device != "cuda":
+            raise RunError("--cuda-graphs needs CUDA, and the Ray cluster has no GPU; use --device cuda to wait for one",
+                           2)
         job_run = _Run(opts, job, out, lease, plan, stream, on_dispatch, started_at=started_at)
         kind = "GPU" if "num_gpus" in plan.resources else "CPU"
         job_run.say(f"{job.rows:,} rows, {job.images:,} images in {job.shards:,} shards; "

@@ -13,6 +13,7 @@ import torch
 import sdcore
 from jobs import driver
 from jobs.actor import ActorConfig, ShardFailed, ShardRunner
+from jobs.buckets import BATCH_ON_CPU, BUCKETS, BatchSizes, fitting_bucket
 from jobs.plan import shards
 from jobs.sink import Output, OutputError
 from sdcore import allocator
@@ -45,12 +46,25 @@ def make_runner(manifest, out, **config) -> ShardRunner:
 
 def test_the_writer_queue_holds_two_batches(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", prompt=["a cat"])
-    for batch_size, queue in [(4, 16), (16, 32)]:
+    for batch_size, queue in [(None, 16), (4, 16), (16, 32)]:  # None: auto, 4 rows on the CPU
         runner = make_runner(manifest, tmp_path / f"out{batch_size}", batch_size=batch_size)
         try:
             assert runner.writer.max_pending == queue
         finally:
             runner.close()
+
+
+def test_auto_batches_fit_the_free_memory_and_halve_for_their_size_only():
+    gib = 2**30
+    for free in (gib, 8 * gib, 80 * gib):
+        small, large = (fitting_bucket(free, side, side, torch.float16) for side in (512, 1024))
+        assert small in BUCKETS and large <= small and fitting_bucket(free, 512, 512, torch.float32) <= small
+    assert fitting_bucket(80 * gib, 512, 512, torch.float16) > fitting_bucket(8 * gib, 512, 512, torch.float16)
+    assert fitting_bucket(0, 512, 512, torch.float16) == 1
+    sizes = BatchSizes(None, torch.device("cpu"), torch.float32)
+    assert sizes.rows(64, 64) == sizes.rows(64, 72) == BATCH_ON_CPU
+    sizes.halve(64, 64, BATCH_ON_CPU)
+    assert (sizes.rows(64, 64), sizes.rows(64, 72)) == (BATCH_ON_CPU // 2, BATCH_ON_CPU)
 
 
 def run_all(runner: ShardRunner, rows: int, shard_size: int) -> list[dict]:
@@ -148,6 +162,60 @@ def test_a_shard_where_every_image_fails_raises_and_commits_nothing(tmp_path, mo
     with pytest.raises(ShardFailed, match="all 2 images failed.*illegal memory access"):
         run_all(runner, 2, 2)
     assert not (tmp_path / "out" / "metadata").exists()
+
+
+def record_unet_batches(monkeypatch, pipe, out_of_memory=lambda x: False) -> list[int]:
+    """Wrap the pipeline's UNet call: note every call's (samples, latent height, ran out of memory) for
+    its latents x [B, 4, h, w], raising torch.OutOfMemoryError where `out_of_memory(x)` says so."""
+    real, seen = pipe.predict_noise, []
+
+    def predict_noise(x, t, context):
+        seen.append((len(x), x.shape[-2], out_of_memory(x)))
+        if seen[-1][2]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {len(x)} samples of {tuple(x.shape[1:])}")
+        return real(x, t, context)
+
+    monkeypatch.setattr(pipe, "predict_noise", predict_noise)
+    return seen
+
+
+def test_padded_batches_make_the_same_images_and_drop_the_pad_rows(tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(7)],
+                              guidance_scale=[7.5] * 5 + [1.0] * 2)  # two groups: 5 rows with guidance, 2 without
+    outputs = {}
+    for name, pad in (("plain", False), ("padded", True)):
+        runner = make_runner(manifest, tmp_path / name, batch_size=4, pad_batches=pad)
+        seen = record_unet_batches(monkeypatch, runner.pipe)
+        assert [(r["images"], r["failures"]) for r in run_all(runner, 7, 7)] == [(7, 0)]
+        meta, failures = read_dataset(tmp_path / name)
+        assert sorted(meta, key=int) == [str(i) for i in range(7)] and not failures
+        written = sorted(p.name for p in (tmp_path / name / "images/shard-000000").iterdir())
+        assert written == sorted(f"{i}.png" for i in range(7))
+        outputs[name] = check_images(tmp_path / name, meta)
+        # Guided rows go through the UNet as a whole batch of 2 samples each: 4 rows, then 1 (padded to 4 or not).
+        guided = {n for n, _, _ in seen if n > 1}
+        assert guided == ({8} if pad else {8, 2}), (name, seen)
+    assert outputs["padded"] == outputs["plain"]
+
+
+def test_out_of_memory_halves_the_batch_for_its_size_and_keeps_the_images(tmp_path, pipe, monkeypatch):
+    # Rows of 64x64, and one of 64x72 that runs out of memory even alone; four 64x64 rows at once do too.
+    heights = [64, 64, 64, 64, 64, 72, 64, 64]
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(8)], height=heights)
+    runner = make_runner(manifest, tmp_path / "out", batch_size=4, pad_batches=True)
+    seen = record_unet_batches(monkeypatch, runner.pipe, lambda x: len(x) > 4 or x.shape[-2] == 72 // 8)
+    results = run_all(runner, 8, 4)
+    assert [(r["images"], r["failures"]) for r in results] == [(4, 0), (3, 1)]
+    # The first batch of four 64x64 rows ran out of memory; after it, two rows at a time, in the next shard too.
+    assert [n for n, h, oom in seen if h == 8 and oom] == [8] and {n for n, h, oom in seen if h == 8 and not oom} == {4}
+    assert [n for n, h, oom in seen if h == 9] == [8, 4, 2, 2]  # halved down to a row alone, which is tried twice
+    assert runner.batch_sizes.rows(64, 64) == 2 and runner.batch_sizes.rows(72, 64) == 1
+    meta, failures = read_dataset(tmp_path / "out")
+    assert sorted(meta, key=int) == ["0", "1", "2", "3", "4", "6", "7"] and list(failures) == ["5"]
+    assert failures["5"]["attempts"] == 2 and failures["5"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    pngs = check_images(tmp_path / "out", meta)
+    for image_id in meta:
+        assert (pixels(pngs[image_id]) == reference(pipe, f"p{image_id}", seed_of(image_id))).all(), image_id
 
 
 # --- actors under the driver, on a local Ray --------------------------------------------------------

@@ -226,6 +226,8 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--model", "{manifest}"], "expected a diffusers folder or a .safetensors / .ckpt file"),
     (["--model", "{tmp}"], "not a diffusers model folder (no unet/, vae/, text_encoder/)"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "many"], "--batch-size must be auto or a number of images, got 'many'"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs CUDA, and --device cpu runs on the CPU"),
     (["--actors", "0", "--shard-size", "-1"], "--actors must be at least 1, got 0; --shard-size must be at least 1"),
     (["--steps", "0"], "--steps 0 is out of range 1..1000"),
     (["--width", "100"], "--width 100 must be a multiple of 8"),
