@@ -22,9 +22,9 @@ Failures are per image, never per shard:
   device, say) than the rows: the shard raises, and the driver retries it on a fresh actor.
 """
 import os
-import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -117,7 +117,7 @@ class ShardRunner:
         self._shard, self._images_done = shard.id, 0
         if self.pipe.device.type == "cpu":
             if self.config.cpu_threads:
-                torch.set_num_threads(self.config.cpu_threads)  # here: Ray runs each call on one of its threads
+                torch.set_num_threads(self.config.cpu_threads)  # here: the setting belongs to the calling thread
             # Rows per call depend on this thread's torch thread count.
             self.pipe.batching = Batching.for_device(self.pipe.device, self.pipe.dtype, self.pipe.compiled)
         rows = storage.DEFAULT_RETRY.call(f"reading the rows of {shard.id}", read_shard, self.manifest, shard,
@@ -256,25 +256,32 @@ def ray_node() -> str:
     return ray.get_runtime_context().get_node_id()[:8]
 
 
-@ray.remote(max_concurrency=2)  # two threads: `progress` answers while `run_shard` works
-class ShardActor:
-    """A ShardRunner in a Ray actor. `start` loads the model (errors come back as themselves,
-    which a failing constructor's would not); the driver never runs two shards on one actor at once."""
+class OneThreadRunner:
+    """A ShardRunner whose model work (loading, compiling, every shard) runs on one thread of its own,
+    whichever thread calls: CUDA graphs, compiled code and torch's thread settings belong to a thread.
+    `progress` answers on the caller's thread. `start` loads the model (errors come back as themselves,
+    which a failing constructor's would not); calls to `start` and `run_shard` queue for the thread."""
 
     def __init__(self, config: ActorConfig):
         self.config = config
         self.runner: ShardRunner | None = None
-        self._lock = threading.Lock()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdbatch-model")
 
     def start(self) -> dict:
-        with self._lock:
-            if self.runner is None:
-                self.runner = ShardRunner(self.config)
-            return self.runner.info()
+        return self._model_thread.submit(self._start).result()
+
+    def _start(self) -> dict:
+        if self.runner is None:
+            self.runner = ShardRunner(self.config)
+        return self.runner.info()
 
     def run_shard(self, shard: Shard) -> dict:
-        with self._lock:
-            return self.runner.run_shard(shard)
+        return self._model_thread.submit(self.runner.run_shard, shard).result()
 
     def progress(self) -> tuple[str, int]:
-        return ("", 0) if self.runner is None else self.runner.progress()
+        runner = self.runner
+        return ("", 0) if runner is None else runner.progress()
+
+
+# Two Ray threads: `progress` answers while `run_shard` waits for the model thread.
+ShardActor = ray.remote(max_concurrency=2)(OneThreadRunner)

@@ -11,8 +11,8 @@ import ray
 import torch
 
 import sdcore
-from jobs import driver
-from jobs.actor import ActorConfig, ShardFailed, ShardRunner
+from jobs import actor, driver
+from jobs.actor import ActorConfig, OneThreadRunner, ShardFailed, ShardRunner
 from jobs.buckets import BATCH_ON_CPU, BUCKETS, BatchSizes, fitting_bucket
 from jobs.plan import shards
 from jobs.sink import Output, OutputError
@@ -216,6 +216,48 @@ def test_out_of_memory_halves_the_batch_for_its_size_and_keeps_the_images(tmp_pa
     pngs = check_images(tmp_path / "out", meta)
     for image_id in meta:
         assert (pixels(pngs[image_id]) == reference(pipe, f"p{image_id}", seed_of(image_id))).all(), image_id
+
+
+def test_the_model_runs_on_one_thread_whichever_thread_calls(tmp_path, monkeypatch):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a", "b", "c", "d"])
+    threads, in_shard, release = [], threading.Event(), threading.Event()
+    real_load = actor.load_pipeline
+
+    def load_pipeline(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(actor, "load_pipeline", load_pipeline)
+    body = OneThreadRunner(ActorConfig(manifest=str(manifest), output=str(tmp_path / "out"), model=MODEL,
+                                       defaults=DEFAULTS, device="cpu", batch_size=2))
+
+    def on_a_new_thread(call, *args):  # as Ray runs each call, on a thread of its pool
+        result = []
+        caller = threading.Thread(target=lambda: result.append(call(*args)))
+        caller.start()
+        return caller, result
+
+    caller, _ = on_a_new_thread(body.start)
+    caller.join()
+    real_generate = body.runner.pipe.generate
+
+    def generate(prompts, **kwargs):
+        threads.append(threading.get_ident())
+        in_shard.set()
+        assert release.wait(30)
+        return real_generate(prompts, **kwargs)
+
+    monkeypatch.setattr(body.runner.pipe, "generate", generate)
+    for shard in shards(4, 2):
+        caller, result = on_a_new_thread(body.run_shard, shard)
+        assert in_shard.wait(30)
+        assert body.progress() == (shard.id, 0)  # answers while the shard waits in the model thread
+        release.set()
+        caller.join()
+        assert result[0]["images"] == 2
+        in_shard.clear(), release.clear()
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    body.runner.close()
 
 
 # --- actors under the driver, on a local Ray --------------------------------------------------------
