@@ -9,8 +9,8 @@ that rounds exp otherwise (SiLU), at places that move with the batch. With guida
 samples, unconditional and conditional, so there the whole batch goes through at once (fewer passes
 over the weights). Otherwise the rows go one at a time, as through a compiled UNet, which compiles
 every new batch shape and whose kernels make no such promise. The VAE decoder takes one row at a
-time on the CPU, where a batch brings it no speed. A GPU takes the whole batch, and its images agree
-across batches to float precision.
+time on the CPU, where a batch brings it no speed. A GPU takes the whole batch; its kernels change
+with the batch's shape, so its images are not held to equal bytes across batch sizes.
 """
 from dataclasses import dataclass
 
