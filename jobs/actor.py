@@ -46,7 +46,7 @@ class ActorConfig:
     defaults: Defaults
     model_cache: str | None = None  # None: sources.default_cache() of the actor's node
     device: str = "auto"  # resolved on the actor's node
-    dtype: str = "fp32"
+    dtype: str = "auto"  # resolved for the device (the driver sends the job's dtype, never "auto")
     compile: bool = False  # Pipeline.compile() after loading
     batch_size: int = 4
     storage_options: dict = field(default_factory=dict)
@@ -71,10 +71,13 @@ class ShardRunner:
     def __init__(self, config: ActorConfig):
         self.config = config
         self.allocator = allocator.keep_freed_memory() if config.keep_freed_memory else allocator.DEFAULT
-        dtype = devices.resolve_dtype(config.dtype)
+        device = devices.resolve_device(config.device)
+        self.dtype = devices.dtype_name(config.dtype, device)
+        dtype = devices.DTYPES[self.dtype]
         self.model = sources.resolve(config.model, storage_options=config.storage_options, dtype=dtype,
                                      cache=config.model_cache)
-        self.pipe = load_pipeline(self.model.path, device=devices.resolve_device(config.device), dtype=dtype)
+        devices.prepare_backend(device, dtype)
+        self.pipe = load_pipeline(self.model.path, device=device, dtype=dtype)
         if config.compile:
             self.pipe.compile()
         self.manifest = open_manifest(config.manifest, config.storage_options)
@@ -169,7 +172,7 @@ class ShardRunner:
     def _record(self, shard_writer: ShardWriter, items: list[WorkItem], images: list, seconds: float, attempts: int):
         for item, image in zip(items, images):
             if image is None:  # NaN/inf: the same seed would fail the same way, so no retry
-                shard_writer.fail(item, f"NonFiniteOutputError: the image came out NaN/inf (dtype {self.config.dtype}; "
+                shard_writer.fail(item, f"NonFiniteOutputError: the image came out NaN/inf (dtype {self.dtype}; "
                                         "fp32 or a smaller guidance_scale may help)", attempts=attempts)
             else:
                 shard_writer.add(item, image, scheduler_config=self._scheduler_config(item.scheduler), seconds=seconds)
