@@ -51,7 +51,7 @@ class ActorConfig:
     defaults: Defaults
     model_cache: str | None = None  # None: sources.default_cache() of the actor's node
     device: str = "auto"  # resolved on the actor's node
-    dtype: str = "fp32"
+    dtype: str = "auto"  # resolved for the device (the driver sends the job's dtype, never "auto")
     compile: bool = False  # Pipeline.compile() after loading
     cuda_graphs: bool = False  # compile in mode "reduce-overhead": the UNet's steps replay CUDA graphs
     batch_size: int | None = None  # rows per pipeline call; None: auto (jobs.buckets)
@@ -78,10 +78,13 @@ class ShardRunner:
     def __init__(self, config: ActorConfig):
         self.config = config
         self.allocator = allocator.keep_freed_memory() if config.keep_freed_memory else allocator.DEFAULT
-        dtype = devices.resolve_dtype(config.dtype)
+        device = devices.resolve_device(config.device)
+        self.dtype = devices.dtype_name(config.dtype, device)
+        dtype = devices.DTYPES[self.dtype]
         self.model = sources.resolve(config.model, storage_options=config.storage_options, dtype=dtype,
                                      cache=config.model_cache)
-        self.pipe = load_pipeline(self.model.path, device=devices.resolve_device(config.device), dtype=dtype)
+        devices.prepare_backend(device, dtype)
+        self.pipe = load_pipeline(self.model.path, device=device, dtype=dtype)
         if config.compile or config.cuda_graphs:
             self.pipe.compile(mode="reduce-overhead" if config.cuda_graphs else None)
         self.batch_sizes = BatchSizes(config.batch_size, self.pipe.device, dtype)
@@ -202,7 +205,7 @@ class ShardRunner:
     def _record(self, shard_writer: ShardWriter, items: list[WorkItem], images: list, seconds: float, attempts: int):
         for item, image in zip(items, images):
             if image is None:  # NaN/inf: the same seed would fail the same way, so no retry
-                shard_writer.fail(item, f"NonFiniteOutputError: the image came out NaN/inf (dtype {self.config.dtype}; "
+                shard_writer.fail(item, f"NonFiniteOutputError: the image came out NaN/inf (dtype {self.dtype}; "
                                         "fp32 or a smaller guidance_scale may help)", attempts=attempts)
             else:
                 shard_writer.add(item, image, scheduler_config=self._scheduler_config(item.scheduler), seconds=seconds)

@@ -106,7 +106,7 @@ def generate_command(
     scheduler: SchedulerOption = Defaults.scheduler,
     negative_prompt: NegativeOption = Defaults.negative_prompt,
     device: DeviceOption = "auto",
-    dtype: DtypeOption = "fp32",
+    dtype: DtypeOption = "auto",
     compile_unet: CompileOption = False,
     model_cache: ModelCacheOption = None,
     storage_option: StorageOptions = None,
@@ -116,9 +116,10 @@ def generate_command(
     params = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                       scheduler=scheduler, negative_prompt=negative_prompt)
     try:
-        torch_device, torch_dtype = devices.resolve_device(device), devices.resolve_dtype(dtype)
+        torch_device = devices.resolve_device(device)
     except ValueError as e:  # --device cuda on a machine without one
         raise CommandError(str(e)) from None
+    torch_dtype = devices.resolve_dtype(dtype, torch_device)
     options = storage_options(storage_option)
     sources.check(model, options, torch_dtype, model_cache)
     fs, path = storage.resolve(output, options)
@@ -129,6 +130,7 @@ def generate_command(
     if torch_device.type == "cpu" and (ctx.obj or {}).get("owns_process"):
         keep_freed_memory()  # reuse the activations' memory from one step to the next
     resolved = sources.resolve(model, storage_options=options, dtype=torch_dtype, cache=model_cache)
+    devices.prepare_backend(torch_device, torch_dtype)
     pipe = load_pipeline(resolved.path, device=torch_device, dtype=torch_dtype)
     if compile_unet:
         pipe.compile()
@@ -171,7 +173,7 @@ def run_command(
         "size the largest of 1, 2, 4, 8, 16, 32 that fits its memory. Fewer after an out-of-memory error."))] = "auto",
     shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard, the unit of work, commit and resume (a row with more images spans several shards).")] = 200,
     device: DeviceOption = "auto",
-    dtype: DtypeOption = "fp32",
+    dtype: DtypeOption = "auto",
     compile_unet: CompileOption = False,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help=(
         "Replay the UNet's steps as CUDA graphs (torch.compile's reduce-overhead mode; implies --compile, "

@@ -78,5 +78,6 @@ CompileOption = Annotated[bool, typer.Option(
 DeviceOption = Annotated[Literal[devices.DEVICES], typer.Option(
     "--device",
     help="Where the model runs; auto: a GPU if the machine that loads the model has one, else the CPU.")]
-DtypeOption = Annotated[Literal[tuple(devices.DTYPES)], typer.Option(
-    "--dtype", help="Precision of the model's weights and activations.")]
+DtypeOption = Annotated[Literal[devices.DTYPE_CHOICES], typer.Option(
+    "--dtype", help=("Precision of the model's weights and activations; auto: fp16 on a GPU, fp32 on the CPU "
+                     "(fp32 on a GPU uses its TF32 tensor cores)."))]

@@ -1,7 +1,9 @@
 """`--device` and `--dtype` as the user spells them, resolved where the model runs.
 
 "auto" is resolved on the machine that loads the model (a Ray actor's GPU node), never on the
-driver, which may have no GPU at all.
+driver, which may have no GPU at all. `--dtype auto` follows the device: fp16 on CUDA, where half
+precision runs on the tensor cores in half the memory, and fp32 on the CPU, where half precision is
+slower, not faster.
 """
 import os
 import platform
@@ -9,6 +11,7 @@ import platform
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -34,7 +37,23 @@ def why_no_cuda() -> str:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+def dtype_name(name: str, device: torch.device | str) -> str:
+    """`--dtype` with "auto" replaced by the name it stands for on `device`."""
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
+    if name == "auto":
+        return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    return name
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    return DTYPES[dtype_name(name, device)]
+
+
+def prepare_backend(device: torch.device, dtype: torch.dtype) -> None:
+    """Process-wide torch settings for a model that runs in `dtype` on `device`: fp32 on CUDA runs its
+    matmuls and convolutions on the TF32 tensor cores (a 10-bit mantissa, as fp16 has, at fp32's range)."""
+    if device.type == "cuda" and dtype == torch.float32:
+        # These flags, not fp32_precision: after a set through fp32_precision, code that reads them raises.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -77,7 +77,7 @@ class RunOptions:
     batch_size: int | None = None  # rows per pipeline call; None: auto (jobs.buckets)
     shard_size: int = 200
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # fp16 on GPU actors, fp32 on CPU ones; a resumed dataset keeps the dtype it was made in
     compile: bool = False  # torch.compile the UNet on every actor
     cuda_graphs: bool = False  # compile in mode "reduce-overhead" (CUDA graphs); implies compile
     ray_address: str | None = None
@@ -138,11 +138,13 @@ def check_options(opts: RunOptions) -> None:
             problems.append(f"{name} must be a number of seconds > 0, got {value}")
     if opts.device not in devices.DEVICES:
         problems.append(f"--device must be one of {', '.join(devices.DEVICES)}, got {opts.device!r}")
-    if opts.dtype not in devices.DTYPES:
-        problems.append(f"--dtype must be one of {', '.join(devices.DTYPES)}, got {opts.dtype!r}")
+    if opts.dtype not in devices.DTYPE_CHOICES:
+        problems.append(f"--dtype must be one of {', '.join(devices.DTYPE_CHOICES)}, got {opts.dtype!r}")
     if opts.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
-    try:  # a listing or an API call: seconds, nothing downloaded
+    # A listing or an API call: seconds, nothing downloaded. auto is checked as fp32: each actor
+    # selects the files again for the dtype it runs in.
+    try:
         sources.check(opts.model, opts.storage_options, devices.DTYPES.get(opts.dtype, torch.float32), opts.model_cache)
     except (sources.SourceError, storage.StorageError, PermissionError) as e:
         problems.append(str(e))
@@ -162,21 +164,25 @@ def joins_cluster(opts: RunOptions) -> bool:
 
 def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     """Validate the whole manifest and check OUT, writing nothing but a probe file that is removed
-    at once. The model's fingerprint stays None until an actor has loaded the model."""
+    at once. The model's fingerprint stays None until an actor has loaded the model, and so does the
+    dtype of a new dataset with --dtype auto until the actors' device is planned."""
     check_options(opts)
     with open_manifest(opts.manifest, opts.storage_options) as m:
         summary = validate(m, opts.defaults)
     out = Output(opts.output, opts.storage_options)
     job = JobSpec(
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
-        rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults, dtype=opts.dtype,
-        embed_images=opts.embed_images,
+        rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults,
+        dtype=None if opts.dtype == "auto" else opts.dtype, embed_images=opts.embed_images,
         settings={"batch_size": opts.batch_size or "auto", "actors": opts.actors, "device": opts.device,
                   "compile": opts.compile or opts.cuda_graphs, "cuda_graphs": opts.cuda_graphs,
-                  "ray_address": storage.redact_url(opts.ray_address or ""), "storage_options": opts.storage_options,
-                  "model_cache": opts.model_cache},
+                  "dtype_requested": opts.dtype, "ray_address": storage.redact_url(opts.ray_address or ""),
+                  "storage_options": opts.storage_options, "model_cache": opts.model_cache},
     )
-    out.check(job, mode=opts.mode)
+    existing = out.check(job, mode=opts.mode)
+    if job.dtype is None and existing is not None and opts.mode != "overwrite":
+        # A resume stays exact whatever machine runs it: auto continues in the dtype the dataset was made in.
+        job.dtype = existing.get("identity", {}).get("dtype")
     out.check_writable()
     return job, out
 
@@ -236,6 +242,13 @@ def plan_actors(opts: RunOptions, cluster: dict) -> ActorPlan:
     return ActorPlan(count, {"num_cpus": 1}, "cpu", 1, note)
 
 
+def resolve_job_dtype(job: JobSpec, plan: ActorPlan) -> None:
+    """--dtype auto for a new dataset, once the actors' device is planned and before they start: the
+    actors all run one dtype, and job.json records that one."""
+    if job.dtype is None:
+        job.dtype = devices.dtype_name("auto", plan.device)
+
+
 # --- 3-5. the run ---------------------------------------------------------------------------------
 
 @dataclass
@@ -277,7 +290,7 @@ class _Run:
         self.config = ActorConfig(
             manifest=opts.manifest, output=opts.output, model=opts.model, model_cache=opts.model_cache,
             defaults=opts.defaults, device=plan.device,
-            dtype=opts.dtype, compile=opts.compile, cuda_graphs=opts.cuda_graphs, batch_size=opts.batch_size,
+            dtype=job.dtype, compile=opts.compile, cuda_graphs=opts.cuda_graphs, batch_size=opts.batch_size,
             storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
             row_timeout=opts.row_timeout, run_id=lease.run_id,
@@ -626,10 +639,11 @@ def _run_actors(opts: RunOptions, job: JobSpec, out: Output, lease: Lease, strea
         if opts.cuda_graphs and plan.device != "cuda":
             raise RunError("--cuda-graphs needs CUDA, and the Ray cluster has no GPU; use --device cuda to wait for one",
                            2)
+        resolve_job_dtype(job, plan)
         job_run = _Run(opts, job, out, lease, plan, stream, on_dispatch, started_at=started_at)
         kind = "GPU" if "num_gpus" in plan.resources else "CPU"
         job_run.say(f"{job.rows:,} rows, {job.images:,} images in {job.shards:,} shards; "
-                    f"starting {plan.count} {kind} actor(s)")
+                    f"starting {plan.count} {kind} actor(s), {job.dtype}")
         if plan.note:
             job_run.say(f"warning: {plan.note}")
         job_run.loop()

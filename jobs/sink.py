@@ -192,7 +192,7 @@ class JobSpec:
     images: int
     shard_size: int
     defaults: Defaults
-    dtype: str
+    dtype: str | None  # None only while checking OUT for a new dataset with --dtype auto
     settings: dict = field(default_factory=dict)  # informational (batch size, actors, device, storage options, ...)
     embed_images: bool = False  # part of the identity: every metadata file of a dataset has one schema
     sharding: str = SHARDING
@@ -439,7 +439,8 @@ class Output:
         new dataset), or OutputError if `job` may not go here.
 
         Identity values that are None are not compared: the driver checks OUT before any actor has
-        loaded the model, i.e. before the model's fingerprint is known.
+        loaded the model, i.e. before the model's fingerprint is known (and, with --dtype auto,
+        before the dtype is).
         """
         if mode not in ("auto", "resume", "overwrite"):
             raise ValueError(f"mode must be auto, resume or overwrite, got {mode!r}")

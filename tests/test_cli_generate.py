@@ -32,6 +32,7 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
         "model_fingerprint": "builtin:tiny/v1", "model_revision": None, "sdbatch_version": sink.SDBATCH_VERSION,
     }
     assert params["scheduler_config"]["name"] == "dpmpp_2m" and params["scheduler_config"]["beta_schedule"] == "scaled_linear"
+    # --dtype auto on the CPU is fp32, sdcore's own default
     expected = sdcore.load_pipeline("builtin:tiny").generate(
         ["a red fox in snow"], seeds=[7], negative_prompts=["blurry"], steps=3, guidance_scale=5, height=72, width=64,
         scheduler="dpmpp_2m", output="np")[0]
@@ -43,7 +44,7 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
     (["--steps", "0"], "--steps 0 is out of range 1..1000"),
     (["--scheduler", "heun"], "Invalid value for '--scheduler': Value error, 'heun' is not one of 'ddpm', 'ddim'"),
     (["--model", "/no/such/model"], "--model /no/such/model: no such file or directory"),
-    (["--dtype", "fp8"], "Invalid value for '--dtype': Value error, 'fp8' is not one of 'fp32', 'fp16', 'bf16'."),
+    (["--dtype", "fp8"], "Invalid value for '--dtype': Value error, 'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'."),
 ])
 def test_bad_arguments_exit_2_before_loading(tmp_path, args, message):
     out = tmp_path / "x.png"

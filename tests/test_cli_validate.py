@@ -89,7 +89,7 @@ def test_help_lists_the_choices(command):
     assert r.exit_code == 0, r.output
     assert "--scheduler <ddpm|ddim|pndm|euler|euler_a|dpmpp_2m|dpmpp_2m_karras|lms>" in r.stdout
     if command != "validate":
-        assert "--device <auto|cuda|cpu>" in r.stdout and "--dtype <fp32|fp16|bf16>" in r.stdout
+        assert "--device <auto|cuda|cpu>" in r.stdout and "--dtype <auto|fp32|fp16|bf16>" in r.stdout
 
 
 def test_status(tmp_path, good):

@@ -183,6 +183,25 @@ def test_a_row_of_many_images_spans_shards_and_a_kill_keeps_every_committed_one(
     assert f"shards    {shards}/{shards} done" in status.stdout and "rows      4/4 done" in status.stdout
 
 
+def test_auto_dtype_resumes_a_dataset_in_the_dtype_it_was_made_in(tmp_path, no_ray):
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a cat", "a dog", "an owl"])
+    out = tmp_path / "out"
+    args = ["run", manifest, "--output", out, "--shard-size", 2, "--actors", 1, *TINY]
+    assert sdbatch(*args, "--dtype", "bf16").returncode == 0
+    made = {p.name: p.read_bytes() for p in (out / "images").rglob("*.png")}
+    (out / "metadata" / "shard-000001.parquet").unlink()  # as if the run had stopped before its last commit
+
+    r = sdbatch(*args)  # --dtype auto, on a CPU, where a new dataset would be fp32
+    assert r.returncode == 0, r.stderr
+    assert "resuming: 1 of 2 shards already done" in r.stderr and "starting 1 CPU actor(s), bf16" in r.stderr
+    assert {p.name: p.read_bytes() for p in (out / "images").rglob("*.png")} == made  # made again in bf16, bit for bit
+    job = json.loads((out / "_sdbatch" / "job.json").read_text())
+    assert job["identity"]["dtype"] == "bf16" and job["settings"]["dtype_requested"] == "bf16"
+    before = snapshot(out)
+    assert_user_error(invoke(*args, "--dtype", "fp32"), "dtype: bf16 there, fp32 now", "use --overwrite")
+    assert snapshot(out) == before
+
+
 # --- bad input: exit 2, nothing written, Ray never started ---------------------------------------------
 
 @pytest.fixture
@@ -245,7 +264,7 @@ def test_bad_options(tmp_path, no_ray, manifest, args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dtype", "fp8"], "Invalid value for '--dtype': Value error, 'fp8' is not one of 'fp32', 'fp16', 'bf16'."),
+    (["--dtype", "fp8"], "Invalid value for '--dtype': Value error, 'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'."),
     (["--device", "tpu"], "Invalid value for '--device': Value error, 'tpu' is not one of 'auto', 'cuda', 'cpu'."),
     (["--scheduler", "karras"], "Invalid value for '--scheduler': Value error, 'karras' is not one of 'ddpm', 'ddim'"),
 ])
