@@ -91,6 +91,8 @@ class ShardRunner:
         self.pad_batches = config.pad_batches
         if self.pad_batches is None:  # a compiled UNet on the CPU takes one row at a time (sdcore.batching)
             self.pad_batches = self.pipe.device.type != "cpu" and (config.batch_size is None or self.pipe.compiled)
+        if self.pipe.compiled:
+            self._compile_ahead()
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
         # Room for two batches: one batch's images are written while the next one denoises.
@@ -102,6 +104,25 @@ class ShardRunner:
         self._scheduler_configs: dict[str, dict] = {}
         self._job: dict | None = None  # job.json, read at the first shard: the driver writes it after actors start
         self._shard, self._images_done = "", 0  # read by `progress` from another thread
+
+    def _compile_ahead(self) -> None:
+        """Compile the UNet for the job's default image size at its batch size now, while the actor
+        starts, rather than in its first shard, where minutes of compiling would count against the
+        shard's time limits. A size first met in a shard compiles there."""
+        d = self.config.defaults
+        rows = self.batch_sizes.rows(d.height, d.width)
+        out_of_memory = False
+        try:
+            self.pipe.generate([""] * rows, seeds=[0] * rows, steps=1, guidance_scale=d.guidance_scale, height=d.height,
+                               width=d.width, scheduler="ddim", output="latent")
+        except NonFiniteOutputError:
+            pass  # compiled all the same
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # out of the except block, so that the failed call's tensors are free
+            torch.cuda.empty_cache()
+            if rows > 1:
+                self.batch_sizes.halve(d.height, d.width, rows)
 
     def info(self) -> dict:
         return {

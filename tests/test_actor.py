@@ -218,6 +218,21 @@ def test_out_of_memory_halves_the_batch_for_its_size_and_keeps_the_images(tmp_pa
         assert (pixels(pngs[image_id]) == reference(pipe, f"p{image_id}", seed_of(image_id))).all(), image_id
 
 
+def test_a_compiled_actor_compiles_the_default_size_before_its_first_shard(tmp_path):
+    from torch._dynamo.utils import counters
+
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a", "b"])
+    torch._dynamo.reset()
+    counters.clear()
+    runner = make_runner(manifest, tmp_path / "out", batch_size=2, compile=True)
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    assert compiled_at_start > 0
+    run_all(runner, 2, 2)
+    assert counters["stats"]["unique_graphs"] == compiled_at_start  # the shard's rows met no new shape
+    meta, _ = read_dataset(tmp_path / "out")
+    assert sorted(meta) == ["0", "1"]
+
+
 def test_the_model_runs_on_one_thread_whichever_thread_calls(tmp_path, monkeypatch):
     manifest = write_manifest(tmp_path / "m.parquet", prompt=["a", "b", "c", "d"])
     threads, in_shard, release = [], threading.Event(), threading.Event()
