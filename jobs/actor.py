@@ -178,8 +178,9 @@ class ShardRunner:
         while done < len(batch):
             rows = self.batch_sizes.rows(height, width)
             chunk = batch[done:done + rows]
-            # Pad rows repeat the last row and are dropped: a compiled UNet meets only the sizes' row counts.
-            padded = chunk + [chunk[-1]] * (rows - len(chunk)) if self.pad_batches else chunk
+            # Pad rows repeat the last row and are dropped: a compiled UNet meets only the buckets' row counts.
+            pad = self.batch_sizes.padded(len(chunk), rows) - len(chunk) if self.pad_batches else 0
+            padded = chunk + [chunk[-1]] * pad
             start = time.perf_counter()
             failure, out_of_memory = None, False
             try:

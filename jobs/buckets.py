@@ -4,8 +4,8 @@
 batch saves passes over the weights but no launches, and on a GPU the largest bucket of BUCKETS
 whose estimated memory fits the device's free memory. Either way an out-of-memory error halves the
 rows for that size, for the rest of the actor's life. On a GPU, when auto or compiled, a short batch
-is padded to its size's rows (see jobs.actor), so that a compiled or graph-captured UNet meets a
-handful of shapes.
+is padded to the smallest bucket that holds it (see jobs.actor), so that a compiled or
+graph-captured UNet meets a handful of shapes.
 """
 import torch
 
@@ -40,6 +40,11 @@ class BatchSizes:
         if (height, width) not in self._rows:
             self._rows[height, width] = self._first(height, width)
         return self._rows[height, width]
+
+    def padded(self, rows: int, most: int) -> int:
+        """What a call of `rows` rows is padded to when its size takes `most`: the smallest bucket that
+        holds them (never more than `most`), so a shard's last short batch costs few pad rows."""
+        return min(min((b for b in BUCKETS if b >= rows), default=most), most)
 
     def halve(self, height: int, width: int, ran_out_at: int) -> None:
         """A call of `ran_out_at` rows (> 1) of this size ran out of memory."""

@@ -65,6 +65,9 @@ def test_auto_batches_fit_the_free_memory_and_halve_for_their_size_only():
     assert sizes.rows(64, 64) == sizes.rows(64, 72) == BATCH_ON_CPU
     sizes.halve(64, 64, BATCH_ON_CPU)
     assert (sizes.rows(64, 64), sizes.rows(64, 72)) == (BATCH_ON_CPU // 2, BATCH_ON_CPU)
+    # A short batch pads to the smallest bucket that holds it, never past its size's rows.
+    assert [sizes.padded(n, 32) for n in (1, 3, 8, 9, 31)] == [1, 4, 8, 16, 32]
+    assert [sizes.padded(n, 6) for n in (3, 5)] == [4, 6]
 
 
 def run_all(runner: ShardRunner, rows: int, shard_size: int) -> list[dict]:
@@ -180,21 +183,21 @@ def record_unet_batches(monkeypatch, pipe, out_of_memory=lambda x: False) -> lis
 
 
 def test_padded_batches_make_the_same_images_and_drop_the_pad_rows(tmp_path, monkeypatch):
-    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(7)],
-                              guidance_scale=[7.5] * 5 + [1.0] * 2)  # two groups: 5 rows with guidance, 2 without
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(9)],
+                              guidance_scale=[7.5] * 7 + [1.0] * 2)  # two groups: 7 rows with guidance, 2 without
     outputs = {}
     for name, pad in (("plain", False), ("padded", True)):
         runner = make_runner(manifest, tmp_path / name, batch_size=4, pad_batches=pad)
         seen = record_unet_batches(monkeypatch, runner.pipe)
-        assert [(r["images"], r["failures"]) for r in run_all(runner, 7, 7)] == [(7, 0)]
+        assert [(r["images"], r["failures"]) for r in run_all(runner, 9, 9)] == [(9, 0)]
         meta, failures = read_dataset(tmp_path / name)
-        assert sorted(meta, key=int) == [str(i) for i in range(7)] and not failures
+        assert sorted(meta, key=int) == [str(i) for i in range(9)] and not failures
         written = sorted(p.name for p in (tmp_path / name / "images/shard-000000").iterdir())
-        assert written == sorted(f"{i}.png" for i in range(7))
+        assert written == sorted(f"{i}.png" for i in range(9))
         outputs[name] = check_images(tmp_path / name, meta)
-        # Guided rows go through the UNet as a whole batch of 2 samples each: 4 rows, then 1 (padded to 4 or not).
+        # Guided rows go through the UNet as a whole batch of 2 samples each: 4 rows, then 3 (padded to 4 or not).
         guided = {n for n, _, _ in seen if n > 1}
-        assert guided == ({8} if pad else {8, 2}), (name, seen)
+        assert guided == ({8} if pad else {8, 6}), (name, seen)
     assert outputs["padded"] == outputs["plain"]
 
 
@@ -206,10 +209,12 @@ def test_out_of_memory_halves_the_batch_for_its_size_and_keeps_the_images(tmp_pa
     seen = record_unet_batches(monkeypatch, runner.pipe, lambda x: len(x) > 4 or x.shape[-2] == 72 // 8)
     results = run_all(runner, 8, 4)
     assert [(r["images"], r["failures"]) for r in results] == [(4, 0), (3, 1)]
-    # The first batch of four 64x64 rows ran out of memory; after it, two rows at a time, in the next shard too.
-    assert [n for n, h, oom in seen if h == 8 and oom] == [8] and {n for n, h, oom in seen if h == 8 and not oom} == {4}
-    assert [n for n, h, oom in seen if h == 9] == [8, 4, 2, 2]  # halved down to a row alone, which is tried twice
-    assert runner.batch_sizes.rows(64, 64) == 2 and runner.batch_sizes.rows(72, 64) == 1
+    # The first batch of four 64x64 rows ran out of memory; after it, two rows at a time, in the next shard too
+    # (whose last 64x64 row goes alone: the smallest bucket that holds it).
+    assert [n for n, h, oom in seen if h == 8 and oom] == [8]
+    assert [n for n, h, oom in seen if h == 8 and not oom] == [4] * 4 + [4] * 2 + [2] * 2  # 2 steps a batch
+    assert [n for n, h, oom in seen if h == 9] == [2, 2]  # a row alone (no padding past it), tried twice
+    assert runner.batch_sizes.rows(64, 64) == 2 and runner.batch_sizes.rows(72, 64) == 4  # only a batch halves it
     meta, failures = read_dataset(tmp_path / "out")
     assert sorted(meta, key=int) == ["0", "1", "2", "3", "4", "6", "7"] and list(failures) == ["5"]
     assert failures["5"]["attempts"] == 2 and failures["5"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
