@@ -53,7 +53,9 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="the JSON to write; the job's scratch goes beside it")
+    p.add_argument("--out", type=Path, required=True, help="the JSON to write")
+    p.add_argument("--work", type=Path, default=fixtures.REPO / "bench" / "results" / "gpu-check-work",
+                   help="scratch: the job's and the loop's images, the dry run's tiny model")
     p.add_argument("--cpu-dry-run", action="store_true", help="the same code on the CPU at tiny sizes")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE, help="where the SD v1.5 weights are kept")
     p.add_argument("--levers", nargs="*", choices=list(gpu.LEVERS), help="sdcore's levers to measure (default compile)")
@@ -61,7 +63,7 @@ def main(argv=None) -> dict:
     plan = CPU_DRY_RUN if args.cpu_dry_run else GPU
     if args.levers is not None:
         plan = dataclasses.replace(plan, levers=tuple(args.levers))
-    work = args.out.parent.resolve() / "gpu-check-work"
+    work = args.work.resolve()  # the job runs from the repository's root
     started = time.perf_counter()
     result = {"command": "python -m bench.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine(), "versions": versions(), "partial": True, "gpu": {}}

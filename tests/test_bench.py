@@ -164,7 +164,8 @@ def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
 def test_gpu_check_dry_run_measures_and_renders_every_figure(tmp_path):
     from bench import gpu_check
 
-    gpu_check.main(["--cpu-dry-run", "--levers", "channels_last", "--out", str(tmp_path / "gpu.json")])
+    gpu_check.main(["--cpu-dry-run", "--levers", "channels_last", "--out", str(tmp_path / "gpu.json"), "--work",
+                    str(tmp_path / "work")])
     run.main(["--render-only", "--gpu-from", str(tmp_path / "gpu.json"), "--out", str(tmp_path / "BENCH")])
     g = json.loads((tmp_path / "BENCH.json").read_text())["gpu"]
     assert g["partial"] is False and g["machine"]["cores"] >= 1
@@ -188,6 +189,19 @@ def test_gpu_check_dry_run_measures_and_renders_every_figure(tmp_path):
                    f"**{100 * job['efficiency']:.0f} %**", "Target (job ≥ 95 % of the loop): ",
                    "| float32 | 2 | 0 | 0.00 % (0 of 8,192) |", "| bfloat16 | 2 |"):
         assert figure in section, figure
+
+
+def test_gpu_wheels_are_the_tests_pins():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    test_extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    makefile = (root / "Makefile").read_text()
+    for package in ("diffusers", "transformers"):
+        pinned = re.search(rf"^{package.upper()}_VERSION := (\S+)$", makefile, re.M).group(1)
+        assert f"{package}=={pinned}" in test_extra, package
 
 
 def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
