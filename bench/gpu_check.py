@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench import fixtures, gpu, jobsystem
-from bench.run import write_json
+from bench.run import log, write_json
 from bench.timing import machine, versions
 from jobs.devices import DTYPES
 
@@ -45,10 +45,6 @@ class Plan:
 GPU = Plan("cuda", 512, 50, (16, 1), (torch.float16, torch.bfloat16), 2, ("compile",), 64, 4)
 CPU_DRY_RUN = Plan("cpu", 64, 2, (2, 1), (torch.float32, torch.bfloat16), 1, ("compile",), 4, 2)
 CLI_DTYPES = {dtype: name for name, dtype in DTYPES.items()}
-
-
-def log(msg: str) -> None:
-    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def main(argv=None) -> dict:
