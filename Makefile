@@ -19,7 +19,7 @@ IMAGE ?= registry.example.com/sdbatch:0.1.0
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build on a machine without a GPU.
 TORCH_INDEX ?=
 
-.PHONY: test demo bench venv image push
+.PHONY: test demo bench venv image push gpu-wheels
 
 venv: $(STAMP)
 
@@ -39,6 +39,29 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# The Python packages bench/gpu_check.sh needs beyond what a lent GPU machine's image has (torch, typer,
+# pyarrow, safetensors and an older transformers; it reaches no registry), as wheels for its Python, in an
+# ignored folder that the device call carries (57 MiB of the 64 MiB a call may carry). The tests' pins:
+# diffusers and transformers as pyproject.toml's test extra, Ray as RAY_VERSION. Ray's wheel alone is over
+# 64 MiB; its Java workers, web UI and libraries (RLlib, Tune, Train, Serve, Data, LLM), which a local job
+# of Python actors never loads, come out of it.
+GPU_WHEELS ?= .whl
+GPU_PYTHON_VERSION ?= 3.12
+DIFFUSERS_VERSION := 0.42.1
+TRANSFORMERS_VERSION := 5.24.0
+RAY_UNUSED := 'ray/jars/*' 'ray/dashboard/client/*' 'ray/rllib/*' 'ray/tune/*' 'ray/train/*' 'ray/serve/*' \
+	'ray/data/*' 'ray/llm/*'
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) ray==$(RAY_VERSION) diffusers==$(DIFFUSERS_VERSION) \
+		jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 \
+		importlib_metadata==10.2.0 transformers==$(TRANSFORMERS_VERSION)
+	zip -qd $(GPU_WHEELS)/ray-*.whl $(RAY_UNUSED)
+	du -sh $(GPU_WHEELS)
 
 # The image for every cluster node (docker/Dockerfile), built from this checkout. Needs Docker,
 # not a GPU; the build context is only what .dockerignore lets through (the package's sources).

@@ -6,4 +6,6 @@ timing.py     interleaved repetitions, medians, machine facts
 coldstart.py  one load in a fresh process (time, peak RSS), run as a child by run.py
 levers.py     A/B of each speed lever of sdcore against the same modules without it
 gpu.py        the GPU section (bf16/fp16, 512x512, 50 steps), when CUDA is present
+gpu_check.py  the GPU check for a lent GPU machine (gpu_check.sh): the GPU section's figures, a job's
+              efficiency on one GPU actor, a batch against its rows alone; --cpu-dry-run here
 """

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from bench import fixtures, flops
+from bench import fixtures, flops, jobsystem
 from bench.timing import interleaved, median, verdict
 
 SKIPPED = "GPU benchmarks skipped: no CUDA device"
@@ -96,13 +96,18 @@ def section(folder, log, *, device: str = "cuda", size: int = 512, steps: int = 
                     row["vs_eager"] = eager["sdcore"]["s"] / row["s"]
                     row["speedup_vs_diffusers"] = eager["diffusers"]["s"] / row["s"]
                 except Exception as e:  # one lever that fails must not cost the others their minutes
-                    row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    row["error"] = error_text(e)
                     log(f"GPU {lever} failed: {row['error']}")
                 pipe = None
                 free(device)
                 out["levers"].append(row)
                 save(out)
     return out
+
+
+def error_text(e: Exception) -> str:
+    """A failed figure's record: the exception's type and first line."""
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def generator(pipe, size: int, non_finite: dict):
@@ -206,6 +211,42 @@ def render(g: dict) -> list[str]:
     if "host_syncs_per_step" in g:
         lines += ["", "Host waits for the GPU per denoising step (torch.cuda sync debug mode, 64², batch 2): " + ", ".join(
             f"{name} {n:g}" for name, n in g["host_syncs_per_step"].items()) + "."]
+    if "job" in g:
+        lines += ["", render_job(g["job"])]
+    if g.get("batch_differences"):
+        lines += [""] + render_batch_differences(g["batch_differences"])
+    return lines
+
+
+def render_job(j: dict) -> str:
+    """bench.gpu_check's job figure: one actor's `sdbatch run` against the loop making the same calls."""
+    if "error" in j:
+        return f"Job efficiency: failed: {j['error']}."
+    ok = j["efficiency"] >= jobsystem.TARGET_EFFICIENCY
+    return (f"Job efficiency: `sdbatch run` of {j['images']} images on one actor ({j['dtype']}, {j['rows_per_call']} rows "
+            f"a call, shards of {j['shard_size']}) against `bench.loop` making the same calls in one process, "
+            f"{j['reps']} run each: steady (each side's start and end left out) job {j['job_steady_images_per_s']:.2f} "
+            f"images/s, loop {j['loop_steady_images_per_s']:.2f}: **{100 * j['efficiency']:.0f} %**. End to end: job "
+            f"{j['job_end_to_end_s']:.0f} s ({j['job_startup_s']:.0f} s of it starting Ray and loading the model), loop "
+            f"{j['loop_end_to_end_s']:.0f} s. Largest pixel difference job − loop: {j['max_pixel_difference']}. "
+            f"Target (job ≥ {100 * jobsystem.TARGET_EFFICIENCY:.0f} % of the loop): {verdict(ok)}.")
+
+
+def render_batch_differences(rows: list[dict]) -> list[str]:
+    """bench.gpu_check's rows of a batch made again alone, per dtype."""
+    done = next(row for row in rows + [{}] if "error" not in row)
+    lines = [f"Same seeds, batch {done.get('batch', '?')} against one row at a time: the first rows of a batch made "
+             "again alone, DDIM; how far apart the two images of each seed are (uint8 pixels, any channel).", "",
+             "| dtype | rows compared | largest difference (of 255) | pixels that differ |", "|---|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['dtype']} | failed: {row['error']} | | |")
+            continue
+        share = f"{100 * row['differing_pixels'] / row['pixels']:.2f} %" if row["pixels"] else "—"
+        non_finite = f" ({row['non_finite_rows']} non-finite left out)" if row["non_finite_rows"] else ""
+        largest = "—" if row["max_abs_uint8"] is None else row["max_abs_uint8"]
+        lines.append(f"| {row['dtype']} | {row['rows']}{non_finite} | {largest} | {share} "
+                     f"({row['differing_pixels']:,} of {row['pixels']:,}) |")
     return lines
 
 

@@ -38,9 +38,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from bench.timing import child_json, median, peak_rss_bytes, rss_bytes, run_child, verdict
+from jobs.devices import DTYPES
 from jobs.plan import shard_id
 
-SDBATCH = Path(sys.executable).parent / "sdbatch"
+# `sdbatch` as `python -m jobs.cli`: the same command, also where the package is on PYTHONPATH, not installed.
+SDBATCH = [sys.executable, "-m", "jobs.cli"]
 PLAN_ROWS = (100_000, 1_000_000, 10_000_000)
 BATCH_SIZE = 4  # `sdbatch run`'s default, used by both sides
 MANIFEST_CHUNK_ROWS = 1_000_000
@@ -85,27 +87,30 @@ def section(sd_model: Path | str, work: Path, log, *, sd_rows_per_actor: int = 8
 
 
 def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, steps: int, shard_size: int, reps: int,
-            work: Path, log) -> dict:
-    """`sdbatch run` and the plain loop over the same `rows` rows, `reps` times each, alternating."""
+            work: Path, log, batch_size: int = BATCH_SIZE, device: str = "cpu", dtype: str = "fp32") -> dict:
+    """`sdbatch run` and the plain loop over the same `rows` rows, `reps` times each, alternating; both with
+    `batch_size` rows a call on `device` in `dtype` (`sdbatch run --dtype`'s names)."""
     # The loop makes the job's calls: a batch never spans shards, and on the CPU rows in one call share the
     # UNet's passes over the weights, so a loop with larger calls would be measuring its batches, not the job.
-    batch = min(BATCH_SIZE, shard_size)
+    batch = min(batch_size, shard_size)
+    placement = {"device": device, "dtype": dtype}
+    work.mkdir(parents=True, exist_ok=True)
     manifest = work / f"rows-{rows}-{size}px-{steps}steps.parquet"
     write_manifest(manifest, rows, size, steps)
     jobs, loops = [], []
     for rep in range(reps):
         for side in (("loop", "job") if rep % 2 == 0 else ("job", "loop")):
             if side == "job":
-                jobs.append(run_job(manifest, model, work / "job-out", n_actors, shard_size, batch))
+                jobs.append(run_job(manifest, model, work / "job-out", n_actors, shard_size, batch, **placement))
             else:
-                loops.append(run_loop(manifest, model, work / "loop-out", n_actors, batch))
+                loops.append(run_loop(manifest, model, work / "loop-out", n_actors, batch, **placement))
         log(f"{label}, {n_actors} actor(s), {rows} images: job {jobs[-1]['steady_s']:.1f}s steady "
             f"({jobs[-1]['startup_s']:.1f}s start), loop {loops[-1]['images_s']:.1f}s "
             f"({loops[-1]['load_s']:.1f}s load)")
     job_steady, loop_steady = median([j["steady_s"] for j in jobs]), median([loop["images_s"] for loop in loops])
     return {
         "model": label, "actors": n_actors, "images": rows, "size": size, "steps": steps, "shard_size": shard_size,
-        "rows_per_call": batch, "loop_threads": n_actors, "reps": reps, "job_runs": jobs, "loop_runs": loops,
+        "rows_per_call": batch, **placement, "loop_threads": n_actors, "reps": reps, "job_runs": jobs, "loop_runs": loops,
         "loop_steady_images_per_s": rows / loop_steady, "job_steady_images_per_s": rows / job_steady,
         "efficiency": loop_steady / job_steady,
         "job_startup_s": median([j["startup_s"] for j in jobs]),
@@ -140,10 +145,12 @@ def write_manifest(path: Path, rows: int, size: int, steps: int) -> None:
     }), path)
 
 
-def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: int, batch: int) -> dict:
+def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: int, batch: int, *, device: str,
+            dtype: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    _, process_s = run_child([str(SDBATCH), "run", str(manifest), "--model", model, "--output", str(out),
-                              "--actors", str(n_actors), "--shard-size", str(shard_size), "--batch-size", str(BATCH_SIZE)],
+    _, process_s = run_child([*SDBATCH, "run", str(manifest), "--model", model, "--output", str(out),
+                              "--actors", str(n_actors), "--shard-size", str(shard_size), "--batch-size", str(batch),
+                              "--device", device, "--dtype", dtype],
                              "sdbatch run", timeout=3600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     last = json.loads((out / "_SUCCESS").read_text())["last_run"]
     if last["failures"]:
@@ -166,10 +173,11 @@ def call_seconds(out: Path, shard: int, batch: int) -> list[float]:
     return [sum(seconds[i:i + batch]) for i in range(0, len(seconds), batch)]
 
 
-def run_loop(manifest: Path, model: str, out: Path, threads: int, batch: int) -> dict:
+def run_loop(manifest: Path, model: str, out: Path, threads: int, batch: int, *, device: str, dtype: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    result, process_s = child_json(["-m", "bench.loop", str(manifest), model, str(out), str(threads), str(batch)],
-                                   "bench.loop", timeout=3600)
+    torch_dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    result, process_s = child_json(["-m", "bench.loop", str(manifest), model, str(out), str(threads), str(batch), device,
+                                    torch_dtype], "bench.loop", timeout=3600)
     return {"process_s": process_s, **result}
 
 

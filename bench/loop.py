@@ -1,6 +1,7 @@
 """The baseline of the job-system benchmark: the plain loop a user would write instead of a job.
 
-`python -m bench.loop MANIFEST MODEL OUT_FOLDER THREADS BATCH` loads the pipeline in this process,
+`python -m bench.loop MANIFEST MODEL OUT_FOLDER THREADS BATCH DEVICE DTYPE` (DTYPE a torch dtype's
+name, e.g. float16) loads the pipeline in this process,
 makes the rows' images with `Pipeline.generate`, BATCH rows per call (as `sdbatch run
 --batch-size` does), saves each as `OUT_FOLDER/<id>.png` with PIL, and prints one JSON line:
 seconds to load, seconds to make and save the images, each call's seconds, images. The manifest
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 
-def main(manifest: str, model: str, out: str, threads: int, batch_size: int) -> dict:
+def main(manifest: str, model: str, out: str, threads: int, batch_size: int, device: str, dtype: str) -> dict:
     import pyarrow.parquet as pq
     import torch
     from PIL import Image
@@ -28,7 +29,7 @@ def main(manifest: str, model: str, out: str, threads: int, batch_size: int) -> 
     folder.mkdir(parents=True, exist_ok=True)
     rows = pq.read_table(manifest).to_pylist()
     t0 = time.perf_counter()
-    pipe = sdcore.load_pipeline(model)
+    pipe = sdcore.load_pipeline(model, device=device, dtype=getattr(torch, dtype))
     t1 = time.perf_counter()
     calls = []
     for i in range(0, len(rows), batch_size):
@@ -42,9 +43,10 @@ def main(manifest: str, model: str, out: str, threads: int, batch_size: int) -> 
             Image.fromarray(image).save(folder / f"{row['id']}.png")
     t2 = time.perf_counter()
     return {"load_s": t1 - t0, "images_s": t2 - t1, "call_s": calls, "images": len(rows), "threads": threads,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "device": device, "dtype": dtype}
 
 
 if __name__ == "__main__":
-    manifest_path, model_source, out_folder, thread_count, batch_rows = sys.argv[1:]
-    print(json.dumps(main(manifest_path, model_source, out_folder, int(thread_count), int(batch_rows))), flush=True)
+    manifest_path, model_source, out_folder, thread_count, batch_rows, device_name, dtype_name = sys.argv[1:]
+    print(json.dumps(main(manifest_path, model_source, out_folder, int(thread_count), int(batch_rows), device_name,
+                          dtype_name)), flush=True)

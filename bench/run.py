@@ -86,9 +86,16 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.render_only:
-        result = json.loads(args.out.with_suffix(".json").read_text())
-        if args.gpu_from:
-            gpu_run = json.loads(args.gpu_from.read_text())
+        base = args.out.with_suffix(".json")
+        gpu_run = json.loads(args.gpu_from.read_text()) if args.gpu_from else None
+        if base.exists():
+            result = json.loads(base.read_text())
+        elif gpu_run:  # no earlier run here: the report is the GPU run's alone
+            log(f"no {base}: the report holds the GPU run alone")
+            result = {k: gpu_run[k] for k in ("command", "machine", "versions", "weights_bytes", "total_s") if k in gpu_run}
+        else:
+            raise SystemExit(f"--render-only: no {base} to render (make bench writes it)")
+        if gpu_run:
             result["gpu"] = {**gpu_run["gpu"], "command": gpu_run["command"], "machine": gpu_run["machine"],
                              "versions": gpu_run["versions"], "partial": gpu_run.get("partial", False)}
             write_json(args.out, result)
@@ -418,8 +425,11 @@ def render(r: dict) -> str:
         " (the machine is shared: figures are medians of interleaved runs)",
         f"- Versions: torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
         f"sdbatch {v['sdbatch']} (commit {v['sdbatch_commit']}), Python {m['python']}",
-        f"- Memory allocator: {r['allocator']}, as in sdbatch's CPU actors and `sdbatch generate` (without it, "
-        "page faults on freed activations make the same figure swing between runs)",
+    ]
+    if "allocator" in r:
+        out.append(f"- Memory allocator: {r['allocator']}, as in sdbatch's CPU actors and `sdbatch generate` (without it, "
+                   "page faults on freed activations make the same figure swing between runs)")
+    out += [
         f"- Weights: random SD v1.5 (UNet, VAE, CLIP text encoder: {_gib(r['weights_bytes'])} of float32), "
         "the same files for both libraries", "",
     ]
@@ -482,7 +492,9 @@ def render(r: dict) -> str:
     if "jobs" in r:
         out += ["## 3. Job system", ""] + jobsystem.render(r["jobs"]) + [""]
     if "gpu" in r:
-        out += ["## 4. GPU — bfloat16 / float16, 512×512, 50 steps", ""] + gpu.render(r["gpu"]) + [""]
+        g = r["gpu"]
+        shape = f" — {g['size']}×{g['size']}, {g['steps']} steps" if "size" in g else ""
+        out += [f"## 4. GPU{shape}", ""] + gpu.render(g) + [""]
     if "levers" in r:
         out += ["## Levers", "",
                 "Measured in this run: sdcore's modules with every lever, then with one lever switched back to "

@@ -2,6 +2,7 @@
 job-system section end to end (the job's images equal the plain loop's), the GPU section's code on
 the CPU, the `--compile` figures, and the FLOP counts that turn times into rates."""
 import argparse
+import json
 
 import pytest
 import torch
@@ -140,8 +141,6 @@ def test_compiled_section_times_the_compiled_pipeline(tmp_path):
 
 
 def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
-    import json
-
     base = {"command": "make bench (python -m bench.run)", "allocator": "glibc", "weights_bytes": 4 * 2**30,
             "settings": {}, "total_s": 600.0,
             "machine": {"cpu": "AMD EPYC (Zen 4)", "cores": 2, "ram_gib": 23.4, "torch_threads": 2, "python": "3.11.7",
@@ -160,6 +159,49 @@ def test_gpu_figures_from_another_machine_join_the_report(tmp_path):
     merged = json.loads((tmp_path / "BENCH.json").read_text())
     assert merged["machine"]["cores"] == 2 and merged["gpu"]["machine"]["cores"] == 16
     assert merged["gpu"]["rows"] == figures["rows"] and merged["gpu"]["partial"] is True
+
+
+def test_gpu_check_dry_run_measures_and_renders_every_figure(tmp_path):
+    from bench import gpu_check
+
+    gpu_check.main(["--cpu-dry-run", "--levers", "channels_last", "--out", str(tmp_path / "gpu.json"), "--work",
+                    str(tmp_path / "work")])
+    run.main(["--render-only", "--gpu-from", str(tmp_path / "gpu.json"), "--out", str(tmp_path / "BENCH")])
+    g = json.loads((tmp_path / "BENCH.json").read_text())["gpu"]
+    assert g["partial"] is False and g["machine"]["cores"] >= 1
+    assert [(r["dtype"], r["batch"]) for r in g["rows"]] == [
+        ("float32", 2), ("float32", 1), ("bfloat16", 2), ("bfloat16", 1)]
+    (lever,) = g["levers"]
+    assert lever["lever"] == "channels_last" and lever["images_per_s"] > 0
+    job = g["job"]
+    # One actor and one torch thread on each side, 2 rows a call: the job's images are the loop's.
+    assert (job["images"], job["actors"], job["rows_per_call"], job["device"], job["dtype"]) == (4, 1, 2, "cpu", "fp32")
+    assert job["efficiency"] > 0 and job["max_pixel_difference"] == 0
+    differences = {row["dtype"]: row for row in g["batch_differences"]}
+    assert set(differences) == {"float32", "bfloat16"}
+    for row in differences.values():
+        assert (row["batch"], row["rows"], row["pixels"]) == (2, 2, 2 * 64 * 64) and row["max_abs_uint8"] is not None
+    # On the CPU a row's image does not depend on the rows beside it.
+    assert differences["float32"]["max_abs_uint8"] == 0 and differences["float32"]["differing_pixels"] == 0
+
+    section = (tmp_path / "BENCH.md").read_text().split("## 4. GPU — 64×64, 2 steps")[1]
+    for figure in ("| float32 | 2 |", "| bfloat16 | 1 |", "| channels_last | float32 | 2 |",
+                   f"**{100 * job['efficiency']:.0f} %**", "Target (job ≥ 95 % of the loop): ",
+                   "| float32 | 2 | 0 | 0.00 % (0 of 8,192) |", "| bfloat16 | 2 |"):
+        assert figure in section, figure
+
+
+def test_gpu_wheels_are_the_tests_pins():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    test_extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    makefile = (root / "Makefile").read_text()
+    for package in ("diffusers", "transformers"):
+        pinned = re.search(rf"^{package.upper()}_VERSION := (\S+)$", makefile, re.M).group(1)
+        assert f"{package}=={pinned}" in test_extra, package
 
 
 def test_cpu_section_times_both_libraries_and_checks_they_agree(tmp_path):
