@@ -22,10 +22,11 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool):
         super().__init__()
         self.heads = cfg.num_attention_heads
+        self.causal = causal
         dim = cfg.hidden_size
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
@@ -37,7 +38,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         # No padding mask: SD 1.x was trained attending to the padding (end) tokens too.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, heads, T, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [B, heads, T, head_dim]
         return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
 
 
@@ -53,10 +54,13 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    """One transformer layer of either CLIP tower: the text tower's attention is causal, the image
+    tower's (sdcore.clip_vision, same fields in its config) sees every patch."""
+
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = CausalSelfAttention(cfg)
+        self.self_attn = SelfAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
