@@ -1,8 +1,8 @@
 """`sdbatch verify OUT`: is a finished dataset intact, and if not, which shards must be made again.
 
-It reads the job record (job.json, or the copy every metadata file holds) and then one shard at a
-time, so memory stays flat in the number of shards. For each committed shard (one with
-`metadata/<shard>.parquet`):
+It reads the job record (job.json, or the copy every metadata file holds) and then the shards in
+order, a few at a time, so memory stays flat in the number of shards. For each committed shard (one
+with `metadata/<shard>.parquet`):
 - its metadata and failures files read as Parquet;
 - no image id and no image object is recorded twice, within the shard or across a row that the
   shard boundary cuts; every row lies in the shard's bounds, consecutive shards' bounds meet, and
@@ -28,6 +28,8 @@ import json
 import posixpath
 import re
 import time
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -40,6 +42,7 @@ from jobs.sink import (DATASET_FOLDERS, JOB_FILE, SHARD_KEY, SUCCESS_FILE, TEMPO
                        OutputError, failures_path, metadata_path, sharding_of, total_shards)
 
 TEMPORARY_NAME = re.compile(TEMPORARY)
+SHARDS_AT_ONCE = 4
 # What each kind of problem needs, and what `repair` does about it.
 WITHDRAW = "withdraw"  # a committed shard is damaged: move its commit aside, the next run makes it again
 ORPHAN = "orphan"  # an object no committed shard records: move it aside
@@ -66,7 +69,7 @@ class Report:
     url: str
     quick: bool
     shards: int  # the job's
-    shards_checked: int = 0
+    shards_committed: int = 0
     images: int = 0  # images checked
     failures: int = 0  # rows in failures/ of committed shards
     temporary: int = 0  # hidden temporary files of local writes (in flight, or left by a kill)
@@ -92,7 +95,7 @@ class Report:
 
     def format(self, *, limit: int = 20) -> str:
         check = "sizes only" if self.quick else "sha256"
-        lines = [f"{self.url}: {self.shards_checked:,}/{self.shards:,} shards committed; {self.images:,} images "
+        lines = [f"{self.url}: {self.shards_committed:,}/{self.shards:,} shards committed; {self.images:,} images "
                  f"checked ({check}), {self.failures:,} failures, in {self.seconds:.2f} s"]
         if self.running:
             lines.append(f"  running   {self.running}: shards in progress show as not committed")
@@ -132,13 +135,21 @@ class FilesLayout:
 
 
 @dataclass
-class _Boundary:
-    """What the previous committed shard leaves for the next: where it stopped, and the ids of the
-    row it cut, if it cut one."""
+class _Findings:
+    """What the check of one committed shard found; shards are checked several at a time and their
+    findings merged into the report in shard order."""
 
-    index: int
-    stop: tuple[int, int]
-    row_ids: set[str]
+    shard: str
+    problems: list[Problem] = field(default_factory=list)
+    images: int = 0
+    failures: int = 0
+    temporary: int = 0
+    bounds: tuple[int, int, int, int] | None = None  # None: the metadata or failures file is unreadable
+    first_row_ids: set[str] = field(default_factory=set)  # the ids of its first row, and of its last row
+    last_row_ids: set[str] = field(default_factory=set)  # where the shard ends inside it
+
+    def add(self, image_id: str | None, what: str, kind: str = WITHDRAW, path: str | None = None) -> None:
+        self.problems.append(Problem(self.shard, image_id, what, kind, path))
 
 
 def verify(out: Output, *, quick: bool = False, repair: bool = False) -> Report:
@@ -174,14 +185,23 @@ def _check(out: Output, job: dict, *, quick: bool) -> Report:
         report.add(None, None, f"{JOB_FILE} is missing (rebuilt from {out.job_from})", JOB)
     committed = out.done_shards()
     with_failures = set(out._list("failures", ".parquet"))
-    boundary = None
-    with ThreadPoolExecutor(16) as pool:  # object stores answer slowly but in parallel
-        for index in range(total):
-            shard = shard_id(index)
-            if shard not in committed:
-                report.add(shard, None, "not committed (no metadata file)", MISSING)
+    # Object stores answer slowly but in parallel: a few shards at a time, each image of them too.
+    with ThreadPoolExecutor(SHARDS_AT_ONCE) as shards, ThreadPoolExecutor(16) as images:
+        def check(shard: str) -> _Findings:
+            return _check_shard(out, layout, job, shard, shard in with_failures, images, quick)
+
+        previous = None
+        for index, found in enumerate(_in_order(shards, check, (shard_id(i) for i in range(total)), committed)):
+            if found is None:
+                report.add(shard_id(index), None, "not committed (no metadata file)", MISSING)
                 continue
-            boundary = _check_shard(out, layout, job, shard, shard in with_failures, boundary, report, pool, quick)
+            if previous is not None and previous.bounds and found.bounds and shard_index(previous.shard) == index - 1:
+                _check_boundary(previous, found)
+            report.problems += found.problems
+            report.images, report.failures = report.images + found.images, report.failures + found.failures
+            report.temporary += found.temporary
+            report.shards_committed += 1
+            previous = found
     _check_outside_shards(out, layout, total, report)
     missing = sum(p.kind == MISSING for p in report.problems)
     success = out.exists(SUCCESS_FILE)
@@ -193,9 +213,21 @@ def _check(out: Output, job: dict, *, quick: bool) -> Report:
     return report
 
 
-def _check_shard(out: Output, layout: FilesLayout, job: dict, shard: str, has_failures: bool, boundary: _Boundary | None,
-                 report: Report, pool: ThreadPoolExecutor, quick: bool) -> _Boundary | None:
-    """Check one committed shard into `report`; the boundary it leaves for the next shard."""
+def _in_order(pool: ThreadPoolExecutor, check, shards: Iterator[str], committed: set[str]) -> Iterator[_Findings | None]:
+    """`check(shard)` of each committed shard, None for the others, in order; at most
+    2 * SHARDS_AT_ONCE shards' findings are held at a time."""
+    pending = deque()
+    for shard in shards:
+        pending.append(pool.submit(check, shard) if shard in committed else None)
+        if len(pending) > 2 * SHARDS_AT_ONCE:
+            head = pending.popleft()
+            yield None if head is None else head.result()
+    for head in pending:
+        yield None if head is None else head.result()
+
+
+def _check_shard(out: Output, layout: FilesLayout, job: dict, shard: str, has_failures: bool, pool: ThreadPoolExecutor,
+                 quick: bool) -> _Findings:
     columns = ["id", "manifest_row", "image_path", "image_sha256"]
 
     def read_metadata(f):
@@ -203,92 +235,95 @@ def _check_shard(out: Output, layout: FilesLayout, job: dict, shard: str, has_fa
         embedded = not quick and "image" in file.schema_arrow.names
         return file.read(columns=columns + ["image"] if embedded else columns)
 
+    found = _Findings(shard)
     try:
         meta = out._parse(metadata_path(shard), read_metadata)
         failed = out._parse(failures_path(shard), lambda f: pq.read_table(f, columns=["id", "manifest_row"])) \
             if has_failures else None
     except DamagedFile as e:
-        report.add(shard, None, f"{e.rel}: {e.reason}")
-        return None
+        found.add(None, f"{e.rel}: {e.reason}")
+        return found
     rows = meta.select(columns).to_pylist()
     failures = failed.to_pylist() if failed is not None else []
-    report.shards_checked += 1
-    report.images += len(rows)
-    report.failures += len(failures)
+    found.images, found.failures = len(rows), len(failures)
     kv = meta.schema.metadata or {}
     if SHARD_KEY in kv:
-        bounds = tuple(json.loads(kv[SHARD_KEY]))
+        found.bounds = tuple(json.loads(kv[SHARD_KEY]))
     else:  # written before shards had their bounds: rows
         s = shard_at(shard_index(shard), job["rows"], job["identity"]["shard_size"])
-        bounds = (s.start, 0, s.stop, 0)
-    boundary = _check_rows(job, shard, bounds, rows, failures, boundary, report)
-    _check_images(layout, shard, rows, meta.column("image").to_pylist() if "image" in meta.column_names else None,
-                  report, pool, quick)
-    return boundary
+        found.bounds = (s.start, 0, s.stop, 0)
+    _check_rows(job, rows, failures, found)
+    _check_images(layout, rows, meta.column("image").to_pylist() if "image" in meta.column_names else None,
+                  found, pool, quick)
+    return found
 
 
-def _check_rows(job: dict, shard: str, bounds: tuple[int, int, int, int], rows: list[dict], failures: list[dict],
-                boundary: _Boundary | None, report: Report) -> _Boundary:
-    """Every image of the shard's bounds recorded once, as done or failed; the boundary it leaves."""
-    index, (start, start_k, stop, stop_k) = shard_index(shard), bounds
+def _check_rows(job: dict, rows: list[dict], failures: list[dict], found: _Findings) -> None:
+    """Every image of the shard's bounds recorded once, as done or failed."""
+    index, (start, start_k, stop, stop_k) = shard_index(found.shard), found.bounds
     row_stop = stop + (stop_k > 0)
     seen, paths = {}, set()  # id -> manifest row; image paths
     for r in rows + failures:
         if r["id"] in seen:
-            report.add(shard, r["id"], "id recorded twice in the shard")
+            found.add(r["id"], "id recorded twice in the shard")
         seen[r["id"]] = r["manifest_row"]
         if not start <= r["manifest_row"] < row_stop:
-            report.add(shard, r["id"], f"manifest row {r['manifest_row']} is outside the shard's rows {start}..{row_stop - 1}")
+            found.add(r["id"], f"manifest row {r['manifest_row']} is outside the shard's rows {start}..{row_stop - 1}")
     for r in rows:
         if r["image_path"] in paths:
-            report.add(shard, r["id"], f"image {r['image_path']} recorded twice in the shard")
+            found.add(r["id"], f"image {r['image_path']} recorded twice in the shard")
         paths.add(r["image_path"])
     if sharding_of(job) == "images":
         size = job["identity"]["shard_size"]
         expected = min(size, job["images"] - index * size)
         if len(rows) + len(failures) != expected:
-            report.add(shard, None, f"holds {len(rows):,} images and {len(failures):,} failures; its share of the "
-                                    f"job is {expected:,}")
+            found.add(None, f"holds {len(rows):,} images and {len(failures):,} failures; its share of the job is "
+                            f"{expected:,}")
     elif set(seen.values()) != set(range(start, stop)):
-        report.add(shard, None, f"does not hold every row of {start}..{stop - 1}")
-    if boundary is not None and boundary.index == index - 1:
-        if boundary.stop != (start, start_k):
-            report.add(shard, None, f"starts at (row, image) {(start, start_k)}, but {shard_id(index - 1)} stops at "
-                                    f"{boundary.stop}")
-        for image_id in sorted(boundary.row_ids & {i for i, row in seen.items() if row == start}):
-            report.add(shard, image_id, f"id also recorded in {shard_id(index - 1)}")
-    return _Boundary(index, (stop, stop_k), {i for i, row in seen.items() if row == stop} if stop_k else set())
+        found.add(None, f"does not hold every row of {start}..{stop - 1}")
+    found.first_row_ids = {i for i, row in seen.items() if row == start}
+    found.last_row_ids = {i for i, row in seen.items() if row == stop} if stop_k else set()
 
 
-def _check_images(layout: FilesLayout, shard: str, rows: list[dict], embedded: list[dict] | None, report: Report,
+def _check_boundary(previous: _Findings, found: _Findings) -> None:
+    """Consecutive shards meet, and the row the boundary cuts has no image in both."""
+    start, start_k = found.bounds[:2]
+    if tuple(previous.bounds[2:]) != (start, start_k):
+        found.add(None, f"starts at (row, image) {(start, start_k)}, but {previous.shard} stops at "
+                        f"{tuple(previous.bounds[2:])}")
+    for image_id in sorted(previous.last_row_ids & found.first_row_ids):
+        found.add(image_id, f"id also recorded in {previous.shard}")
+
+
+def _check_images(layout: FilesLayout, rows: list[dict], embedded: list[dict] | None, found: _Findings,
                   pool: ThreadPoolExecutor, quick: bool) -> None:
     """Every row's image stored whole (`quick`: not empty), the embedded copies too, nothing else."""
-    objects = layout.objects(shard)
-    prefix = layout.shard_folder(shard) + "/"
+    objects = layout.objects(found.shard)
+    prefix = layout.shard_folder(found.shard) + "/"
     recorded = {r["image_path"] for r in rows}
     for rel in sorted(objects):
         if TEMPORARY_NAME.fullmatch(posixpath.basename(rel)):
-            report.temporary += 1
+            found.temporary += 1
         elif rel not in recorded:
-            report.add(shard, None, f"orphan object {rel} (no row records it)", ORPHAN, rel)
+            found.add(None, f"orphan object {rel} (no row records it)", ORPHAN, rel)
     for r in rows:
         if not r["image_path"].startswith(prefix):
-            report.add(shard, r["id"], f"image path {r['image_path']} is outside {prefix}")
+            found.add(r["id"], f"image path {r['image_path']} is outside {prefix}")
         elif r["image_path"] not in objects:
-            report.add(shard, r["id"], f"image {r['image_path']} is missing")
+            found.add(r["id"], f"image {r['image_path']} is missing")
         elif objects[r["image_path"]] == 0:
-            report.add(shard, r["id"], f"image {r['image_path']} is empty")
+            found.add(r["id"], f"image {r['image_path']} is empty")
     if quick:
         return
     present = [r for r in rows if objects.get(r["image_path"])]
     digests = pool.map(lambda r: hashlib.sha256(layout.read(r["image_path"])).hexdigest(), present)
     for r, digest in zip(present, digests):
         if digest != r["image_sha256"]:
-            report.add(shard, r["id"], f"image {r['image_path']} does not match its sha256 (altered or truncated)")
+            found.add(r["id"], f"image {r['image_path']} does not match its sha256 (altered or truncated)")
     for r, image in zip(rows, embedded or []):
         if image is None or image["path"] != r["image_path"] or \
                 hashlib.sha256(image["bytes"] or b"").hexdigest() != r["image_sha256"]:
-            report.add(shard, r["id"], "embedded image does not match its path and sha256")
+            found.add(r["id"], "embedded image does not match its path and sha256")
 
 
 def _check_outside_shards(out: Output, layout: FilesLayout, total: int, report: Report) -> None:

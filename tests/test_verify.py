@@ -83,7 +83,7 @@ def test_finished_dataset_is_intact(dataset):
     code, output = verify(dataset, "--json")
     report = json.loads(output)
     assert code == 0 and report["intact"] and report["images"] == 9 and report["failures"] == 1
-    assert report["problems"] == [] and report["shards"] == report["shards_checked"] == 4
+    assert report["problems"] == [] and report["shards"] == report["shards_committed"] == 4
 
 
 def delete(p: Path) -> None:
