@@ -223,3 +223,5 @@ def test_verify_on_s3(dataset, s3_server):
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/metadata/shard-000002.parquet")
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
+    aside = sorted(p.split("/damaged/")[1].split("/", 1)[1] for p in fs.find(f"{bucket}/out/_sdbatch/damaged"))
+    assert aside == ["failures/shard-000002.parquet", "images/shard-000002/extra.png", "metadata/shard-000002.parquet"]
