@@ -91,6 +91,31 @@ def status_command(
     typer.echo(json.dumps(status.as_dict(limit=limit)) if as_json else status.format(limit=limit))
 
 
+@app.command("verify")
+@user_errors
+def verify_command(
+    output: Annotated[str, typer.Argument(help="Output dataset: a path or fsspec URL.")],
+    storage_option: StorageOptions = None,
+    quick: Annotated[bool, typer.Option("--quick", help=(
+        "Check that each image exists and is not empty instead of hashing its bytes."))] = False,
+    repair: Annotated[bool, typer.Option("--repair", help=(
+        "Move each damaged shard's metadata and failures files (and orphan objects) into _sdbatch/damaged/, "
+        "remove a stale _SUCCESS, write back a lost job.json: `sdbatch run --resume` then makes those shards "
+        "again. Refused while a run holds the output."))] = False,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Problems listed in the text output.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help=(
+        "Print one JSON object: the counts, intact, damaged_shards, and every problem (shard, id, what, kind)."))] = False,
+) -> None:
+    """Check that a dataset is complete and intact: every image against its sha256, every row done or
+    failed once, no orphan objects, _SUCCESS. Exit code 0: intact, 1: damaged or incomplete."""
+    from jobs.verify import verify
+
+    report = verify(sink.Output(output, storage_options(storage_option)), quick=quick, repair=repair)
+    typer.echo(json.dumps(report.as_dict()) if as_json else report.format(limit=limit))
+    if not report.intact:
+        raise typer.Exit(1)
+
+
 @app.command("generate")
 @user_errors
 def generate_command(

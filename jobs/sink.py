@@ -487,11 +487,9 @@ class Output:
         if status.job_from is not None:
             self.write(JOB_FILE, json.dumps(status.job, indent=2).encode())
         if status.damaged:
-            aside = f"{DAMAGED_FOLDER}/{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+            aside = self.damaged_folder()
             for shard in status.damaged:
-                for rel in (metadata_path(shard), failures_path(shard)):
-                    if self.exists(rel):
-                        self._move(rel, f"{aside}/{rel}")
+                self.set_aside([metadata_path(shard), failures_path(shard)], aside)
         if status.success_is_stale:
             self.remove(SUCCESS_FILE)
         if storage.is_local(self.fs):
@@ -508,10 +506,34 @@ class Output:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(parent, name))
 
+    def damaged_folder(self) -> str:
+        """A new folder under DAMAGED_FOLDER for the files moved aside now."""
+        return f"{DAMAGED_FOLDER}/{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+
+    def set_aside(self, rels: list[str], aside: str) -> None:
+        """Move those of `rels` (files or folders) that exist into `aside`, under their own paths."""
+        for rel in rels:
+            if self.exists(rel):
+                self._move(rel, f"{aside}/{rel}")
+
+    def listing(self, folder: str, *, recursive: bool = True) -> dict[str, int]:
+        """Path relative to OUT -> size of the files under `folder` (with `recursive`, else of its
+        entries, folders included), hidden ones too: one listing."""
+        path = self.path(folder)
+        self.fs.invalidate_cache(path)
+        list_ = self.fs.find if recursive else self.fs.ls
+        try:
+            found = self.retry.call(f"listing {self.name}/{folder}", list_, path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        infos = found.values() if isinstance(found, dict) else found
+        names = ((info["name"].rstrip("/"), info.get("size") or 0) for info in infos)
+        return {name[len(self.root) + 1:]: size for name, size in names if name != path}  # some stores list a prefix as itself
+
     def _move(self, rel: str, to: str) -> None:
         if storage.is_local(self.fs):
             self.fs.makedirs(posixpath.dirname(self.path(to)), exist_ok=True)
-        self.retry.call(f"moving {self.name}/{rel} to {to}", self.fs.mv, self.path(rel), self.path(to))
+        self.retry.call(f"moving {self.name}/{rel} to {to}", self.fs.mv, self.path(rel), self.path(to), recursive=True)
 
     def check_writable(self) -> None:
         """Write and remove a small file: storage that refuses writes (read-only, full, no permission)

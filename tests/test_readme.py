@@ -89,7 +89,7 @@ def test_readme_commands_run(tmp_path):
                 args[i + 1] = "builtin:tiny"
                 args += TINY_SIZE
         else:
-            if path in (["status"], ["preview"]):
+            if path in (["status"], ["preview"], ["verify"]):
                 args = [outputs.get(a, a) for a in args]
             if path == ["run"]:  # Ray in its own process, as users run it
                 r = subprocess.run([SDBATCH, *path, *args], capture_output=True, text=True, timeout=180)
@@ -105,7 +105,7 @@ def test_readme_commands_run(tmp_path):
                 assert runner.invoke(app, ["validate", built]).exit_code == 0
 
     done = {" ".join(p) for p, _, _ in ran}
-    assert done >= {"run", "validate", "status", "preview", "generate", "manifest build"}, done
+    assert done >= {"run", "validate", "status", "preview", "generate", "manifest build", "verify"}, done
     status = next(out for p, _, out in ran if p == ["status"])
     assert "_SUCCESS  yes" in status and "images/s" in status
     preview = next(a for p, a, _ in ran if p == ["preview"])
