@@ -80,3 +80,17 @@ DeviceOption = Annotated[Literal[devices.DEVICES], typer.Option(
     help="Where the model runs; auto: a GPU if the machine that loads the model has one, else the CPU.")]
 DtypeOption = Annotated[Literal[tuple(devices.DTYPES)], typer.Option(
     "--dtype", help="Precision of the model's weights and activations.")]
+
+# How images are stored.
+ImageFormatOption = Annotated[Literal[tuple(sink.EXTENSIONS)], typer.Option(
+    "--image-format", help="File format of the images: png (lossless), jpeg or webp (lossy, far smaller).")]
+QualityOption = Annotated[int | None, typer.Option("--quality", help=(
+    f"JPEG/WebP quality, 1..100 (default {sink.DEFAULT_QUALITY}: visually lossless); refused with png, which is lossless."))]
+
+
+def image_encoding(image_format: str, quality: int | None) -> sink.ImageEncoding:
+    """--image-format and --quality, checked: exit 2 for a quality out of range or one given with png."""
+    try:
+        return sink.ImageEncoding.of(image_format, quality)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
