@@ -5,7 +5,7 @@ the Ray actor around it, one per GPU (or per CPU core). For each shard the drive
 the runner reads the shard's rows from the manifest itself (the driver never holds prompts or
 images), batches images of equal (size, steps, scheduler, guidance) — as many as jobs.buckets
 allows for their size, a short batch padded to that on a GPU — generates, and passes each
-image to the `ImageWriter`, whose threads encode and store PNGs while the next batch denoises.
+image to the `ImageWriter`, whose threads encode and store images while the next batch denoises.
 Then it commits the shard (metadata written last; see jobs.sink).
 
 Failures are per image, never per shard:
@@ -61,7 +61,7 @@ class ActorConfig:
     keep_freed_memory: bool = False  # sdcore.allocator's setting, process-wide: for a CPU actor in a process of its own
     writer_threads: int = 4
     writer_queue: int = 16  # images waiting for the writer before generation blocks (at least two batches)
-    embed_images: bool = False  # also put each PNG into the metadata's `image` column
+    embed_images: bool = False  # also put each image file into the metadata's `image` column
     row_timeout: float | None = None  # seconds per image before a batch is stopped (None: no limit)
     run_id: str | None = None  # the driver's lease: each commit checks that it still holds it (None: no check)
 

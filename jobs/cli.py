@@ -11,8 +11,9 @@ import typer
 from jobs import manifest as manifests
 from jobs import devices, progress, sink, sources, storage
 from jobs.cli_common import (CommandError, CompileOption, DeviceOption, DtypeOption, GuidanceOption, HeightOption,
-                             ModelCacheOption, ModelOption, NegativeOption, SchedulerOption, SeedOption, StepsOption,
-                             StorageOptions, WidthOption, storage_options, user_errors)
+                             ImageFormatOption, ModelCacheOption, ModelOption, NegativeOption, QualityOption,
+                             SchedulerOption, SeedOption, StepsOption, StorageOptions, WidthOption, image_encoding,
+                             storage_options, user_errors)
 from jobs.lease import read_lease
 from jobs.manifest import Defaults
 from jobs.manifest_build import manifest_app
@@ -122,7 +123,8 @@ def generate_command(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     model: ModelOption,
-    output: Annotated[str, typer.Option("-o", "--output", help="Where to write the PNG (path or fsspec URL).")] = "out.png",
+    output: Annotated[str | None, typer.Option("-o", "--output", help=(
+        "Where to write the image (path or fsspec URL; default out.png, out.jpg or out.webp)."))] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial noise and of every stochastic step.")] = Defaults.seed,
     steps: StepsOption = Defaults.steps,
     guidance_scale: GuidanceOption = Defaults.guidance_scale,
@@ -135,11 +137,18 @@ def generate_command(
     compile_unet: CompileOption = False,
     model_cache: ModelCacheOption = None,
     storage_option: StorageOptions = None,
+    image_format: ImageFormatOption = "png",
+    quality: QualityOption = None,
 ) -> None:
-    """Generate one image; its PNG text chunk records every generation parameter."""
+    """Generate one image; its PNG text chunk or JPEG/WebP EXIF records every generation parameter."""
     # Everything the user typed is checked before the (slow) model load.
     params = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                       scheduler=scheduler, negative_prompt=negative_prompt)
+    encoding = image_encoding(image_format, quality)
+    output = output or f"out.{encoding.extension}"
+    named = output.rsplit(".", 1)[-1].lower().replace("jpeg", "jpg")
+    if named in sink.EXTENSIONS.values() and named != encoding.extension:
+        raise CommandError(f"-o {output}: the name says {named}, but --image-format is {image_format}")
     try:
         torch_device = devices.resolve_device(device)
     except ValueError as e:  # --device cuda on a machine without one
@@ -177,7 +186,7 @@ def generate_command(
         "model_revision": resolved.revision,
         "sdbatch_version": sink.SDBATCH_VERSION,
     }
-    storage.write_atomic(fs, path, sink.encode_png(image, record))
+    storage.write_atomic(fs, path, encoding.encode(image, record))
     typer.echo(f"wrote {output}")
 
 
@@ -215,7 +224,9 @@ def run_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT; refuse if there is none.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier sdbatch dataset in OUTPUT.")] = False,
     embed_images: Annotated[bool, typer.Option(
-        "--embed-images", help="Also store each PNG in the metadata's `image` column (Hugging Face `datasets` Image feature).")] = False,
+        "--embed-images", help="Also store each image in the metadata's `image` column (Hugging Face `datasets` Image feature).")] = False,
+    image_format: ImageFormatOption = "png",
+    quality: QualityOption = None,
     shard_timeout: Annotated[float | None, typer.Option("--shard-timeout", help=(
         "Seconds a shard may run before its actor is killed and the shard retried (default: only the watchdog "
         "for actors that finish no image for 5x the job's batch time, at least 60 s)."))] = None,
@@ -234,6 +245,7 @@ def run_command(
         compile=compile_unet or cuda_graphs, cuda_graphs=cuda_graphs, ray_address=ray_address,
         storage_options=storage_options(storage_option),
         mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,
+        image=image_encoding(image_format, quality),
         shard_timeout=shard_timeout, row_timeout=row_timeout,
     )
     if resume and overwrite:

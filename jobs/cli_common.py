@@ -81,3 +81,17 @@ DeviceOption = Annotated[Literal[devices.DEVICES], typer.Option(
 DtypeOption = Annotated[Literal[devices.DTYPE_CHOICES], typer.Option(
     "--dtype", help=("Precision of the model's weights and activations; auto: fp16 on a GPU, fp32 on the CPU "
                      "(fp32 on a GPU uses its TF32 tensor cores)."))]
+
+# How images are stored.
+ImageFormatOption = Annotated[Literal[tuple(sink.EXTENSIONS)], typer.Option(
+    "--image-format", help="File format of the images: png (lossless), jpeg or webp (lossy, far smaller).")]
+QualityOption = Annotated[int | None, typer.Option("--quality", help=(
+    f"JPEG/WebP quality, 1..100 (default {sink.DEFAULT_QUALITY}: visually lossless); refused with png, which is lossless."))]
+
+
+def image_encoding(image_format: str, quality: int | None) -> sink.ImageEncoding:
+    """--image-format and --quality, checked: exit 2 for a quality out of range or one given with png."""
+    try:
+        return sink.ImageEncoding.of(image_format, quality)
+    except ValueError as e:
+        raise CommandError(str(e)) from None

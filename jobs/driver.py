@@ -45,7 +45,7 @@ from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, manifest_shards, read_shard
 from jobs.progress import Progress
-from jobs.sink import ImageWriter, JobSpec, Output, ShardWriter
+from jobs.sink import PNG, ImageEncoding, ImageWriter, JobSpec, Output, ShardWriter
 from sdcore.errors import SdcoreError
 
 MODES = ("auto", "resume", "overwrite")
@@ -84,6 +84,7 @@ class RunOptions:
     storage_options: dict = field(default_factory=dict)
     mode: str = "auto"  # see sink.Output.prepare
     embed_images: bool = False
+    image: ImageEncoding = PNG  # --image-format and --quality
     shard_timeout: float | None = None  # seconds a shard may run (None: only the stall watchdog)
     row_timeout: float | None = None  # seconds per image before a batch is stopped (see jobs.actor)
 
@@ -173,7 +174,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     job = JobSpec(
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
         rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults,
-        dtype=None if opts.dtype == "auto" else opts.dtype, embed_images=opts.embed_images,
+        dtype=None if opts.dtype == "auto" else opts.dtype, embed_images=opts.embed_images, image=opts.image,
         settings={"batch_size": opts.batch_size or "auto", "actors": opts.actors, "device": opts.device,
                   "compile": opts.compile or opts.cuda_graphs, "cuda_graphs": opts.cuda_graphs,
                   "dtype_requested": opts.dtype, "ray_address": storage.redact_url(opts.ray_address or ""),

@@ -21,7 +21,7 @@ unchanged into the output metadata, except names that look like typos of the col
 
 Image ids: a row with num_images == 1 makes one image whose id is the row id; a row with
 num_images == n > 1 makes images `{id}-0` ... `{id}-{n-1}`, image k with seed (seed + k) mod 2**63.
-Image ids name files (`images/<shard>/<id>.png`), so they must be unique across the whole
+Image ids name files (`images/<shard>/<id>.png`, `.jpg`, `.webp`), so they must be unique across the whole
 manifest after this expansion and usable as file names — unique even after case folding and
 Unicode (NFC) normalisation, since case-insensitive or normalising stores would merge them.
 """

@@ -1,8 +1,9 @@
-"""The output dataset: its layout, PNG and Parquet writing, the shard commit, and resume.
+"""The output dataset: its layout, image and Parquet writing, the shard commit, and resume.
 
     OUT/images/<shard>/<id>.png      PNG; iTXt chunk `sdbatch` = JSON of the generation parameters
+                    (or .jpg, .webp)  JPEG or WebP; the same JSON in the EXIF UserComment
     OUT/metadata/<shard>.parquet     one row per image (METADATA_FIELDS + pass-through + version,
-                                     + with --embed-images the PNG itself in an `image` column);
+                                     + with --embed-images the image itself in an `image` column);
                                      its key-value metadata holds job.json and the shard's bounds
     OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
     OUT/_sdbatch/job.json            settings and the job's identity (fingerprints); no credentials
@@ -22,7 +23,7 @@ Every metadata file carries job.json in its Parquet key-value metadata, so a los
 rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
-size, sharding, dtype or defaults into it, and deletes an old dataset (only one it recognises by
+size, sharding, dtype, defaults or image format into it, and deletes an old dataset (only one it recognises by
 `_sdbatch/job.json`) only when asked to overwrite.
 """
 import contextlib
@@ -44,7 +45,7 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, PngImagePlugin
+from PIL import ExifTags, Image, PngImagePlugin
 
 from jobs import storage
 from jobs.manifest import Defaults
@@ -68,10 +69,18 @@ WRITE_PROBE = ".sdbatch-write-probe-"
 # The hidden temporary files of local atomic writes (jobs.storage), and all the files sdbatch writes
 # under DATASET_FOLDERS.
 TEMPORARY = r"\.[^/]+\.tmp-[0-9a-f]{32}"
-OURS = re.compile(rf"(metadata|failures)/shard-\d{{6,}}\.parquet|images/shard-\d{{6,}}/[^/]+\.png|(.*/)?{TEMPORARY}")
+OURS = re.compile(rf"(metadata|failures)/shard-\d{{6,}}\.parquet|images/shard-\d{{6,}}/[^/]+\.(png|jpg|webp)"
+                  rf"|(.*/)?{TEMPORARY}")
 SUCCESS_FILE = "_SUCCESS"
 PNG_KEY = "sdbatch"  # the PNG text chunk holding the generation parameters
 PNG_COMPRESS_LEVEL = 6
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}  # --image-format -> file name extension
+DEFAULT_QUALITY = 95  # JPEG/WebP: visually lossless, img2dataset's default, still far smaller than PNG
+# Every encoder choice fixed, not left to Pillow's defaults, so that the same pixels give the same
+# bytes (libjpeg-turbo and libwebp are deterministic for fixed settings).
+JPEG_OPTIONS = {"subsampling": "4:2:0", "optimize": False, "progressive": False}
+WEBP_OPTIONS = {"lossless": False, "method": 4}
+USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF's character code for UCS-2/UTF-16 in the file's byte order
 
 PARAM_FIELDS = [
     pa.field("prompt", pa.string()),
@@ -103,7 +112,7 @@ FAILURE_FIELDS = [
     *PARAM_FIELDS,
 ]
 VERSION_FIELD = pa.field("sdbatch_version", pa.string())
-# --embed-images: the PNG's bytes in the metadata, in the layout of the Hugging Face `datasets`
+# --embed-images: the image's bytes in the metadata, in the layout of the Hugging Face `datasets`
 # Image feature, which the schema metadata names, so `load_dataset("parquet", ...)` shows images.
 IMAGE_FIELD = pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())]))
 HF_SCHEMA_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
@@ -136,8 +145,8 @@ def failures_schema(passthrough: pa.Schema) -> pa.Schema:
     return pa.schema([*FAILURE_FIELDS, *passthrough, VERSION_FIELD])
 
 
-def image_path(shard: str, image_id: str) -> str:
-    return f"images/{shard}/{image_id}.png"
+def image_path(shard: str, image_id: str, extension: str) -> str:
+    return f"images/{shard}/{image_id}.{extension}"
 
 
 def metadata_path(shard: str) -> str:
@@ -150,7 +159,7 @@ def failures_path(shard: str) -> str:
 
 def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, model_fingerprint: str,
                       model_revision: str | None) -> dict:
-    """What the PNG text chunk records: everything needed to make the image again."""
+    """What each image's metadata records: everything needed to make the image again."""
     return {
         "id": item.id, "prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
         "steps": item.steps, "guidance_scale": item.guidance_scale, "width": item.width, "height": item.height,
@@ -159,24 +168,74 @@ def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, mod
     }
 
 
-def encode_png(image, params: dict) -> bytes:
-    """A PNG of `image` (PIL image or uint8 [H, W, 3] array) with `params` as JSON in an iTXt chunk.
+@dataclass(frozen=True)
+class ImageEncoding:
+    """--image-format and --quality: how generated pixels become the bytes of an image file."""
 
-    Byte-deterministic: same pixels and params → same bytes (no timestamps, fixed compression).
-    iTXt rather than tEXt because prompts are UTF-8 and tEXt is Latin-1.
-    """
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(PNG_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
+    format: str = "png"
+    quality: int | None = None  # jpeg and webp; PNG is lossless and takes none
+
+    def __post_init__(self):
+        if self.format not in EXTENSIONS:
+            raise ValueError(f"--image-format must be one of {', '.join(EXTENSIONS)}, got {self.format!r}")
+        if self.format == "png" and self.quality is not None:
+            raise ValueError("--quality applies to jpeg and webp; png is lossless")
+        if self.format != "png" and not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise ValueError(f"--quality must be 1..100, got {self.quality}")
+
+    @classmethod
+    def of(cls, format: str, quality: int | None) -> "ImageEncoding":
+        """From the command line's options: jpeg and webp without --quality get DEFAULT_QUALITY."""
+        return cls(format, DEFAULT_QUALITY if quality is None and format != "png" else quality)
+
+    @classmethod
+    def of_job(cls, job: dict) -> "ImageEncoding":
+        """The encoding a job.json names; one written before image formats is a PNG job."""
+        identity = job.get("identity", {})
+        return cls(identity.get("image_format", "png"), identity.get("quality"))
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+    def encode(self, image, params: dict) -> bytes:
+        """The image file of `image` (PIL image or uint8 [H, W, 3] array) with `params` as JSON:
+        a PNG iTXt chunk, or the EXIF UserComment of a JPEG or WebP, where Automatic1111's
+        "PNG Info" and exiftool look for generation parameters.
+
+        Byte-deterministic: same pixels and params → same bytes (no timestamps, fixed encoder settings).
+        UTF-8 iTXt rather than Latin-1 tEXt, and UTF-16 rather than ASCII in EXIF, because prompts are Unicode.
+        """
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        text = json.dumps(params, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        buf = io.BytesIO()
+        if self.format == "png":
+            info = PngImagePlugin.PngInfo()
+            info.add_itxt(PNG_KEY, text)
+            image.save(buf, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+            return buf.getvalue()
+        exif = Image.Exif()
+        exif.endian = ">"  # the byte order of the UTF-16 below
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = USER_COMMENT_UNICODE + text.encode("utf-16-be")
+        options = JPEG_OPTIONS if self.format == "jpeg" else WEBP_OPTIONS
+        image.save(buf, format=self.format.upper(), exif=exif, quality=self.quality, **options)
+        return buf.getvalue()
 
 
-def read_png_params(data: bytes) -> dict:
+PNG = ImageEncoding()
+
+
+def read_params(data: bytes) -> dict:
+    """The generation parameters that `ImageEncoding.encode` put into an image file."""
     with Image.open(io.BytesIO(data)) as im:
-        return json.loads(im.text[PNG_KEY])
+        if im.format == "PNG":
+            return json.loads(im.text[PNG_KEY])
+        exif = im.getexif()
+        comment = exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+        if not comment.startswith(USER_COMMENT_UNICODE):
+            raise ValueError(f"{im.format} image: its EXIF UserComment is not sdbatch's parameters")
+        return json.loads(comment[len(USER_COMMENT_UNICODE):].decode("utf-16-be" if exif.endian == ">" else "utf-16-le"))
 
 
 @dataclass
@@ -195,6 +254,7 @@ class JobSpec:
     dtype: str | None  # None only while checking OUT for a new dataset with --dtype auto
     settings: dict = field(default_factory=dict)  # informational (batch size, actors, device, storage options, ...)
     embed_images: bool = False  # part of the identity: every metadata file of a dataset has one schema
+    image: ImageEncoding = PNG  # part of the identity: a dataset's images are of one format and quality
     sharding: str = SHARDING
 
     @property
@@ -206,6 +266,7 @@ class JobSpec:
             "manifest_fingerprint": self.manifest_fingerprint, "model_fingerprint": self.model_fingerprint,
             "shard_size": self.shard_size, "sharding": self.sharding, "defaults": asdict(self.defaults),
             "dtype": self.dtype, "embed_images": self.embed_images,
+            "image_format": self.image.format, "quality": self.image.quality,
         }
 
     def to_json(self) -> dict:
@@ -453,7 +514,8 @@ class Output:
             elif mode == "overwrite":
                 self._dataset_files()
             else:
-                there, now = {**existing.get("identity", {}), "sharding": sharding_of(existing)}, job.identity()
+                there = {"image_format": "png", **existing.get("identity", {}), "sharding": sharding_of(existing)}
+                now = job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
                 if differs:
                     detail = "; ".join(f"{k}: {_brief(there.get(k))} there, {_brief(now.get(k))} now" for k in differs)
@@ -731,7 +793,7 @@ def _brief(value) -> str:
 
 
 class ImageWriter:
-    """Encodes and writes PNGs on background threads, so encoding and upload overlap denoising.
+    """Encodes and writes images on background threads, so encoding and upload overlap denoising.
 
     At most `max_pending` images are queued or in flight; `submit` blocks beyond that, so a slow
     store slows the producer down instead of filling memory with images.
@@ -742,20 +804,21 @@ class ImageWriter:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-writer")
         self._slots = threading.BoundedSemaphore(max_pending)
 
-    def submit(self, rel_path: str, image, params: dict, *, keep: bool = False) -> Future:
-        """Queue one image; the future gives the PNG's sha256 once it is durably written, or with
-        `keep` (sha256, PNG bytes)."""
+    def submit(self, rel_path: str, image, params: dict, *, encoding: ImageEncoding = PNG,
+               keep: bool = False) -> Future:
+        """Queue one image; the future gives the file's sha256 once it is durably written, or with
+        `keep` (sha256, file bytes)."""
         self._slots.acquire()
         try:
-            future = self._pool.submit(self._write, rel_path, image, params, keep)
+            future = self._pool.submit(self._write, rel_path, image, params, encoding, keep)
         except BaseException:
             self._slots.release()
             raise
         future.add_done_callback(lambda _: self._slots.release())
         return future
 
-    def _write(self, rel_path: str, image, params: dict, keep: bool) -> str | tuple[str, bytes]:
-        data = encode_png(image, params)
+    def _write(self, rel_path: str, image, params: dict, encoding: ImageEncoding, keep: bool) -> str | tuple[str, bytes]:
+        data = encoding.encode(image, params)
         self.out.write(rel_path, data)
         digest = hashlib.sha256(data).hexdigest()
         return (digest, data) if keep else digest
@@ -797,6 +860,7 @@ class ShardWriter:
 
     Each image id is recorded once; recording it again (a retried batch) replaces the earlier
     outcome. `commit` waits until every image is written, then writes failures and metadata.
+    Images are encoded as `job` (job.json) says, so every writer of a dataset writes one format.
     """
 
     def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, job: dict, model: str,
@@ -805,6 +869,7 @@ class ShardWriter:
         self.out, self.writer, self.rows, self.embed_images = out, writer, rows, embed_images
         self.fence = fence  # raises if this writer may no longer commit (see jobs.lease)
         self.job = job  # job.json, copied into the metadata file: it can be rebuilt from any of them
+        self.image = ImageEncoding.of_job(job)
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
         self.model_revision = model_revision
         self.shard = rows.shard.id
@@ -814,7 +879,7 @@ class ShardWriter:
         """Hand one generated image to the writer (blocks only while the writer's queue is full)."""
         params = generation_params(item, scheduler_config=scheduler_config, model=self.model,
                                    model_fingerprint=self.model_fingerprint, model_revision=self.model_revision)
-        future = self.writer.submit(image_path(self.shard, item.id), image, params, keep=self.embed_images)
+        future = self.writer.submit(self._image_path(item), image, params, encoding=self.image, keep=self.embed_images)
         self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds)
 
     def fail(self, item: WorkItem, error: str, attempts: int) -> None:
@@ -855,13 +920,13 @@ class ShardWriter:
         passthrough = self.rows.passthrough
         if failed:
             for r in failed:  # an earlier attempt may have written it; the dataset must not show it
-                self.out.remove(image_path(self.shard, r.item.id))
+                self.out.remove(self._image_path(r.item))
             self.out.write(failures_path(self.shard), self._parquet(failures_schema(passthrough.schema), failed, {
                 "error": [r.error for r in failed], "attempts": [r.attempts for r in failed],
             }))
         elif self.out.exists(failures_path(self.shard)):  # left by an attempt that did not commit
             self.out.remove(failures_path(self.shard))
-        paths = [image_path(self.shard, r.item.id) for r in done]
+        paths = [self._image_path(r.item) for r in done]
         columns = {
             "scheduler_config": [r.scheduler_config for r in done],
             "model": [self.model] * len(done),
@@ -879,6 +944,9 @@ class ShardWriter:
                                        SHARD_KEY: json.dumps([shard.start, shard.start_k, shard.stop, shard.stop_k]).encode()})
         self.out.write(metadata_path(self.shard), self._parquet(schema, done, columns))
         return ShardResult(self.shard, len(done), len(failed))
+
+    def _image_path(self, item: WorkItem) -> str:
+        return image_path(self.shard, item.id, self.image.extension)
 
     def _wait(self, done: list[_Done]) -> list:
         written, errors = [], []

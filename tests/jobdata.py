@@ -47,22 +47,22 @@ def read_dataset(out: Path) -> tuple[dict[str, dict], dict[str, dict]]:
 
 
 def check_images(out: Path, meta: dict[str, dict]) -> dict[str, bytes]:
-    """Every metadata row's PNG exists, decodes, has the row's hash and the row's parameters in its
-    text chunk; returns the PNG bytes by id."""
-    pngs = {}
+    """Every metadata row's image exists, decodes, has the row's hash and the row's parameters in its
+    metadata (PNG text chunk, JPEG/WebP EXIF); returns the image bytes by id."""
+    images = {}
     for image_id, row in meta.items():
         data = (out / row["image_path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
         with Image.open(io.BytesIO(data)) as im:
             assert im.size == (row["width"], row["height"]) and im.mode == "RGB"
             im.load()
-        params = sink.read_png_params(data)
+        params = sink.read_params(data)
         for key in ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height",
                     "scheduler", "model", "model_fingerprint", "sdbatch_version"):
             assert params[key] == row[key], (image_id, key)
         assert params["scheduler_config"] == json.loads(row["scheduler_config"])
-        pngs[image_id] = data
-    return pngs
+        images[image_id] = data
+    return images
 
 
 def pixels(data: bytes) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`sdbatch generate`: one PNG with its parameters, and bad arguments refused before any model load."""
+"""`sdbatch generate`: one image with its parameters, and bad arguments refused before any model load."""
 import os
 import subprocess
 import sys
@@ -25,7 +25,7 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
                  "--guidance-scale", "5", "--width", "64", "--height", "72", "--negative-prompt", "blurry", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert "step 3/3" in result.stderr
-    params = sink.read_png_params(out.read_bytes())
+    params = sink.read_params(out.read_bytes())
     assert params | {"scheduler_config": None} == {
         "prompt": "a red fox in snow", "negative_prompt": "blurry", "seed": 7, "steps": 3, "guidance_scale": 5.0,
         "width": 64, "height": 72, "scheduler": "dpmpp_2m", "scheduler_config": None, "model": "builtin:tiny",
@@ -45,6 +45,9 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
     (["--scheduler", "heun"], "Invalid value for '--scheduler': Value error, 'heun' is not one of 'ddpm', 'ddim'"),
     (["--model", "/no/such/model"], "--model /no/such/model: no such file or directory"),
     (["--dtype", "fp8"], "Invalid value for '--dtype': Value error, 'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'."),
+    (["--quality", "80"], "--quality applies to jpeg and webp; png is lossless"),
+    (["--image-format", "jpeg", "--quality", "0"], "--quality must be 1..100, got 0"),
+    (["--image-format", "webp"], "x.png: the name says png, but --image-format is webp"),
 ])
 def test_bad_arguments_exit_2_before_loading(tmp_path, args, message):
     out = tmp_path / "x.png"
@@ -53,6 +56,16 @@ def test_bad_arguments_exit_2_before_loading(tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr and "step 1/" not in result.stderr
     assert not out.exists()
+
+
+def test_webp_carries_the_parameters_in_its_exif(tmp_path):
+    out = tmp_path / "fox.webp"
+    result = run("a fox, ünïcode", "--model", "builtin:tiny", "--steps", "1", "--width", "64", "--height", "64",
+                 "--image-format", "webp", "--quality", "80", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sink.read_params(out.read_bytes())["prompt"] == "a fox, ünïcode"
+    with Image.open(out) as im:
+        assert im.format == "WEBP" and im.size == (64, 64)
 
 
 def test_unloadable_model_is_a_clear_error(tmp_path):

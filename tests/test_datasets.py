@@ -1,5 +1,5 @@
 """A finished `sdbatch run` dataset loads unchanged with the tools people train with: pyarrow,
-pandas, Ray Data and Hugging Face `datasets` — the recipes the README gives; `--embed-images`;
+pandas, Ray Data and Hugging Face `datasets` — the recipes the README gives; `--embed-images` (of WebP);
 `sdbatch status` with per-shard timing and failures."""
 import hashlib
 import io
@@ -46,14 +46,14 @@ def out(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("embedded"), "--embed-images")
+    return make_dataset(tmp_path_factory.mktemp("embedded"), "--embed-images", "--image-format", "webp")
 
 
-def check_rows(ids, labels, paths) -> None:
+def check_rows(ids, labels, paths, extension="png") -> None:
     assert sorted(ids) == sorted(IDS)
     assert {i: l for i, l in zip(ids, labels)} == LABELS
     first = ("cat", "dog-0", "dog-1")  # shards of 3 images: cat, dog-0, dog-1 | owl, fox, nan
-    assert all(p == f"images/shard-{'000000' if i in first else '000001'}/{i}.png" for i, p in zip(ids, paths))
+    assert all(p == f"images/shard-{'000000' if i in first else '000001'}/{i}.{extension}" for i, p in zip(ids, paths))
 
 
 def test_pyarrow_dataset(out):
@@ -108,12 +108,13 @@ def test_embedded_images_load_as_images_in_huggingface_datasets(embedded, tmp_pa
     ds = datasets.load_dataset("parquet", data_files=str(embedded / "metadata" / "*.parquet"), split="train",
                                cache_dir=str(tmp_path / "hf"))
     assert isinstance(ds.features["image"], datasets.Image)
-    check_rows(ds["id"], ds["label"], ds["image_path"])
+    check_rows(ds["id"], ds["label"], ds["image_path"], "webp")
     for row in ds:
-        png = (embedded / row["image_path"]).read_bytes()  # the PNG files are written as well
-        assert hashlib.sha256(png).hexdigest() == row["image_sha256"]
-        with Image.open(io.BytesIO(png)) as im:
-            assert isinstance(row["image"], Image.Image) and row["image"].tobytes() == im.tobytes()
+        webp = (embedded / row["image_path"]).read_bytes()  # the image files are written as well
+        assert hashlib.sha256(webp).hexdigest() == row["image_sha256"]
+        with Image.open(io.BytesIO(webp)) as im:
+            assert isinstance(row["image"], Image.Image) and row["image"].format == im.format == "WEBP"
+            assert row["image"].tobytes() == im.tobytes()
 
 
 def test_embedded_images_are_plain_structs_elsewhere(embedded):
@@ -122,10 +123,11 @@ def test_embedded_images_are_plain_structs_elsewhere(embedded):
     for row in table.select(["image", "image_path", "image_sha256"]).to_pylist():
         assert row["image"]["path"] == row["image_path"]
         assert hashlib.sha256(row["image"]["bytes"]).hexdigest() == row["image_sha256"]
-    # a job with embedded images is a different job: it does not resume into a plain dataset
+    # a job with embedded WebP images is a different job: it does not resume into a plain PNG dataset
     r = sdbatch("run", embedded.parent / "manifest.parquet", "--model", "builtin:tiny", "--output", embedded,
                 "--width", 64, "--height", 64, "--steps", 2, "--shard-size", 3, "--resume")
     assert r.returncode == 2 and "embed_images: true there, false now" in r.stderr, r.stderr
+    assert "image_format: webp there, png now" in r.stderr
 
 
 def test_status_shows_shard_timing_and_failures(out):

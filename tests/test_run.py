@@ -124,14 +124,20 @@ def kill_when_committed(args: list, out: Path, shards: int) -> dict:
     return done_before
 
 
-def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path):
+@pytest.mark.parametrize("image_format, extension", [("png", "png"), ("jpeg", "jpg")])
+def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path, image_format, extension):
     manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(24)], steps=[10] * 24)
     out = tmp_path / "out"
-    done_before = kill_when_committed(["run", manifest, "--output", out, "--shard-size", 3, *TINY], out, 2)
+    args = ["run", manifest, "--output", out, "--shard-size", 3, "--image-format", image_format, *TINY]
+    done_before = kill_when_committed(args, out, 2)
     assert 2 <= len(done_before) < 8, sorted(done_before)
     assert not (out / "_SUCCESS").exists()
+    images_before = {p: p.read_bytes() for p in (out / "images").rglob(f"*.{extension}")}
+    other = "webp" if image_format == "png" else "png"  # a resume in another format is another job
+    assert_user_error(sdbatch(*args[:-len(TINY) - 2], "--image-format", other, *TINY, "--resume"),
+                      f"image_format: {image_format} there, {other} now")
 
-    r = sdbatch("run", manifest, "--output", out, "--shard-size", 3, *TINY)
+    r = sdbatch(*args)
     assert r.returncode == 0, r.stderr
     assert f"resuming: {len(done_before)} of 8 shards already done" in r.stderr
     assert f"({len(done_before)} shards were already done)" in r.stdout
@@ -140,9 +146,11 @@ def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path):
     assert {name: after[name] for name in done_before} == done_before  # not redone: same bytes, same mtime
     meta, failures = read_dataset(out)
     assert sorted(meta, key=int) == [str(i) for i in range(24)] and not failures
-    check_images(out, meta)
-    pngs = list((out / "images").rglob("*.png"))
-    assert len(pngs) == 24
+    images = check_images(out, meta)
+    files = {str(p.relative_to(out)) for p in (out / "images").rglob("*") if p.is_file()}
+    assert files == {m["image_path"] for m in meta.values()}  # no orphans
+    assert all(p.suffix == f".{extension}" for p in images_before)
+    assert all(images[p.stem] == data for p, data in images_before.items())  # a redone image: the same bytes
     assert json.loads((out / "_SUCCESS").read_text())["images"] == 24
 
 
@@ -251,6 +259,8 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--steps", "0"], "--steps 0 is out of range 1..1000"),
     (["--width", "100"], "--width 100 must be a multiple of 8"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    (["--quality", "90"], "--quality applies to jpeg and webp; png is lossless"),
+    (["--image-format", "webp", "--quality", "101"], "--quality must be 1..100, got 101"),
     (["--resume"], "nothing to resume"),
     (["--storage-option", "anon"], "--storage-option 'anon': expected key=value"),
     (["--shard-timeout", "0", "--row-timeout", "-1"], "--shard-timeout must be a number of seconds > 0, got 0.0; "

@@ -1,7 +1,10 @@
-"""The output dataset: layout, PNG text chunk, shard commit, resume scan, job identity, backpressure."""
+"""The output dataset: layout, image formats and their parameters, shard commit, resume scan, job
+identity, backpressure."""
 import hashlib
+import io
 import json
 import os
+import re
 import threading
 import time
 
@@ -11,15 +14,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
-from PIL import Image
+from PIL import ExifTags, Image
 
 from jobs import sink, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import manifest_shards, read_shard, shards
-from jobs.sink import ImageWriter, JobSpec, Output, OutputError, ShardWriter
+from jobs.sink import ImageEncoding, ImageWriter, JobSpec, Output, OutputError, ShardWriter
 
 MODEL, FINGERPRINT = "builtin:tiny", "f" * 16
 SCHED_CONFIG = {"beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+ENCODINGS = [ImageEncoding("png"), ImageEncoding("jpeg", 95), ImageEncoding("webp", 95)]
 
 
 @pytest.fixture
@@ -68,15 +72,17 @@ def run_shards(out, manifest_path, spec, *, only=None, fail=(), writer_kwargs=No
     return results
 
 
-def test_layout_metadata_and_png_chunk(tmp_path, manifest):
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.format)
+def test_layout_metadata_and_image_parameters(tmp_path, manifest, encoding):
     out = Output(str(tmp_path / "out"))
-    spec = job(manifest)
+    spec = job(manifest, image=encoding)
     assert out.prepare(spec) == set()
     results = run_shards(out, manifest, spec)
     assert [(r.shard, r.images, r.failures) for r in results] == [
         ("shard-000000", 4, 0), ("shard-000001", 3, 0), ("shard-000002", 1, 0)]
     root = tmp_path / "out"
-    assert sorted(os.listdir(root / "images" / "shard-000000")) == ["img0.png", "img1-0.png", "img1-1.png", "img2.png"]
+    ext = {"png": "png", "jpeg": "jpg", "webp": "webp"}[encoding.format]
+    assert sorted(os.listdir(root / "images" / "shard-000000")) == [f"{i}.{ext}" for i in ("img0", "img1-0", "img1-1", "img2")]
     assert sorted(os.listdir(root / "metadata")) == [f"shard-00000{i}.parquet" for i in range(3)]
     assert not (root / "failures").exists()
 
@@ -89,27 +95,51 @@ def test_layout_metadata_and_png_chunk(tmp_path, manifest):
     for r in rows:
         data = (root / r["image_path"]).read_bytes()
         assert r["image_sha256"] == hashlib.sha256(data).hexdigest()
-        params = sink.read_png_params(data)
+        params = sink.read_params(data)
         for key in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
                     "model", "model_fingerprint", "sdbatch_version"):
             assert params[key] == r[key], key
         assert params["scheduler_config"] == json.loads(r["scheduler_config"]) == SCHED_CONFIG
         assert params["prompt"].endswith("ünïcode " + str(r["manifest_row"]))
-        assert np.array_equal(np.asarray(Image.open(root / r["image_path"])), pixels(r["seed"]))
+        with Image.open(root / r["image_path"]) as im:
+            assert im.format == encoding.format.upper() and im.size == (16, 16)
+            if encoding.format == "png":
+                assert np.array_equal(np.asarray(im), pixels(r["seed"]))
     # all shards read as one dataset with one schema
     table = ds.dataset(str(root / "metadata"), format="parquet").to_table()
     assert sorted(table.column("id").to_pylist()) == sorted(["img0", "img1-0", "img1-1"] + [f"img{i}" for i in range(2, 7)])
 
 
-def test_png_is_byte_deterministic():
-    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
-    params = {"prompt": "a cat", "seed": 1}
-    a = sink.encode_png(img, params)
-    assert a == sink.encode_png(img.copy(), dict(reversed(list(params.items()))))
-    assert a == sink.encode_png(Image.fromarray(img), params)
-    assert a != sink.encode_png(img, {**params, "seed": 2})
-    assert sink.read_png_params(a) == params
-    assert b"tIME" not in a
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.format)
+def test_images_are_byte_deterministic_and_carry_their_parameters(encoding):
+    img = pixels(3, size=32)
+    params = {"prompt": "a cat, ünïcode 🦊 猫", "seed": 1}
+    a = encoding.encode(img, params)
+    assert a == encoding.encode(img.copy(), dict(reversed(list(params.items()))))
+    assert a == encoding.encode(Image.fromarray(img), params)
+    assert a != encoding.encode(img, {**params, "seed": 2})
+    assert sink.read_params(a) == params
+    with Image.open(io.BytesIO(a)) as im:
+        assert im.format == encoding.format.upper() and im.size == (32, 32) and im.mode == "RGB"
+        if encoding.format == "png":
+            assert b"tIME" not in a and json.loads(im.text["sdbatch"]) == params
+        else:  # where EXIF readers (Pillow, exiftool, Automatic1111's PNG Info) find parameters
+            comment = im.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+            assert comment == b"UNICODE\0" + json.dumps(params, ensure_ascii=False, sort_keys=True,
+                                                         separators=(",", ":")).encode("utf-16-be")
+            assert a != ImageEncoding(encoding.format, 80).encode(img, params)
+
+
+@pytest.mark.parametrize("format, quality, message", [
+    ("png", 90, "--quality applies to jpeg and webp; png is lossless"),
+    ("jpeg", 0, "--quality must be 1..100, got 0"),
+    ("webp", 101, "--quality must be 1..100, got 101"),
+    ("gif", None, "--image-format must be one of png, jpeg, webp, got 'gif'"),
+])
+def test_bad_image_encodings_are_refused(format, quality, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ImageEncoding.of(format, quality)
+    assert ImageEncoding.of("webp", None) == ImageEncoding("webp", sink.DEFAULT_QUALITY)
 
 
 def test_images_and_metadata_are_identical_across_writer_settings(tmp_path, manifest):
@@ -174,8 +204,10 @@ def test_a_failed_image_write_leaves_the_shard_uncommitted(tmp_path):
     pq.write_table(pa.table({"id": ["img0", "img1", "img2", "img3"], "prompt": ["a"] * 4}), path)
     out = Output("memory://broken-out")
     out.fs = BrokenUploads()
+    spec = job(path, shard_size=4)
+    out.prepare(spec)
     with pytest.raises(storage.StorageError, match="shard-000000: 1 of 4 images could not be written; the shard is not committed"):
-        run_shards(out, path, job(path, shard_size=4))
+        run_shards(out, path, spec)
     assert out.done_shards() == set()
     assert out.fs.exists("/broken-out/images/shard-000000/img3.png")
     assert not out.fs.exists("/broken-out/metadata/shard-000000.parquet")
@@ -231,6 +263,7 @@ def test_job_json_has_identity_and_no_credentials(tmp_path, manifest):
     ({"shard_size": 5}, "shard_size"),
     ({"defaults": {"steps": 5, "width": 64, "height": 64}}, "defaults"),
     ({"dtype": "fp16"}, "dtype"),
+    ({"image": ImageEncoding("jpeg", 95)}, "image_format"),
 ])
 def test_a_different_job_is_refused_unless_overwriting(tmp_path, manifest, change, what):
     if "defaults" in change:
@@ -247,6 +280,27 @@ def test_a_different_job_is_refused_unless_overwriting(tmp_path, manifest, chang
     assert not (tmp_path / "out" / "images").exists() and not (tmp_path / "out" / "metadata").exists()
     assert json.loads((tmp_path / "out" / "_sdbatch" / "job.json").read_text())["identity"][what] != (
         job(manifest).identity()[what])
+
+
+def test_quality_is_part_of_the_identity_and_older_jobs_are_png(tmp_path, manifest):
+    out = Output(str(tmp_path / "jpeg"))
+    spec = job(manifest, image=ImageEncoding("jpeg", 95))
+    out.prepare(spec)
+    run_shards(out, manifest, spec, only={"shard-000000"})
+    with pytest.raises(OutputError, match="quality: 95 there, 80 now"):
+        out.prepare(job(manifest, image=ImageEncoding("jpeg", 80)))
+    assert out.prepare(job(manifest), mode="overwrite") == set()  # the .jpg files are sdbatch's to delete
+    assert not (tmp_path / "jpeg" / "images").exists()
+    out = Output(str(tmp_path / "old"))
+    out.prepare(job(manifest))
+    path = tmp_path / "old" / "_sdbatch" / "job.json"
+    old = json.loads(path.read_text())
+    del old["identity"]["image_format"], old["identity"]["quality"]  # as sdbatch wrote it before image formats
+    path.write_text(json.dumps(old))
+    assert out.prepare(job(manifest)) == set()
+    assert sink.ImageEncoding.of_job(old) == sink.PNG
+    with pytest.raises(OutputError, match="image_format: png there, webp now"):
+        out.prepare(job(manifest, image=ImageEncoding("webp", 95)))
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_an_sdbatch_dataset(tmp_path, manifest):

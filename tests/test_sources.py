@@ -269,9 +269,9 @@ def test_generate_takes_a_hub_id_from_hf_home(release, tmp_path):
     r = subprocess.run([str(sdbatch), "generate", "a fox", "--model", "acme/tiny-sd", "--steps", "2", "--width", "64",
                         "--height", "64", "-o", str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    from jobs.sink import read_png_params
+    from jobs.sink import read_params
 
-    params = read_png_params(out.read_bytes())
+    params = read_params(out.read_bytes())
     assert params["model"] == "acme/tiny-sd" and params["model_revision"] == COMMIT
     r = subprocess.run([str(sdbatch), "generate", "a fox", "--model", "acme/not-there", "-o", str(out)],
                        capture_output=True, text=True, env=env, timeout=120)
