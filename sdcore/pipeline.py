@@ -151,15 +151,20 @@ class Pipeline:
         context = self.encode_prompts(prompts)
         uncond_context = self.encode_prompts(negative_prompts) if use_cfg else None
 
+        # The latents and the scheduler's state stay float32 in every dtype: half precision would round
+        # away the small updates of late steps. Only the UNet sees the pipeline's dtype.
         latent_shape = (1, self.unet.config.in_channels, height // 8, width // 8)
         latents = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
-        latents = to_device(latents, self.device).to(self.dtype) * sched.init_noise_sigma
+        latents = to_device(latents, self.device) * sched.init_noise_sigma
+
+        def unet_noise(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self.predict_noise(x.to(self.dtype), t, context).float()
 
         def guided_noise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None):
             if uncond is None:
-                return self.predict_noise(x, t, cond)
+                return unet_noise(x, t, cond)
             # One UNet batch for both passes, unconditional rows first as the reference orders them.
-            noise_uncond, noise_cond = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+            noise_uncond, noise_cond = unet_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
             return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
         unet_rows = self.batching.unet_rows(use_cfg) or len(latents)

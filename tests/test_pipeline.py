@@ -174,6 +174,26 @@ def test_half_precision_runs_and_stays_close(dtype):
     assert np.abs(half.astype(int) - full.astype(int)).mean() < 8
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_half_precision_latents_stay_float32_between_steps(scheduler):
+    pipe = sdcore.load_pipeline("builtin:tiny", dtype=torch.bfloat16)
+    kwargs = dict(steps=3, guidance_scale=1.0, height=32, width=32, scheduler=scheduler)
+    got = pipe.generate(["a fox"], seeds=[4], output="latent", **kwargs)[0]
+    # The same loop by hand: only the UNet runs in bfloat16; the noise and every step stay float32.
+    sched = pipe.make_scheduler(scheduler)
+    sched.set_timesteps(3)
+    generator = torch.Generator("cpu").manual_seed(4)
+    x = torch.randn(1, 4, 4, 4, generator=generator) * sched.init_noise_sigma
+    context = pipe.encode_prompts(["a fox"])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            noise = pipe.predict_noise(sched.scale_model_input(x, t).to(torch.bfloat16), t, context)
+            assert noise.dtype == torch.bfloat16
+            x = sched.step(noise.float(), t, x, generator=[generator])
+    assert got.dtype == torch.float32
+    assert torch.equal(got, x[0])
+
+
 def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape():
     from torch._dynamo.utils import counters
 
