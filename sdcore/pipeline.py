@@ -5,6 +5,7 @@ row's initial latents and then that row's stochastic step noise, in the referenc
 order, so an image depends only on its own row — not on batch size or neighbours. On the CPU its
 bytes do not depend on them either (`sdcore.batching`).
 """
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class Pipeline:
     dtype: torch.dtype
     _compiled_unet: Callable | None = field(default=None, init=False, repr=False)  # see compile()
     _cuda_graphs: bool = field(default=False, init=False, repr=False)  # the compiled UNet replays CUDA graphs
+    _vae_decoder_fp32: nn.Module | None = field(default=None, init=False, repr=False)  # see _float32_decoder()
     # Rows per UNet and VAE call: set from the device here and by compile(); a caller that changes the
     # torch thread count sets it again (sdcore.batching).
     batching: Batching = field(default=None, init=False)
@@ -191,32 +193,38 @@ class Pipeline:
         return images
 
     def _decode(self, latents: torch.Tensor) -> tuple[list, list[int]]:
-        """Latents → uint8 [H, W, 3] arrays; rows that stay non-finite even in float32 are None."""
+        """Latents → uint8 [H, W, 3] arrays; None for rows whose latents are non-finite or whose pixels
+        stay non-finite even in float32."""
+        scale = self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
-        pixels = self._decode_fitting(latents.to(vae_dtype) / self.vae.config.scaling_factor)
+        pixels = self._decode_fitting(self.vae.decode, latents.to(vae_dtype) / scale).float()
         finite = torch.isfinite(pixels).flatten(1).all(dim=1)
-        if not finite.all() and vae_dtype != torch.float32:
-            # Half precision can overflow in the decoder; redo just those rows in float32.
-            redo = (~finite).nonzero().flatten()
-            try:
-                fixed = self.vae.float().decode(latents[redo].float() / self.vae.config.scaling_factor)
-            finally:
-                self.vae.to(vae_dtype)
-            pixels = pixels.float()
-            pixels[redo] = fixed
+        # Half precision can overflow in the decoder; redo those rows in float32, unless their latents
+        # were already lost.
+        redo = (~finite & torch.isfinite(latents).flatten(1).all(dim=1)).nonzero().flatten()
+        if len(redo) and vae_dtype != torch.float32:
+            pixels[redo] = self._decode_fitting(self._float32_decoder(), latents[redo] / scale)
             finite = torch.isfinite(pixels).flatten(1).all(dim=1)
-        arrays = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arrays = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
         return [None if i in bad else np.ascontiguousarray(a) for i, a in enumerate(arrays)], bad
 
-    def _decode_fitting(self, z: torch.Tensor) -> torch.Tensor:
-        """vae.decode(z) [B, 4, h, w] → [B, 3, 8h, 8w], in ever smaller groups of rows while the device runs
+    def _float32_decoder(self) -> nn.Module:
+        """A float32 copy of the VAE's decoding half, made on first need and kept: the half-precision
+        VAE stays as it is, and later overflows cost no conversion."""
+        if self._vae_decoder_fp32 is None:
+            self._vae_decoder_fp32 = nn.Sequential(copy.deepcopy(self.vae.post_quant_conv),
+                                                   copy.deepcopy(self.vae.decoder)).float()
+        return self._vae_decoder_fp32
+
+    def _decode_fitting(self, decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """decode(z) [B, 4, h, w] → [B, 3, 8h, 8w], in ever smaller groups of rows while the device runs
         out of memory: the decoder needs far more memory per row than the UNet (at large sizes, more than
         a whole batch of denoising), and the denoised latents are too costly to lose to it."""
         rows = self.batching.vae_rows or len(z)
         while True:
             try:
-                return self._in_chunks(self.vae.decode, rows, z)
+                return self._in_chunks(decode, rows, z)
             except torch.OutOfMemoryError:
                 if rows == 1:
                     raise

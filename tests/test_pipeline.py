@@ -11,6 +11,7 @@ from sdcore import cpu
 from sdcore.batching import Batching
 from sdcore.cpu import CPUKernels
 from sdcore.errors import NonFiniteOutputError
+from sdcore.vae import Decoder
 from tests.reference import (
     TINY_CLIP,
     TINY_UNET,
@@ -192,6 +193,29 @@ def test_half_precision_latents_stay_float32_between_steps(scheduler):
             x = sched.step(noise.float(), t, x, generator=[generator])
     assert got.dtype == torch.float32
     assert torch.equal(got, x[0])
+
+
+def test_half_precision_decoder_overflow_is_redone_in_a_kept_float32_copy_and_lost_latents_are_not(monkeypatch):
+    pipe = sdcore.load_pipeline("builtin:tiny", dtype=torch.float16)
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents[1] *= 1e4  # finite, but past float16's range in the decoder
+    latents[2] = float("nan")
+    decoded = []  # (weight dtype, rows) of every decoder call
+    forward = Decoder.forward
+    monkeypatch.setattr(Decoder, "forward", lambda self, z: decoded.append((self.conv_in.weight.dtype, len(z))) or forward(self, z))
+
+    images, bad = pipe._decode(latents[:1])
+    assert bad == [] and pipe._vae_decoder_fp32 is None  # made only when needed
+    float32_decoders = []
+    for _ in range(2):
+        decoded.clear()
+        images, bad = pipe._decode(latents)
+        assert bad == [2] and images[2] is None
+        assert images[1].shape == (32, 32, 3) and images[1].dtype == np.uint8
+        assert decoded == [(torch.float16, 1)] * 3 + [(torch.float32, 1)]
+        float32_decoders.append(pipe._vae_decoder_fp32)
+    assert float32_decoders[0] is not None and float32_decoders[1] is float32_decoders[0]  # made once
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float16}
 
 
 def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape():
