@@ -124,7 +124,7 @@ class Pipeline:
         seeds: Sequence[int],
         negative_prompts: Sequence[str] | None = None,
         steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | Sequence[float] = 7.5,
         height: int = 512,
         width: int = 512,
         scheduler: str = "ddpm",
@@ -132,12 +132,18 @@ class Pipeline:
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
     ) -> list:
-        """One image per prompt; `progress(step, total)` is called after every denoising step."""
+        """One image per prompt; `progress(step, total)` is called after every denoising step.
+
+        `guidance_scale` is one for all rows or one per row. A row with guidance above 1 gets
+        classifier-free guidance; a row with 1 or less takes the conditional prediction alone, as it
+        would without guidance, even in a batch with guided rows (which all go through CFG's batch)."""
         prompts = list(prompts)
         seeds = list(seeds)
         negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
-        if not prompts or len(seeds) != len(prompts) or len(negative_prompts) != len(prompts):
-            raise ValueError("generate needs one seed (and one negative prompt, if any) per prompt, and at least one prompt")
+        guidance = [float(g) for g in guidance_scale] if isinstance(guidance_scale, Sequence) else [float(guidance_scale)] * len(prompts)
+        if not prompts or not len(seeds) == len(negative_prompts) == len(guidance) == len(prompts):
+            raise ValueError("generate needs one seed (and one negative prompt and guidance scale, if given per row) "
+                             "per prompt, and at least one prompt")
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
         if steps < 1:
@@ -148,7 +154,7 @@ class Pipeline:
         sched = self.make_scheduler(scheduler, scheduler_config)
         sched.set_timesteps(steps)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        use_cfg = guidance_scale > 1.0
+        use_cfg = any(g > 1.0 for g in guidance)
 
         context = self.encode_prompts(prompts)
         uncond_context = self.encode_prompts(negative_prompts) if use_cfg else None
@@ -162,19 +168,27 @@ class Pipeline:
         def unet_noise(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return self.predict_noise(x.to(self.dtype), t, context).float()
 
-        def guided_noise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None):
-            if uncond is None:
-                return unet_noise(x, t, cond)
+        def guided_noise(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor):
             # One UNet batch for both passes, unconditional rows first as the reference orders them.
             noise_uncond, noise_cond = unet_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
-            return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            # uncond + 1 * (cond - uncond) is not cond to the last bit: unguided rows take cond itself.
+            return torch.where(scale > 1.0, noise_uncond + scale * (noise_cond - noise_uncond), noise_cond)
 
-        unet_rows = self.batching.unet_rows(use_cfg) or len(latents)
-        contexts = (context,) if uncond_context is None else (context, uncond_context)
+        scales = to_device(torch.tensor(guidance, dtype=torch.float32).view(-1, 1, 1, 1), self.device)  # [B, 1, 1, 1]
+        # Rows through CFG's batch, and rows through the UNet on their own (see Batching.unguided_apart).
+        cfg_rows = [i for i, g in enumerate(guidance) if use_cfg and (g > 1.0 or not self.batching.unguided_apart)]
+        plain_rows = [i for i in range(len(prompts)) if i not in cfg_rows]
+        groups = [(guided, torch.tensor(rows, device=self.device)) for guided, rows in ((True, cfg_rows), (False, plain_rows)) if rows]
         total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             model_input = sched.scale_model_input(latents, t)
-            noise = self._in_chunks(lambda x, *c: guided_noise(x, t, *c), unet_rows, model_input, *contexts)
+            noise = torch.empty_like(latents)
+            for guided, rows in groups:
+                if guided:
+                    fn, inputs = (lambda x, *rest: guided_noise(x, t, *rest)), (model_input, scales, context, uncond_context)
+                else:
+                    fn, inputs = (lambda x, cond: unet_noise(x, t, cond)), (model_input, context)
+                noise[rows] = self._in_chunks(fn, self.batching.unet_rows(guided) or len(rows), *(x[rows] for x in inputs))
             latents = sched.step(noise, t, latents, generator=generators)
             if progress is not None:
                 progress(i + 1, total)

@@ -62,6 +62,31 @@ def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler, guidance_sc
     assert not np.array_equal(together[0], together[1]), "different rows should give different images"
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+@pytest.mark.usefixtures("few_threads")
+def test_rows_of_other_guidance_share_a_batch_and_give_their_own_images(builtin_pipe, scheduler, monkeypatch):
+    kwargs = dict(steps=2, height=32, width=32, scheduler=scheduler, output="latent")
+    guidance, seeds = [7.5, 1.0, 3.0, 0.0], [7, 8, 9, 10]
+    unet_rows, forward = [], builtin_pipe.unet.forward
+    monkeypatch.setattr(builtin_pipe.unet, "forward", lambda x, *args: unet_rows.append(len(x)) or forward(x, *args))
+    together = builtin_pipe.generate(PROMPTS, seeds=seeds, guidance_scale=guidance, **kwargs)
+    # The guided rows share CFG's batch; the unguided ones go as they would alone (sdcore.batching).
+    assert unet_rows == [4, 1, 1] * 2
+    for prompt, seed, g, latents in zip(PROMPTS, seeds, guidance, together):
+        alone = builtin_pipe.generate([prompt], seeds=[seed], guidance_scale=g, **kwargs)[0]
+        assert torch.equal(latents, alone), g
+
+    # As on a GPU: one CFG batch of every row, and the unguided rows still unguided.
+    monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cuda", torch.float32))
+    unet_rows.clear()
+    one_batch = builtin_pipe.generate(PROMPTS, seeds=seeds, guidance_scale=guidance, **kwargs)
+    assert unet_rows == [8] * 2
+    for a, b in zip(one_batch, together):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance scale"):
+        builtin_pipe.generate(PROMPTS, seeds=seeds, guidance_scale=[7.5, 1.0], **kwargs)
+
+
 @pytest.mark.parametrize("few_threads", [2], indirect=True)
 def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(builtin_pipe, monkeypatch, few_threads):
     monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cpu", torch.float32, threads=few_threads))
