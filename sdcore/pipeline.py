@@ -110,13 +110,13 @@ class Pipeline:
         """The named algorithm configured from the model's scheduler config plus `overrides`."""
         return schedulers.make(name, **{**self.scheduler_config, **(overrides or {})})
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(prompts)).to(self.device)
         # A prompt is 77 rows of every matmul, so its encoding is the same in any batch.
         return self.text_encoder(ids)  # [B, 77, D]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str],
@@ -211,17 +211,33 @@ class Pipeline:
         stay non-finite even in float32."""
         scale = self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
-        pixels = self._decode_fitting(self.vae.decode, latents.to(vae_dtype) / scale).float()
-        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
-        # Half precision can overflow in the decoder; redo those rows in float32, unless their latents
-        # were already lost.
-        redo = (~finite & torch.isfinite(latents).flatten(1).all(dim=1)).nonzero().flatten()
-        if len(redo) and vae_dtype != torch.float32:
-            pixels[redo] = self._decode_fitting(self._float32_decoder(), latents[redo] / scale)
-            finite = torch.isfinite(pixels).flatten(1).all(dim=1)
-        arrays = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        arrays, finite = self._to_host(self._decode_fitting(self.vae.decode, latents.to(vae_dtype) / scale))
+        lost = [i for i, ok in enumerate(finite) if not ok]
+        if lost and vae_dtype != torch.float32:
+            # Half precision can overflow in the decoder; redo those rows in float32, unless their latents
+            # were already non-finite.
+            redo = [i for i, ok in zip(lost, torch.isfinite(latents[lost]).flatten(1).all(dim=1).tolist()) if ok]
+            if redo:
+                fixed, fixed_finite = self._to_host(self._decode_fitting(self._float32_decoder(), latents[redo] / scale))
+                arrays[redo] = fixed
+                for i, ok in zip(redo, fixed_finite):
+                    finite[i] = ok
+        bad = [i for i, ok in enumerate(finite) if not ok]
         return [None if i in bad else np.ascontiguousarray(a) for i, a in enumerate(arrays)], bad
+
+    @staticmethod
+    def _to_host(pixels: torch.Tensor) -> tuple[np.ndarray, list[bool]]:
+        """Decoded pixels [B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3] on the host, and whether each row was
+        finite. Both are computed on the device; from a GPU they come into pinned memory, behind its queued
+        work, and the host waits once for both."""
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+        images = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        if pixels.device.type != "cuda":
+            return images.numpy(), finite.tolist()
+        host_images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True).copy_(images, non_blocking=True)
+        host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+        torch.cuda.current_stream(pixels.device).synchronize()
+        return host_images.numpy(), host_finite.tolist()
 
     def _float32_decoder(self) -> nn.Module:
         """A float32 copy of the VAE's decoding half, made on first need and kept: the half-precision
