@@ -8,8 +8,8 @@ cuts an elementwise op into chunks whose ends, where they fall off a vector's wi
 that rounds exp otherwise (SiLU), at places that move with the batch. With guidance every row is two
 samples, unconditional and conditional, so there the whole batch goes through at once (fewer passes
 over the weights), and an unguided row beside guided ones goes apart from them, as it would alone,
-not as the conditional half of CFG. Otherwise the rows go one at a time, as through a compiled UNet, which compiles
-every new batch shape and whose kernels make no such promise. The VAE decoder takes one row at a
+not as the conditional half of CFG. Otherwise the rows go one at a time, as through a compiled
+UNet, which compiles every new batch shape and whose kernels make no such promise. The VAE decoder takes one row at a
 time on the CPU, where a batch brings it no speed. A GPU takes the whole batch, its unguided rows
 through CFG with the rest (one UNet shape per batch size), and its images agree across batches to
 float precision.

@@ -136,11 +136,12 @@ class Pipeline:
 
         `guidance_scale` is one for all rows or one per row. A row with guidance above 1 gets
         classifier-free guidance; a row with 1 or less takes the conditional prediction alone, as it
-        would without guidance, even in a batch with guided rows (which all go through CFG's batch)."""
+        would without guidance, even in a batch with guided rows."""
         prompts = list(prompts)
         seeds = list(seeds)
         negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
-        guidance = [float(g) for g in guidance_scale] if isinstance(guidance_scale, Sequence) else [float(guidance_scale)] * len(prompts)
+        per_row = isinstance(guidance_scale, Sequence)
+        guidance = [float(g) for g in guidance_scale] if per_row else [float(guidance_scale)] * len(prompts)
         if not prompts or not len(seeds) == len(negative_prompts) == len(guidance) == len(prompts):
             raise ValueError("generate needs one seed (and one negative prompt and guidance scale, if given per row) "
                              "per prompt, and at least one prompt")
@@ -178,7 +179,9 @@ class Pipeline:
         # Rows through CFG's batch, and rows through the UNet on their own (see Batching.unguided_apart).
         cfg_rows = [i for i, g in enumerate(guidance) if use_cfg and (g > 1.0 or not self.batching.unguided_apart)]
         plain_rows = [i for i in range(len(prompts)) if i not in cfg_rows]
-        groups = [(guided, torch.tensor(rows, device=self.device)) for guided, rows in ((True, cfg_rows), (False, plain_rows)) if rows]
+        # A group of every row is taken whole, not copied out row by row.
+        groups = [(guided, slice(None) if len(rows) == len(prompts) else torch.tensor(rows, device=self.device))
+                  for guided, rows in ((True, cfg_rows), (False, plain_rows)) if rows]
         total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             model_input = sched.scale_model_input(latents, t)
@@ -188,7 +191,8 @@ class Pipeline:
                     fn, inputs = (lambda x, *rest: guided_noise(x, t, *rest)), (model_input, scales, context, uncond_context)
                 else:
                     fn, inputs = (lambda x, cond: unet_noise(x, t, cond)), (model_input, context)
-                noise[rows] = self._in_chunks(fn, self.batching.unet_rows(guided) or len(rows), *(x[rows] for x in inputs))
+                inputs = [x[rows] for x in inputs]
+                noise[rows] = self._in_chunks(fn, self.batching.unet_rows(guided) or len(inputs[0]), *inputs)
             latents = sched.step(noise, t, latents, generator=generators)
             if progress is not None:
                 progress(i + 1, total)
