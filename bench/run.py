@@ -298,15 +298,16 @@ def render_kernels(k: dict) -> list[str]:
 def compiled_section(ours, cpu: dict, args) -> dict:
     """sdcore after `Pipeline.compile()` (the `--compile` option): the compile, one UNet step against
     the eager UNet (interleaved), and whole images against diffusers' medians of section 1."""
-    side = args.size // 8
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, side, side, generator=gen)
-    ctx = torch.randn(2, 77, ours.unet.config.cross_attention_dim, generator=gen)
-    t = torch.tensor(500)
     ours.compile()
     log("CPU --compile: the first call compiles the UNet")
-    # no_grad, as in generate: under inference_mode the compiled UNet would be compiled a second time.
-    with torch.no_grad():
+    # Inference tensors, as generate makes under inference_mode: the compiled UNet's guards tell them
+    # from ordinary tensors, and would compile it a second time.
+    with torch.inference_mode():
+        side = args.size // 8
+        gen = torch.Generator().manual_seed(2)
+        x = torch.randn(2, 4, side, side, generator=gen)
+        ctx = torch.randn(2, 77, ours.unet.config.cross_attention_dim, generator=gen)
+        t = torch.tensor(500)
         started = time.perf_counter()
         compiled_out = ours.predict_noise(x, t, ctx)
         compile_s = time.perf_counter() - started

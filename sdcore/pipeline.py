@@ -5,6 +5,7 @@ row's initial latents and then that row's stochastic step noise, in the referenc
 order, so an image depends only on its own row — not on batch size or neighbours. On the CPU its
 bytes do not depend on them either (`sdcore.batching`).
 """
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ class Pipeline:
     dtype: torch.dtype
     _compiled_unet: Callable | None = field(default=None, init=False, repr=False)  # see compile()
     _cuda_graphs: bool = field(default=False, init=False, repr=False)  # the compiled UNet replays CUDA graphs
+    _vae_decoder_fp32: nn.Module | None = field(default=None, init=False, repr=False)  # see _float32_decoder()
     # Rows per UNet and VAE call: set from the device here and by compile(); a caller that changes the
     # torch thread count sets it again (sdcore.batching).
     batching: Batching = field(default=None, init=False)
@@ -108,13 +110,13 @@ class Pipeline:
         """The named algorithm configured from the model's scheduler config plus `overrides`."""
         return schedulers.make(name, **{**self.scheduler_config, **(overrides or {})})
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(prompts)).to(self.device)
         # A prompt is 77 rows of every matmul, so its encoding is the same in any batch.
         return self.text_encoder(ids)  # [B, 77, D]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str],
@@ -122,7 +124,7 @@ class Pipeline:
         seeds: Sequence[int],
         negative_prompts: Sequence[str] | None = None,
         steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | Sequence[float] = 7.5,
         height: int = 512,
         width: int = 512,
         scheduler: str = "ddpm",
@@ -130,12 +132,19 @@ class Pipeline:
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
     ) -> list:
-        """One image per prompt; `progress(step, total)` is called after every denoising step."""
+        """One image per prompt; `progress(step, total)` is called after every denoising step.
+
+        `guidance_scale` is one for all rows or one per row. A row with guidance above 1 gets
+        classifier-free guidance; a row with 1 or less takes the conditional prediction alone, as it
+        would without guidance, even in a batch with guided rows."""
         prompts = list(prompts)
         seeds = list(seeds)
         negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
-        if not prompts or len(seeds) != len(prompts) or len(negative_prompts) != len(prompts):
-            raise ValueError("generate needs one seed (and one negative prompt, if any) per prompt, and at least one prompt")
+        per_row = isinstance(guidance_scale, Sequence)
+        guidance = [float(g) for g in guidance_scale] if per_row else [float(guidance_scale)] * len(prompts)
+        if not prompts or not len(seeds) == len(negative_prompts) == len(guidance) == len(prompts):
+            raise ValueError("generate needs one seed (and one negative prompt and guidance scale, if given per row) "
+                             "per prompt, and at least one prompt")
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
         if steps < 1:
@@ -146,28 +155,44 @@ class Pipeline:
         sched = self.make_scheduler(scheduler, scheduler_config)
         sched.set_timesteps(steps)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        use_cfg = guidance_scale > 1.0
+        use_cfg = any(g > 1.0 for g in guidance)
 
         context = self.encode_prompts(prompts)
         uncond_context = self.encode_prompts(negative_prompts) if use_cfg else None
 
+        # The latents and the scheduler's state stay float32 in every dtype: half precision would round
+        # away the small updates of late steps. Only the UNet sees the pipeline's dtype.
         latent_shape = (1, self.unet.config.in_channels, height // 8, width // 8)
         latents = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
-        latents = to_device(latents, self.device).to(self.dtype) * sched.init_noise_sigma
+        latents = to_device(latents, self.device) * sched.init_noise_sigma
 
-        def guided_noise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None):
-            if uncond is None:
-                return self.predict_noise(x, t, cond)
+        def unet_noise(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self.predict_noise(x.to(self.dtype), t, context).float()
+
+        def guided_noise(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor):
             # One UNet batch for both passes, unconditional rows first as the reference orders them.
-            noise_uncond, noise_cond = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
-            return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            noise_uncond, noise_cond = unet_noise(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+            # uncond + 1 * (cond - uncond) is not cond to the last bit: unguided rows take cond itself.
+            return torch.where(scale > 1.0, noise_uncond + scale * (noise_cond - noise_uncond), noise_cond)
 
-        unet_rows = self.batching.unet_rows(use_cfg) or len(latents)
-        contexts = (context,) if uncond_context is None else (context, uncond_context)
+        scales = to_device(torch.tensor(guidance, dtype=torch.float32).view(-1, 1, 1, 1), self.device)  # [B, 1, 1, 1]
+        # Rows through CFG's batch, and rows through the UNet on their own (see Batching.unguided_apart).
+        cfg_rows = [i for i, g in enumerate(guidance) if use_cfg and (g > 1.0 or not self.batching.unguided_apart)]
+        plain_rows = [i for i in range(len(prompts)) if i not in cfg_rows]
+        # A group of every row is taken whole, not copied out row by row.
+        groups = [(guided, slice(None) if len(rows) == len(prompts) else torch.tensor(rows, device=self.device))
+                  for guided, rows in ((True, cfg_rows), (False, plain_rows)) if rows]
         total = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             model_input = sched.scale_model_input(latents, t)
-            noise = self._in_chunks(lambda x, *c: guided_noise(x, t, *c), unet_rows, model_input, *contexts)
+            noise = torch.empty_like(latents)
+            for guided, rows in groups:
+                if guided:
+                    fn, inputs = (lambda x, *rest: guided_noise(x, t, *rest)), (model_input, scales, context, uncond_context)
+                else:
+                    fn, inputs = (lambda x, cond: unet_noise(x, t, cond)), (model_input, context)
+                inputs = [x[rows] for x in inputs]
+                noise[rows] = self._in_chunks(fn, self.batching.unet_rows(guided) or len(inputs[0]), *inputs)
             latents = sched.step(noise, t, latents, generator=generators)
             if progress is not None:
                 progress(i + 1, total)
@@ -186,32 +211,54 @@ class Pipeline:
         return images
 
     def _decode(self, latents: torch.Tensor) -> tuple[list, list[int]]:
-        """Latents → uint8 [H, W, 3] arrays; rows that stay non-finite even in float32 are None."""
+        """Latents → uint8 [H, W, 3] arrays; None for rows whose latents are non-finite or whose pixels
+        stay non-finite even in float32."""
+        scale = self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
-        pixels = self._decode_fitting(latents.to(vae_dtype) / self.vae.config.scaling_factor)
-        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
-        if not finite.all() and vae_dtype != torch.float32:
-            # Half precision can overflow in the decoder; redo just those rows in float32.
-            redo = (~finite).nonzero().flatten()
-            try:
-                fixed = self.vae.float().decode(latents[redo].float() / self.vae.config.scaling_factor)
-            finally:
-                self.vae.to(vae_dtype)
-            pixels = pixels.float()
-            pixels[redo] = fixed
-            finite = torch.isfinite(pixels).flatten(1).all(dim=1)
-        arrays = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        arrays, finite = self._to_host(self._decode_fitting(self.vae.decode, latents.to(vae_dtype) / scale))
+        lost = [i for i, ok in enumerate(finite) if not ok]
+        if lost and vae_dtype != torch.float32:
+            # Half precision can overflow in the decoder; redo those rows in float32, unless their latents
+            # were already non-finite.
+            redo = [i for i, ok in zip(lost, torch.isfinite(latents[lost]).flatten(1).all(dim=1).tolist()) if ok]
+            if redo:
+                fixed, fixed_finite = self._to_host(self._decode_fitting(self._float32_decoder(), latents[redo] / scale))
+                arrays[redo] = fixed
+                for i, ok in zip(redo, fixed_finite):
+                    finite[i] = ok
+        bad = [i for i, ok in enumerate(finite) if not ok]
         return [None if i in bad else np.ascontiguousarray(a) for i, a in enumerate(arrays)], bad
 
-    def _decode_fitting(self, z: torch.Tensor) -> torch.Tensor:
-        """vae.decode(z) [B, 4, h, w] → [B, 3, 8h, 8w], in ever smaller groups of rows while the device runs
+    @staticmethod
+    def _to_host(pixels: torch.Tensor) -> tuple[np.ndarray, list[bool]]:
+        """Decoded pixels [B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3] on the host, and whether each row was
+        finite. Both are computed on the device; from a GPU they come into pinned memory, behind its queued
+        work, and the host waits once for both."""
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+        images = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        if pixels.device.type != "cuda":
+            return images.numpy(), finite.tolist()
+        host_images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True).copy_(images, non_blocking=True)
+        host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+        torch.cuda.current_stream(pixels.device).synchronize()
+        return host_images.numpy(), host_finite.tolist()
+
+    def _float32_decoder(self) -> nn.Module:
+        """A float32 copy of the VAE's decoding half, made on first need and kept: the half-precision
+        VAE stays as it is, and later overflows cost no conversion."""
+        if self._vae_decoder_fp32 is None:
+            self._vae_decoder_fp32 = nn.Sequential(copy.deepcopy(self.vae.post_quant_conv),
+                                                   copy.deepcopy(self.vae.decoder)).float()
+        return self._vae_decoder_fp32
+
+    def _decode_fitting(self, decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """decode(z) [B, 4, h, w] → [B, 3, 8h, 8w], in ever smaller groups of rows while the device runs
         out of memory: the decoder needs far more memory per row than the UNet (at large sizes, more than
         a whole batch of denoising), and the denoised latents are too costly to lose to it."""
         rows = self.batching.vae_rows or len(z)
         while True:
             try:
-                return self._in_chunks(self.vae.decode, rows, z)
+                return self._in_chunks(decode, rows, z)
             except torch.OutOfMemoryError:
                 if rows == 1:
                     raise

@@ -9,7 +9,8 @@
 Modules are built on the `meta` device and adopt the file's tensors as their parameters
 (`load_state_dict(assign=True)`). safetensors files are memory-mapped, so float32 weights loaded
 as float32 on the CPU are never copied, and any other dtype or device is converted one tensor at
-a time: the model is never held twice. Family, names and shapes of all three components are
+a time: the model is never held twice. For a GPU, safetensors are read straight onto it, and every
+tensor is converted to the dtype there, not on a CPU thread. Family, names and shapes of all three components are
 checked before any tensor is read, so a wrong file fails whole, never half-loaded.
 """
 import hashlib
@@ -102,7 +103,7 @@ def load_folder(root: Path, *, device="cpu", dtype=torch.float32, source: str | 
     files, sources = {}, {}
     for c in COMPONENTS:
         file = _pick_weight_file(root / c, weight_file_names(c, dtype))
-        files[f"{c}/{file.name}"] = tensors = TensorFile(file)
+        files[f"{c}/{file.name}"] = tensors = TensorFile(file, device)
         sources[c] = {}
         for key in tensors.shapes:
             ours = _folder_name(c, key)
@@ -206,7 +207,7 @@ def load_single_file(path: Path, *, device="cpu", dtype=torch.float32, source: s
     """A single LDM-layout file. `configs` ({"unet": UNetConfig, ...}) defaults to SD v1.5's."""
     given = configs is not None
     configs = {c: MODULES[c][1]() for c in COMPONENTS} | (configs or {})
-    tensors = TensorFile(path)
+    tensors = TensorFile(path, device)
     family = single_file_family(tensors.shapes)
     if family:
         raise UnsupportedModelError(f"{path} looks like {family}; sdbatch supports Stable Diffusion 1.x only")
@@ -358,11 +359,12 @@ def _vae_resnet(layer: str) -> str:
 class TensorFile:
     """The named tensors of one weight file: shapes known up front, data read on demand.
 
-    safetensors are memory-mapped; `.bin` / `.ckpt` pickles are read with `weights_only=True` (no
-    code runs) and memory-mapped too, possibly nested under `state_dict` as Lightning saved them.
+    safetensors are memory-mapped, or read straight onto `device` where that is a GPU; `.bin` / `.ckpt`
+    pickles are read with `weights_only=True` (no code runs) and memory-mapped too, possibly nested
+    under `state_dict` as Lightning saved them.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, device: str | torch.device = "cpu"):
         self.path = path
         self.size = path.stat().st_size
         if path.suffix == ".safetensors":
@@ -370,7 +372,8 @@ class TensorFile:
             entries = json.loads(self.header)
             self.shapes = {k: tuple(v["shape"]) for k, v in entries.items() if k != "__metadata__"}
             try:
-                self._get = safe_open(path, framework="pt").get_tensor
+                read_to = str(device) if torch.device(device).type == "cuda" else "cpu"
+                self._get = safe_open(path, framework="pt", device=read_to).get_tensor
             except Exception as e:  # safetensors' own checks (dtype names, overlapping offsets, ...)
                 raise WeightsError(f"{path}: not a valid safetensors file ({e})") from None
         else:
@@ -436,7 +439,8 @@ def assign_weights(modules: dict[str, nn.Module], read: Callable[[str, str], tor
             t = read(c, k)
             if t.shape != meta.shape:
                 t = t.view(meta.shape)  # a 1x1 conv kernel stored for a Linear weight (see _fits)
-            state[k] = t.to(device=device, dtype=dtype)
+            # Moved in the file's dtype, then converted: a move that also converts converts on the CPU.
+            state[k] = t.to(device).to(dtype)
         module.load_state_dict(state, strict=True, assign=True)
         module.eval().requires_grad_(False)
     return modules

@@ -11,6 +11,7 @@ from sdcore import cpu
 from sdcore.batching import Batching
 from sdcore.cpu import CPUKernels
 from sdcore.errors import NonFiniteOutputError
+from sdcore.vae import Decoder
 from tests.reference import (
     TINY_CLIP,
     TINY_UNET,
@@ -59,6 +60,31 @@ def test_image_does_not_depend_on_its_batch(builtin_pipe, scheduler, guidance_sc
     for a, b, c in zip(together, alone, reordered):
         assert png_bytes(a) == png_bytes(b) == png_bytes(c)
     assert not np.array_equal(together[0], together[1]), "different rows should give different images"
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+@pytest.mark.usefixtures("few_threads")
+def test_rows_of_other_guidance_share_a_batch_and_give_their_own_images(builtin_pipe, scheduler, monkeypatch):
+    kwargs = dict(steps=2, height=32, width=32, scheduler=scheduler, output="latent")
+    guidance, seeds = [7.5, 1.0, 3.0, 0.0], [7, 8, 9, 10]
+    unet_rows, forward = [], builtin_pipe.unet.forward
+    monkeypatch.setattr(builtin_pipe.unet, "forward", lambda x, *args: unet_rows.append(len(x)) or forward(x, *args))
+    together = builtin_pipe.generate(PROMPTS, seeds=seeds, guidance_scale=guidance, **kwargs)
+    # The guided rows share CFG's batch; the unguided ones go as they would alone (sdcore.batching).
+    assert unet_rows == [4, 1, 1] * 2
+    for prompt, seed, g, latents in zip(PROMPTS, seeds, guidance, together):
+        alone = builtin_pipe.generate([prompt], seeds=[seed], guidance_scale=g, **kwargs)[0]
+        assert torch.equal(latents, alone), g
+
+    # As on a GPU: one CFG batch of every row, and the unguided rows still unguided.
+    monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cuda", torch.float32))
+    unet_rows.clear()
+    one_batch = builtin_pipe.generate(PROMPTS, seeds=seeds, guidance_scale=guidance, **kwargs)
+    assert unet_rows == [8] * 2
+    for a, b in zip(one_batch, together):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance scale"):
+        builtin_pipe.generate(PROMPTS, seeds=seeds, guidance_scale=[7.5, 1.0], **kwargs)
 
 
 @pytest.mark.parametrize("few_threads", [2], indirect=True)
@@ -172,6 +198,49 @@ def test_half_precision_runs_and_stays_close(dtype):
     half = sdcore.load_pipeline("builtin:tiny", dtype=dtype).generate(["a fox"], seeds=[4], steps=3, height=64, width=64, output="np")[0]
     assert half.shape == full.shape
     assert np.abs(half.astype(int) - full.astype(int)).mean() < 8
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_half_precision_latents_stay_float32_between_steps(scheduler):
+    pipe = sdcore.load_pipeline("builtin:tiny", dtype=torch.bfloat16)
+    kwargs = dict(steps=3, guidance_scale=1.0, height=32, width=32, scheduler=scheduler)
+    got = pipe.generate(["a fox"], seeds=[4], output="latent", **kwargs)[0]
+    # The same loop by hand: only the UNet runs in bfloat16; the noise and every step stay float32.
+    sched = pipe.make_scheduler(scheduler)
+    sched.set_timesteps(3)
+    generator = torch.Generator("cpu").manual_seed(4)
+    x = torch.randn(1, 4, 4, 4, generator=generator) * sched.init_noise_sigma
+    context = pipe.encode_prompts(["a fox"])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            noise = pipe.predict_noise(sched.scale_model_input(x, t).to(torch.bfloat16), t, context)
+            assert noise.dtype == torch.bfloat16
+            x = sched.step(noise.float(), t, x, generator=[generator])
+    assert got.dtype == torch.float32
+    assert torch.equal(got, x[0])
+
+
+def test_half_precision_decoder_overflow_is_redone_in_a_kept_float32_copy_and_lost_latents_are_not(monkeypatch):
+    pipe = sdcore.load_pipeline("builtin:tiny", dtype=torch.float16)
+    latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents[1] *= 1e4  # finite, but past float16's range in the decoder
+    latents[2] = float("nan")
+    decoded = []  # (weight dtype, rows) of every decoder call
+    forward = Decoder.forward
+    monkeypatch.setattr(Decoder, "forward", lambda self, z: decoded.append((self.conv_in.weight.dtype, len(z))) or forward(self, z))
+
+    images, bad = pipe._decode(latents[:1])
+    assert bad == [] and pipe._vae_decoder_fp32 is None  # made only when needed
+    float32_decoders = []
+    for _ in range(2):
+        decoded.clear()
+        images, bad = pipe._decode(latents)
+        assert bad == [2] and images[2] is None
+        assert images[1].shape == (32, 32, 3) and images[1].dtype == np.uint8
+        assert decoded == [(torch.float16, 1)] * 3 + [(torch.float32, 1)]
+        float32_decoders.append(pipe._vae_decoder_fp32)
+    assert float32_decoders[0] is not None and float32_decoders[1] is float32_decoders[0]  # made once
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float16}
 
 
 def test_compiled_unet_gives_the_eager_images_and_compiles_once_per_shape():

@@ -294,6 +294,20 @@ def test_dtype(tiny, dtype):
         assert context.dtype == dtype and torch.isfinite(context).all()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_half_dtype_load_is_the_float32_load_converted(tiny, device):
+    full_pipe = sdcore.load_pipeline(tiny.folder)
+    full = {c: getattr(full_pipe, c).state_dict() for c in COMPONENTS}
+    for dtype in (torch.bfloat16, torch.float16):
+        for pipe in (sdcore.load_pipeline(tiny.folder, device=device, dtype=dtype),
+                     load_tiny_single_file(tiny.single, device=device, dtype=dtype)):
+            for c in COMPONENTS:
+                for k, v in getattr(pipe, c).state_dict().items():
+                    assert v.device.type == device and v.dtype == dtype, f"{c}: {k}"
+                    assert torch.equal(v.cpu(), full[c][k].to(dtype)), f"{c}: {k}"
+
+
 def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
     ranges = []
     for line in Path("/proc/self/maps").read_text().splitlines():
