@@ -189,9 +189,10 @@ class ImageEncoding:
         return cls(format, DEFAULT_QUALITY if quality is None and format != "png" else quality)
 
     @classmethod
-    def of_job(cls, job: dict) -> "ImageEncoding":
-        """The encoding a job.json names; one written before image formats is a PNG job."""
-        identity = job.get("identity", {})
+    def of_job(cls, job: dict | None) -> "ImageEncoding":
+        """The encoding a job.json names; one written before image formats (or none, for a runner used
+        without a driver) means PNG."""
+        identity = (job or {}).get("identity", {})
         return cls(identity.get("image_format", "png"), identity.get("quality"))
 
     @property
