@@ -3,7 +3,7 @@
 `ShardRunner` is the whole of it, in plain Python (tests drive it without Ray); `ShardActor` is
 the Ray actor around it, one per GPU (or per CPU core). For each shard the driver hands over,
 the runner reads the shard's rows from the manifest itself (the driver never holds prompts or
-images), batches images of equal (size, steps, scheduler, guidance) — as many as jobs.buckets
+images), batches images of equal (size, steps, scheduler, guided or not) — as many as jobs.buckets
 allows for their size, a short batch padded to that on a GPU — generates, and passes each
 image to the `ImageWriter`, whose threads encode and store images while the next batch denoises.
 Then it commits the shard (metadata written last; see jobs.sink).
@@ -234,10 +234,10 @@ class ShardRunner:
             self._images_done += 1
 
     def _generate(self, batch: list[WorkItem]) -> list:
-        first = batch[0]  # a batch shares everything but prompts and seeds (see plan.WorkItem.batch_key)
+        first = batch[0]  # a batch shares size, steps and scheduler (see plan.WorkItem.batch_key)
         return self.pipe.generate(
             [i.prompt for i in batch], seeds=[i.seed for i in batch], negative_prompts=[i.negative_prompt for i in batch],
-            steps=first.steps, guidance_scale=first.guidance_scale, height=first.height, width=first.width,
+            steps=first.steps, guidance_scale=[i.guidance_scale for i in batch], height=first.height, width=first.width,
             scheduler=first.scheduler, output="np", progress=self._time_limit(len(batch)),
         )
 

@@ -11,8 +11,10 @@ that gets a shard reads its rows itself (`read_shard`). When every row asks for 
 
 A work item is one image: a manifest row's parameters with the job defaults filled in, the
 derived seed, and the image id (see jobs.manifest for the id and seed rules). Items of a shard
-are batched by (width, height, steps, scheduler, guidance_scale), up to the batch size of their
+are batched by (width, height, steps, scheduler, guided or not), up to the batch size of their
 image size, in manifest order — which images share a batch never changes an image, only the speed.
+Guidance is applied per row, so rows of other guidance scales share a batch; unguided rows (scale
+≤ 1) batch apart, as they need no unconditional pass.
 """
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -164,7 +166,7 @@ class WorkItem:
     @property
     def batch_key(self) -> tuple:
         """Items with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale)
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1)
 
 
 @dataclass

@@ -99,15 +99,15 @@ def test_read_shard_keeps_pass_through_rows_aligned(tmp_path):
     ]
 
 
-def test_batches_group_by_shape_steps_scheduler_and_guidance():
+def test_batches_group_by_shape_steps_scheduler_and_whether_guided():
     t = table(
-        width=[512, 768, 512, 512, 512, 768, 512],
-        steps=[20, 20, 20, 30, 20, 20, 20],
-        scheduler=["ddim", "ddim", "ddim", "ddim", "ddim", "ddim", "euler"],
-        guidance_scale=[7.5, 7.5, 7.5, 7.5, 1.0, 7.5, 7.5],
+        width=[512, 768, 512, 512, 512, 768, 512, 512],
+        steps=[20, 20, 20, 30, 20, 20, 20, 20],
+        scheduler=["ddim", "ddim", "ddim", "ddim", "ddim", "ddim", "euler", "ddim"],
+        guidance_scale=[7.5, 7.5, 5.0, 7.5, 1.0, 7.5, 7.5, 0.5],
     )
     got = [[i.row for i in b] for b in batches(work_items(t, 0, Defaults()), batch_size=2)]
-    assert got == [[0, 2], [1, 5], [3], [4], [6]]
+    assert got == [[0, 2], [1, 5], [3], [4, 7], [6]]  # guidance 7.5 and 5.0 share a batch; 1.0 and 0.5 too
     for b in batches(work_items(t, 0, Defaults()), 2):
         assert len({i.batch_key for i in b}) == 1
 
