@@ -276,3 +276,25 @@ def test_generate_takes_a_hub_id_from_hf_home(release, tmp_path):
     r = subprocess.run([str(sdbatch), "generate", "a fox", "--model", "acme/not-there", "-o", str(out)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "acme/not-there: not in the Hugging Face cache" in r.stderr
+
+
+def test_scorer_layouts_select_only_what_the_scorers_read():
+    clip_repo = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
+                 "vocab.json", "merges.txt", "tokenizer.json", "preprocessor_config.json", "README.md"]
+    assert sources.select(clip_repo, torch.float32, "x", sources.CLIP) == (
+        "folder", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])
+    assert sources.select(RELEASE_FILES, torch.float16, "sd15", sources.SAFETY_CHECKER) == (
+        "folder", ["safety_checker/config.json", "safety_checker/model.fp16.safetensors",
+                   "feature_extractor/preprocessor_config.json"])
+    assert sources.select(["README.md", "sac+logos+ava1-l14-linearMSE.pth"],
+                          torch.float32, "x", sources.AESTHETIC) == ("file", ["sac+logos+ava1-l14-linearMSE.pth"])
+    for available, layout, message in (
+        (clip_repo, sources.SAFETY_CHECKER, "--safety-checker x: .*name the folder that holds it"),
+        ([f for f in RELEASE_FILES if not f.startswith("feature_extractor/")], sources.SAFETY_CHECKER,
+         "no feature_extractor/preprocessor_config.json"),
+        (["config.json", "vocab.json"], sources.CLIP, "--clip-model x: no model.safetensors"),
+        (["README.md", "a.pth", "b.pth"], sources.AESTHETIC, "--aesthetic-model x: holds several checkpoints"),
+        (["README.md"], sources.AESTHETIC, "--aesthetic-model x: expected a .safetensors / .pth file"),
+    ):
+        with pytest.raises(SourceError, match=message):
+            sources.select(available, torch.float32, "x", layout)
