@@ -37,7 +37,8 @@ def reference_safety_checker(seed: int = 5):
     """A random diffusers StableDiffusionSafetyChecker at tiny widths."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    return randomize_(StableDiffusionSafetyChecker(clip_config(TINY_CLIP, TINY_VISION, TINY_PROJECTION)), seed=seed).eval()
+    ref = StableDiffusionSafetyChecker(clip_config(TINY_CLIP, TINY_VISION, TINY_PROJECTION))
+    return randomize_(ref, seed=seed).eval()
 
 
 def save_safety_checker(ref, root):
