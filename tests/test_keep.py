@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from jobs import scorers, sink
+from jobs import progress, scorers, sink
 from jobs.scorers import KeepRule, KeepRuleError, ScoreSpec, attempt_seed
 from sdcore import scorer_weights, scoring
 from tests.jobdata import MODEL, TIMING, check_images, pixels, read_dataset, start_local_ray, write_manifest
@@ -148,6 +148,8 @@ def test_keep_rule_retries_and_is_the_same_for_any_layout_and_resume(tmp_path, s
     assert max(attempts[:-1]) > 1 and any(r["kept"] and r["attempt"] > 1 for r in meta_a.values())
     assert not meta_a["r7"]["kept"] and meta_a["r7"]["attempt"] == 3
     assert a.keep == b.keep and a.keep["attempts"] == sum(attempts) and a.keep["rows"] == ROWS
+    summary = progress.format_summary(a)
+    assert f"{a.keep['kept']} of {ROWS} rows kept" in summary and "of it scoring" in summary
     assert a.keep["kept"] == sum(r["kept"] for r in meta_a.values()) and a.keep["dropped"] == 0
     assert [c["passed"] for c in a.keep["clauses"]] == [sum(r["keep_clauses_passed"][i] for r in meta_a.values())
                                                        for i in range(2)]
