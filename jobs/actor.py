@@ -20,18 +20,24 @@ Failures are per image, never per shard:
   stops; its rows then run alone, and a row that runs past it alone is recorded as a failure;
 - if every image of a shard failed with an error, the fault is more likely the actor (a broken
   device, say) than the rows: the shard raises, and the driver retries it on a fresh actor.
+
+With --score, each batch's decoded images are scored (jobs.scorers) before they go to the writer.
+With --keep, an image that fails the rule is not written: its row goes into the next attempt round,
+with the seed of its next attempt, and once the shard's batches are done the rows of that round run
+in batches of their own, round after round, until every row passed or used its --max-attempts.
+The last attempt's image is written with `kept = false` (or, with --drop-rejected, only its row).
 """
 import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import ray
 import torch
 
-from jobs import devices, lease, sources, storage
+from jobs import devices, lease, scorers, sources, storage
 from jobs.buckets import BatchSizes, allow_recompiles
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
@@ -64,6 +70,22 @@ class ActorConfig:
     embed_images: bool = False  # also put each image file into the metadata's `image` column
     row_timeout: float | None = None  # seconds per image before a batch is stopped (None: no limit)
     run_id: str | None = None  # the driver's lease: each commit checks that it still holds it (None: no check)
+    scoring: scorers.ScoreSpec = scorers.ScoreSpec()  # --score, --keep and the scorers' sources
+
+
+# Which scorer source each score needs, and its layout (the aesthetic predictor reads CLIP's image embeddings).
+SCORER_SOURCES = {"clip": ("clip_model", sources.CLIP), "nsfw": ("safety_checker", sources.SAFETY_CHECKER),
+                  "aesthetic": ("aesthetic_model", sources.AESTHETIC)}
+
+
+@dataclass
+class _Tries:
+    """A row's attempts so far under --keep."""
+
+    row_seed: int
+    clauses_passed: list[int]  # per clause of the rule: attempts that passed it
+    attempt: int = 1
+    seconds: float = 0.0
 
 
 class ShardFailed(Exception):
@@ -93,6 +115,16 @@ class ShardRunner:
             self.pad_batches = self.pipe.device.type != "cpu" and (config.batch_size is None or self.pipe.compiled)
         if self.pipe.compiled:
             self._compile_ahead()
+        spec = config.scoring
+        self.rule = spec.rule()
+        self.scorer_sources = {name: sources.resolve(getattr(spec, option), storage_options=config.storage_options,
+                                                     cache=config.model_cache, layout=layout)
+                               for name, (option, layout) in SCORER_SOURCES.items() if getattr(spec, option)}
+        self.scorers = scorers.Scorers(spec, {n: r.path for n, r in self.scorer_sources.items()},
+                                       self.pipe.device) if spec.scores else None
+        self._tries: dict[str, _Tries] = {}  # the current shard's rows under --keep, by image id
+        self._next_round: list[WorkItem] = []  # their next attempts
+        self._scoring_seconds = 0.0
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
         # Room for two batches: one batch's images are written while the next one denoises.
@@ -130,6 +162,8 @@ class ShardRunner:
             "device": str(self.pipe.device),
             "dtype": str(self.pipe.dtype).removeprefix("torch."), "node": ray_node(), "pid": os.getpid(),
             "allocator": self.allocator,
+            "scorer_fingerprints": self.scorers.fingerprints if self.scorers else {},
+            "scorer_sources": {n: r.report() for n, r in self.scorer_sources.items()},
         }
 
     def progress(self) -> tuple[str, int]:
@@ -152,23 +186,29 @@ class ShardRunner:
                                    model_fingerprint=self.pipe.fingerprint, model_revision=self.model.revision,
                                    embed_images=self.config.embed_images, fence=self._fence)
         generating, errors = 0.0, []
-        shard_batches = batches(rows.items, lambda item: self.batch_sizes.rows(item.height, item.width))
         if self.pipe.compiled:
             allow_recompiles(self.batch_sizes.unet_shapes())
-        for batch in shard_batches:
-            t = time.perf_counter()
-            errors += self._run_batch(shard_writer, batch)
-            generating += time.perf_counter() - t
+        self._tries, self._scoring_seconds = {}, 0.0
+        attempt_round = rows.items
+        while attempt_round:  # the rows, then round after round the next attempts of those --keep rejected
+            self._next_round = []
+            for batch in batches(attempt_round, lambda item: self.batch_sizes.rows(item.height, item.width)):
+                t = time.perf_counter()
+                errors += self._run_batch(shard_writer, batch)
+                generating += time.perf_counter() - t
+            attempt_round = self._next_round
         if rows.items and len(errors) == len(rows.items):
             raise ShardFailed(f"{shard.id}: all {len(errors)} images failed; the first error: {errors[0]}")
         if shard.piece:  # one row of a split shard: the driver commits the shard once every piece is back
             records = shard_writer.collect()
             failures = sum("error" in r for r in records)
             return {"shard": shard.id, "images": len(records) - failures, "failures": failures, "records": records,
-                    "generating_seconds": generating, "seconds": time.perf_counter() - start}
+                    "generating_seconds": generating, "scoring_seconds": self._scoring_seconds,
+                    "seconds": time.perf_counter() - start}
         result = shard_writer.commit()
         return {"shard": shard.id, "images": result.images, "failures": result.failures,
-                "generating_seconds": generating, "seconds": time.perf_counter() - start}
+                "generating_seconds": generating, "scoring_seconds": self._scoring_seconds,
+                "seconds": time.perf_counter() - start}
 
     def _run_batch(self, shard_writer: ShardWriter, batch: list[WorkItem]) -> list[str]:
         """Generate one batch, in calls of its size's rows (fewer once a call runs out of memory), and record
@@ -225,13 +265,46 @@ class ShardRunner:
         return errors
 
     def _record(self, shard_writer: ShardWriter, items: list[WorkItem], images: list, seconds: float, attempts: int):
-        for item, image in zip(items, images):
+        scores = self._score(items, images)
+        for item, image, row_scores in zip(items, images, scores):
             if image is None:  # NaN/inf: the same seed would fail the same way, so no retry
                 shard_writer.fail(item, f"NonFiniteOutputError: the image came out NaN/inf (dtype {self.dtype}; "
                                         "fp32 or a smaller guidance_scale may help)", attempts=attempts)
-            else:
-                shard_writer.add(item, image, scheduler_config=self._scheduler_config(item.scheduler), seconds=seconds)
+            elif self.rule is None:
+                shard_writer.add(item, image, scheduler_config=self._scheduler_config(item.scheduler), seconds=seconds,
+                                 scores=row_scores)
+            elif not self._judge(shard_writer, item, image, row_scores, seconds):
+                continue  # tried again in the next round
             self._images_done += 1
+
+    def _score(self, items: list[WorkItem], images: list) -> list[dict | None]:
+        """The score columns of each image (None for a NaN one); None each without --score or --keep."""
+        if self.scorers is None:
+            return [{} if self.rule else None for _ in images]
+        start = time.perf_counter()
+        made = [(item.prompt, image) for item, image in zip(items, images) if image is not None]
+        scored = iter(self.scorers.score([p for p, _ in made], [i for _, i in made]))
+        self._scoring_seconds += time.perf_counter() - start
+        return [None if image is None else next(scored) for image in images]
+
+    def _judge(self, shard_writer: ShardWriter, item: WorkItem, image, row_scores: dict, seconds: float) -> bool:
+        """Apply --keep to one image: write it (kept, or rejected on its row's last attempt) and return
+        True, or queue the row's next attempt and return False."""
+        tries = self._tries.setdefault(item.id, _Tries(item.seed, [0] * len(self.rule.clauses)))
+        passed = self.rule.clause_results({**row_scores, **{c: getattr(item, c) for c in scorers.PARAM_COLUMNS}})
+        tries.clauses_passed = [n + p for n, p in zip(tries.clauses_passed, passed)]
+        tries.seconds += seconds
+        kept = all(passed)
+        if not kept and tries.attempt < self.config.scoring.max_attempts:
+            tries.attempt += 1
+            self._next_round.append(replace(item, seed=scorers.attempt_seed(tries.row_seed, tries.attempt)))
+            return False
+        columns = {**row_scores, "row_seed": tries.row_seed, "attempt": tries.attempt, "kept": kept,
+                   "keep_clauses_passed": tries.clauses_passed}
+        dropped = not kept and self.config.scoring.drop_rejected
+        shard_writer.add(item, None if dropped else image, scheduler_config=self._scheduler_config(item.scheduler),
+                         seconds=tries.seconds, scores=columns)
+        return True
 
     def _generate(self, batch: list[WorkItem]) -> list:
         first = batch[0]  # a batch shares size, steps and scheduler (see plan.WorkItem.batch_key)

@@ -72,7 +72,8 @@ finished (_SUCCESS is there and current), success_stale; running (the driver hol
 output's lease, or null), images_per_second and eta_seconds (the recent rate and the ETA while
 running, else null); shard_timing (shard, images, seconds, images_per_second; up to --limit) and
 timing_total; first_failures (id, error, attempts; up to --limit); damaged (shard: problem);
-job_from."""
+job_from; keep (with --keep: rule, rows, kept, rejected, dropped, attempts, and per
+clause the attempts that passed it; else null)."""
 
 
 @app.command("status")
@@ -84,12 +85,18 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help=STATUS_JSON_HELP)] = False,
 ) -> None:
     """Show done and remaining shards and rows, per-shard timing, failures, whether the job finished,
-    and the ETA while a driver is running it."""
+    the ETA while a driver is running it, and with --keep the rule's pass rates and the attempts spent."""
+    from jobs.scorers import format_keep_report, keep_report
+
     out = sink.Output(output, storage_options(storage_option))
     status, holder = out.status(failures=limit), read_lease(out)
     if holder is not None and holder.is_live():
         status = progress.with_eta(status, holder, out.commit_times())
-    typer.echo(json.dumps(status.as_dict(limit=limit)) if as_json else status.format(limit=limit))
+    keep = keep_report(out)
+    if as_json:
+        typer.echo(json.dumps(status.as_dict(limit=limit) | {"keep": keep}))
+    else:
+        typer.echo(status.format(limit=limit) + ("" if keep is None else "\n" + format_keep_report(keep)))
 
 
 @app.command("verify")
@@ -233,9 +240,30 @@ def run_command(
     row_timeout: Annotated[float | None, typer.Option("--row-timeout", help=(
         "Seconds per image after which a batch stops; its rows run alone, and one that runs past it alone "
         "goes to failures/ (default: no limit)."))] = None,
+    score: Annotated[str | None, typer.Option("--score", metavar="clip,nsfw,aesthetic", help=(
+        "Score each image on the actor, before it is encoded: clip (clip_score, how well it matches its prompt), "
+        "nsfw (nsfw_score and nsfw, the safety checker's verdict; nothing is blacked out), aesthetic "
+        "(aesthetic_score, the LAION predictor). Any subset; each is a metadata column."))] = None,
+    clip_model: Annotated[str | None, typer.Option("--clip-model", metavar="SRC", help=(
+        "A transformers CLIP folder (e.g. openai/clip-vit-large-patch14) for --score clip and aesthetic: a path, "
+        "Hub id or fsspec URI."))] = None,
+    safety_checker: Annotated[str | None, typer.Option("--safety-checker", metavar="SRC", help=(
+        "A folder holding a diffusers safety_checker/ and its feature_extractor/, for --score nsfw "
+        "(default: the model's own)."))] = None,
+    aesthetic_model: Annotated[str | None, typer.Option("--aesthetic-model", metavar="SRC", help=(
+        "The LAION aesthetic predictor's weight file (.pth or .safetensors), for --score aesthetic."))] = None,
+    keep: Annotated[str | None, typer.Option("--keep", metavar="EXPR", help=(
+        "Keep only images passing EXPR, e.g. \"clip_score >= 26 and not nsfw\": comparisons, and, or, not over "
+        "the score columns and the row's prompt, negative_prompt, steps, guidance_scale, width, height, "
+        "scheduler. A failing row is made again with its next seed, up to --max-attempts."))] = None,
+    max_attempts: Annotated[int | None, typer.Option("--max-attempts", help=(
+        "Attempts per image under --keep (default 3); the last failing one is written with kept = false."))] = None,
+    drop_rejected: Annotated[bool, typer.Option("--drop-rejected", help=(
+        "Write no image for a row that never passed --keep; its metadata row stays, with kept = false."))] = False,
 ) -> None:
     """Generate every image of a manifest into a dataset, on Ray actors; a re-run continues an interrupted job."""
     from jobs import driver  # imports Ray: only this command pays for it
+    from jobs.scorers import DEFAULT_MAX_ATTEMPTS, KeepRuleError, ScoreSpec, parse_scores
 
     defaults = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
                         scheduler=scheduler, negative_prompt=negative_prompt)
@@ -248,6 +276,14 @@ def run_command(
         image=image_encoding(image_format, quality),
         shard_timeout=shard_timeout, row_timeout=row_timeout,
     )
+    try:
+        scores = parse_scores(score)
+    except KeepRuleError as e:
+        raise CommandError(str(e)) from None
+    opts.scoring = ScoreSpec(scores, clip_model=clip_model, safety_checker=safety_checker,
+                             aesthetic_model=aesthetic_model, keep=keep, drop_rejected=drop_rejected,
+                             max_attempts=max_attempts if max_attempts is not None
+                             else DEFAULT_MAX_ATTEMPTS if keep is not None else 1)
     if resume and overwrite:
         raise CommandError("--resume and --overwrite exclude each other")
     try:

@@ -1,8 +1,9 @@
 """`sdbatch run`: check everything, start or join Ray, hand shards to actors, finish the dataset.
 
 1. Check, with nothing written and no Ray: options, job defaults, every manifest row, the model
-   source, and OUT (empty, or the same job, and writable: a probe file). Bad input stops here
-   (exit code 2). Then the lease on OUT (jobs.lease): a folder another driver holds is refused.
+   source (and the scorers' sources, the keep rule), and OUT (empty, or the same job, and
+   writable: a probe file). Bad input stops here (exit code 2). Then the lease on OUT
+   (jobs.lease): a folder another driver holds is refused.
 2. Ray: start a local cluster, or join one (`--ray-address`, or RAY_ADDRESS as set inside
    `ray job submit`).
 3. Actors: one per GPU (`num_gpus=1`); without GPUs, CPU actors of one core each. Each loads
@@ -32,14 +33,14 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import ray
 import torch
 
-from jobs import devices, sources, storage
-from jobs.actor import ActorConfig, ShardActor
+from jobs import devices, scorers, sources, storage
+from jobs.actor import SCORER_SOURCES, ActorConfig, ShardActor
 from jobs.buckets import most_rows
 from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
@@ -87,6 +88,7 @@ class RunOptions:
     image: ImageEncoding = PNG  # --image-format and --quality
     shard_timeout: float | None = None  # seconds a shard may run (None: only the stall watchdog)
     row_timeout: float | None = None  # seconds per image before a batch is stopped (see jobs.actor)
+    scoring: scorers.ScoreSpec = scorers.ScoreSpec()  # --score, --keep, ... (see with_scorer_defaults)
 
 
 @dataclass
@@ -102,13 +104,15 @@ class ActorStats:
     failures: int = 0
     shards: int = 0
     busy_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # of busy_seconds: --score's scorers
     restarts: int = 0
 
     def as_dict(self) -> dict:
         rate = self.images / self.busy_seconds if self.busy_seconds else 0.0
         return {"actor": self.slot, "device": self.device, "node": self.node, "allocator": self.allocator,
                 "model_files_downloaded": self.model_files_downloaded, "images": self.images, "failures": self.failures, "shards": self.shards,
-                "busy_seconds": round(self.busy_seconds, 3), "images_per_second": round(rate, 3), "restarts": self.restarts}
+                "busy_seconds": round(self.busy_seconds, 3), "scoring_seconds": round(self.scoring_seconds, 3),
+                "images_per_second": round(rate, 3), "restarts": self.restarts}
 
 
 @dataclass
@@ -125,6 +129,7 @@ class RunResult:
     working_seconds: float | None  # from then until the last shard was committed (Ray's shutdown left out)
     actors: list[ActorStats]
     actor_restarts: int
+    keep: dict | None = None  # jobs.scorers.keep_report, with --keep
 
 
 # --- 1. checks before anything happens -----------------------------------------------------------
@@ -143,6 +148,7 @@ def check_options(opts: RunOptions) -> None:
         problems.append(f"--dtype must be one of {', '.join(devices.DTYPE_CHOICES)}, got {opts.dtype!r}")
     if opts.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
+    problems += scoring_problems(opts)
     # A listing or an API call: seconds, nothing downloaded. auto is checked as fp32: each actor
     # selects the files again for the dtype it runs in.
     try:
@@ -159,6 +165,41 @@ def check_options(opts: RunOptions) -> None:
         raise RunError("; ".join(problems), 2)
 
 
+def with_scorer_defaults(spec: scorers.ScoreSpec, model: str) -> scorers.ScoreSpec:
+    """--safety-checker defaults to the model's own (its folder's safety_checker/ and feature_extractor/)."""
+    if "nsfw" in spec.scores and spec.safety_checker is None and sources.parse(model).kind != "builtin":
+        return replace(spec, safety_checker=model)
+    return spec
+
+
+def scoring_problems(opts: RunOptions) -> list[str]:
+    """What is wrong with --score, the scorers' sources and --keep (each source is listed, not loaded)."""
+    spec, problems = opts.scoring, []
+    try:
+        spec.rule()
+    except scorers.KeepRuleError as e:
+        problems.append(str(e))
+    if spec.max_attempts < 1:
+        problems.append(f"--max-attempts must be at least 1, got {spec.max_attempts}")
+    if spec.keep is None and (spec.max_attempts > 1 or spec.drop_rejected):
+        problems.append("--max-attempts and --drop-rejected apply to images --keep rejects; there is no --keep")
+    needs = {"clip_model": {"clip", "aesthetic"} & set(spec.scores), "safety_checker": {"nsfw"} & set(spec.scores),
+             "aesthetic_model": {"aesthetic"} & set(spec.scores)}
+    for option, layout in SCORER_SOURCES.values():
+        source = getattr(spec, option)
+        if needs[option] and source is None:
+            why = f" ({opts.model} has no safety checker)" if option == "safety_checker" else ""
+            problems.append(f"--score {','.join(sorted(needs[option]))} needs {layout.option}{why}")
+        elif source is not None and not needs[option]:
+            problems.append(f"{layout.option} is given, but no --score uses it")
+        elif source is not None:
+            try:
+                sources.check(source, opts.storage_options, torch.float32, opts.model_cache, layout=layout)
+            except (sources.SourceError, storage.StorageError, PermissionError) as e:
+                problems.append(str(e))
+    return problems
+
+
 def joins_cluster(opts: RunOptions) -> bool:
     return bool(opts.ray_address or os.environ.get("RAY_ADDRESS"))
 
@@ -167,6 +208,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     """Validate the whole manifest and check OUT, writing nothing but a probe file that is removed
     at once. The model's fingerprint stays None until an actor has loaded the model, and so does the
     dtype of a new dataset with --dtype auto until the actors' device is planned."""
+    opts.scoring = with_scorer_defaults(opts.scoring, opts.model)
     check_options(opts)
     with open_manifest(opts.manifest, opts.storage_options) as m:
         summary = validate(m, opts.defaults)
@@ -178,7 +220,10 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
         settings={"batch_size": opts.batch_size or "auto", "actors": opts.actors, "device": opts.device,
                   "compile": opts.compile or opts.cuda_graphs, "cuda_graphs": opts.cuda_graphs,
                   "dtype_requested": opts.dtype, "ray_address": storage.redact_url(opts.ray_address or ""),
-                  "storage_options": opts.storage_options, "model_cache": opts.model_cache},
+                  "storage_options": opts.storage_options, "model_cache": opts.model_cache,
+                  "scorers": {option: storage.redact_url(getattr(opts.scoring, option) or "") or None
+                              for option, _ in SCORER_SOURCES.values()}},
+        scoring=opts.scoring.identity() | {"scorer_fingerprints": None if opts.scoring.scores else {}},
     )
     existing = out.check(job, mode=opts.mode)
     if job.dtype is None and existing is not None and opts.mode != "overwrite":
@@ -294,7 +339,7 @@ class _Run:
             dtype=job.dtype, compile=opts.compile, cuda_graphs=opts.cuda_graphs, batch_size=opts.batch_size,
             storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
-            row_timeout=opts.row_timeout, run_id=lease.run_id,
+            row_timeout=opts.row_timeout, run_id=lease.run_id, scoring=opts.scoring,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
         self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
@@ -360,11 +405,15 @@ class _Run:
             self.first_ready = time.monotonic()
         if self.job.model_fingerprint is None:
             self.job.model_fingerprint = info["fingerprint"]
+            self.job.scoring["scorer_fingerprints"] = info["scorer_fingerprints"]
             self.job.settings["model_source"] = {"revision": source["revision"], "files": source["files"]}
+            self.job.settings["scorer_sources"] = info["scorer_sources"]
             self.prepare_output()
-        elif info["fingerprint"] != self.job.model_fingerprint:
-            raise RunError(f"actor {slot.stats.slot} on node {info['node']} loaded a different model "
-                           f"({info['fingerprint']}, not {self.job.model_fingerprint}): is {self.opts.model} "
+        elif (info["fingerprint"], info["scorer_fingerprints"]) != (self.job.model_fingerprint,
+                                                                    self.job.scoring["scorer_fingerprints"]):
+            raise RunError(f"actor {slot.stats.slot} on node {info['node']} loaded a different model or scorer "
+                           f"({info['fingerprint']} {info['scorer_fingerprints']}, not {self.job.model_fingerprint} "
+                           f"{self.job.scoring['scorer_fingerprints']}): are {self.opts.model} and the scorers "
                            "the same on every node?", 2)
         self.last_working = time.monotonic()
 
@@ -434,6 +483,7 @@ class _Run:
             self.shards_run += 1
             slot.stats.shards += 1
         slot.stats.busy_seconds += result["generating_seconds"]
+        slot.stats.scoring_seconds += result["scoring_seconds"]
         self.measured_images += result["images"] + result["failures"]
         self.measured_seconds += result["generating_seconds"]
 
@@ -679,13 +729,16 @@ def finish(out: Output, r: _Run, wall: float) -> RunResult:
             "actor_restarts": sum(a.restarts for a in actors), "actors": [a.as_dict() for a in actors],
         },
     }
+    keep = scorers.keep_report(out)
+    if keep is not None:
+        summary["keep"] = keep
     # A re-run of a finished job did nothing: keep the _SUCCESS of the run that made the dataset.
     if not (r.shards_run == 0 and status.success is not None) and not out.finish(summary):
         raise RunError(f"{out.name}: the dispatch loop ended but not every shard is done; re-run to finish")
     return RunResult(output=out.name, images=status.images_done, failures=status.failures,
                      run_images=r.images, run_failures=r.failures, shards_run=r.shards_run,
                      shards_skipped=r.shards_skipped, wall_seconds=wall, startup_seconds=startup,
-                     working_seconds=working, actors=actors, actor_restarts=sum(a.restarts for a in actors))
+                     working_seconds=working, actors=actors, actor_restarts=sum(a.restarts for a in actors), keep=keep)
 
 
 class _sigterm_as_interrupt:

@@ -137,10 +137,15 @@ def format_summary(result: "RunResult") -> str:
              + (f", {result.actor_restarts} actor(s) replaced" if result.actor_restarts else "")]
     for a in result.actors:
         d = a.as_dict()
+        scoring = f", {a.scoring_seconds / a.busy_seconds:.0%} of it scoring" if a.scoring_seconds else ""
         lines.append(f"  actor {a.slot} ({a.device}, node {a.node}): {a.images:,} images, {d['images_per_second']:.2f} "
-                     f"images/s while generating")
+                     f"images/s while generating{scoring}")
     if result.failures:
         lines.append(f"  failed images are listed with their errors in {result.output}/failures/")
+    if result.keep is not None:
+        from jobs.scorers import format_keep_report
+
+        lines.append(format_keep_report(result.keep))
     return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
     OUT/images/<shard>/<id>.png      PNG; iTXt chunk `sdbatch` = JSON of the generation parameters
                     (or .jpg, .webp)  JPEG or WebP; the same JSON in the EXIF UserComment
     OUT/metadata/<shard>.parquet     one row per image (METADATA_FIELDS + pass-through + version,
-                                     + with --embed-images the image itself in an `image` column);
+                                     + with --embed-images the image itself in an `image` column,
+                                     + with --score or --keep SCORE_FIELDS);
                                      its key-value metadata holds job.json and the shard's bounds
     OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
     OUT/_sdbatch/job.json            settings and the job's identity (fingerprints); no credentials
@@ -39,7 +40,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
@@ -104,6 +105,20 @@ METADATA_FIELDS = [
     pa.field("image_sha256", pa.string()),
     pa.field("generation_seconds", pa.float64()),
 ]
+# --score and --keep (jobs.scorers): the scores (null where not asked for), and the keep rule's
+# outcome. `seed` is the seed the image was made with: `row_seed` on attempt 1, then derived from it.
+SCORE_FIELDS = [
+    pa.field("clip_score", pa.float64()),
+    pa.field("nsfw_score", pa.float64()),
+    pa.field("nsfw", pa.bool_()),
+    pa.field("aesthetic_score", pa.float64()),
+    pa.field("attempt", pa.int32()),  # which attempt made the image (1 without --keep)
+    pa.field("row_seed", pa.int64()),  # the manifest row's seed for this image (before retries)
+    pa.field("kept", pa.bool_()),  # passed --keep (true without one); false: its last attempt failed the rule
+    pa.field("keep_clauses_passed", pa.list_(pa.int32())),  # per clause of --keep: attempts that passed it
+]
+# job.json's identity for a job without --score and --keep (so, too, for one written before them).
+NO_SCORING = {"scores": [], "keep": "", "max_attempts": 1, "drop_rejected": False, "scorer_fingerprints": {}}
 FAILURE_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("manifest_row", pa.int64()),
@@ -133,12 +148,19 @@ class DamagedFile(OutputError):
         self.rel, self.reason = rel, reason
 
 
-def metadata_schema(passthrough: pa.Schema, *, embed_images: bool = False) -> pa.Schema:
-    """The schema of every metadata file of a job: the fixed columns, the manifest's pass-through
-    columns with their own types, then the version (and the embedded image)."""
+def metadata_schema(passthrough: pa.Schema, *, embed_images: bool = False, scored: bool = False) -> pa.Schema:
+    """The schema of every metadata file of a job: the fixed columns (and the scores), the manifest's
+    pass-through columns with their own types, then the version (and the embedded image)."""
+    fixed = METADATA_FIELDS + SCORE_FIELDS if scored else METADATA_FIELDS
     if embed_images:
-        return pa.schema([*METADATA_FIELDS, *passthrough, VERSION_FIELD, IMAGE_FIELD], metadata=HF_SCHEMA_METADATA)
-    return pa.schema([*METADATA_FIELDS, *passthrough, VERSION_FIELD])
+        return pa.schema([*fixed, *passthrough, VERSION_FIELD, IMAGE_FIELD], metadata=HF_SCHEMA_METADATA)
+    return pa.schema([*fixed, *passthrough, VERSION_FIELD])
+
+
+def is_scored(job: dict) -> bool:
+    """Whether a job.json's metadata has SCORE_FIELDS."""
+    identity = job.get("identity", {})
+    return bool(identity.get("scores") or identity.get("keep"))
 
 
 def failures_schema(passthrough: pa.Schema) -> pa.Schema:
@@ -257,6 +279,9 @@ class JobSpec:
     embed_images: bool = False  # part of the identity: every metadata file of a dataset has one schema
     image: ImageEncoding = PNG  # part of the identity: a dataset's images are of one format and quality
     sharding: str = SHARDING
+    # part of the identity: --score, --keep, --max-attempts, --drop-rejected and the scorers' fingerprints
+    # (None until an actor has loaded them), as in NO_SCORING
+    scoring: dict = field(default_factory=lambda: dict(NO_SCORING))
 
     @property
     def shards(self) -> int:
@@ -267,7 +292,7 @@ class JobSpec:
             "manifest_fingerprint": self.manifest_fingerprint, "model_fingerprint": self.model_fingerprint,
             "shard_size": self.shard_size, "sharding": self.sharding, "defaults": asdict(self.defaults),
             "dtype": self.dtype, "embed_images": self.embed_images,
-            "image_format": self.image.format, "quality": self.image.quality,
+            "image_format": self.image.format, "quality": self.image.quality, **self.scoring,
         }
 
     def to_json(self) -> dict:
@@ -515,7 +540,8 @@ class Output:
             elif mode == "overwrite":
                 self._dataset_files()
             else:
-                there = {"image_format": "png", **existing.get("identity", {}), "sharding": sharding_of(existing)}
+                there = {"image_format": "png", **NO_SCORING, **existing.get("identity", {}),
+                         "sharding": sharding_of(existing)}
                 now = job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
                 if differs:
@@ -844,9 +870,10 @@ class ShardResult:
 @dataclass
 class _Done:
     item: WorkItem
-    future: Future
+    future: Future | None  # None: --drop-rejected, recorded without its image
     scheduler_config: str
     seconds: float
+    scores: dict = field(default_factory=dict)  # SCORE_FIELDS' values
 
 
 @dataclass
@@ -874,14 +901,18 @@ class ShardWriter:
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
         self.model_revision = model_revision
         self.shard = rows.shard.id
+        self.scored = is_scored(job)
         self._records: dict[str, _Done | _Failed] = {}
 
-    def add(self, item: WorkItem, image, *, scheduler_config: dict, seconds: float) -> None:
-        """Hand one generated image to the writer (blocks only while the writer's queue is full)."""
+    def add(self, item: WorkItem, image, *, scheduler_config: dict, seconds: float, scores: dict | None = None) -> None:
+        """Hand one generated image to the writer (blocks only while the writer's queue is full);
+        `image` None records the row (with its `scores`) without an image (--drop-rejected)."""
         params = generation_params(item, scheduler_config=scheduler_config, model=self.model,
                                    model_fingerprint=self.model_fingerprint, model_revision=self.model_revision)
-        future = self.writer.submit(self._image_path(item), image, params, encoding=self.image, keep=self.embed_images)
-        self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds)
+        future = None if image is None else self.writer.submit(self._image_path(item), image, params,
+                                                                encoding=self.image, keep=self.embed_images)
+        self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds,
+                                       scores or {})
 
     def fail(self, item: WorkItem, error: str, attempts: int) -> None:
         self._records[item.id] = _Failed(item, error, attempts)
@@ -891,7 +922,8 @@ class ShardWriter:
         shard is not committed on its own; see jobs.driver)."""
         records = sorted(self._records.values(), key=lambda r: (r.item.row, r.item.k))
         written = iter(self._wait([r for r in records if isinstance(r, _Done)]))
-        return [{"id": r.item.id, "written": next(written), "scheduler_config": r.scheduler_config, "seconds": r.seconds}
+        return [{"id": r.item.id, "seed": r.item.seed, "written": next(written), "scheduler_config": r.scheduler_config,
+                 "seconds": r.seconds, "scores": r.scores}
                 if isinstance(r, _Done) else {"id": r.item.id, "error": r.error, "attempts": r.attempts} for r in records]
 
     def adopt(self, item: WorkItem, record: dict) -> None:
@@ -899,9 +931,13 @@ class ShardWriter:
         if "error" in record:
             self.fail(item, record["error"], record["attempts"])
             return
-        future = Future()
-        future.set_result(record["written"])
-        self._records[item.id] = _Done(item, future, record["scheduler_config"], record["seconds"])
+        future = None
+        if record["written"] is not None:
+            future = Future()
+            future.set_result(record["written"])
+        # a retried row's image was made with another seed than the manifest's
+        self._records[item.id] = _Done(replace(item, seed=record["seed"]), future, record["scheduler_config"],
+                                       record["seconds"], record["scores"])
 
     def commit(self) -> ShardResult:
         """Wait for the images, then write failures (if any) and the metadata file — the commit point.
@@ -927,19 +963,27 @@ class ShardWriter:
             }))
         elif self.out.exists(failures_path(self.shard)):  # left by an attempt that did not commit
             self.out.remove(failures_path(self.shard))
-        paths = [self._image_path(r.item) for r in done]
+        for r in done:
+            if r.future is None:  # dropped by --drop-rejected; an earlier attempt of the shard may have written it
+                self.out.remove(self._image_path(r.item))
+        paths = [None if r.future is None else self._image_path(r.item) for r in done]
         columns = {
             "scheduler_config": [r.scheduler_config for r in done],
             "model": [self.model] * len(done),
             "model_fingerprint": [self.model_fingerprint] * len(done),
             "model_revision": [self.model_revision] * len(done),
             "image_path": paths,
-            "image_sha256": [w[0] for w in written] if self.embed_images else written,
+            "image_sha256": [w[0] if self.embed_images and w is not None else w for w in written],
             "generation_seconds": [r.seconds for r in done],
         }
+        if self.scored:
+            columns |= {f.name: [r.scores.get(f.name) for r in done] for f in SCORE_FIELDS}
+            columns["row_seed"] = [r.scores.get("row_seed", r.item.seed) for r in done]
+            columns["attempt"] = [r.scores.get("attempt", 1) for r in done]
+            columns["kept"] = [r.scores.get("kept", True) for r in done]
         if self.embed_images:
-            columns["image"] = [{"bytes": w[1], "path": p} for w, p in zip(written, paths)]
-        schema = metadata_schema(passthrough.schema, embed_images=self.embed_images)
+            columns["image"] = [None if w is None else {"bytes": w[1], "path": p} for w, p in zip(written, paths)]
+        schema = metadata_schema(passthrough.schema, embed_images=self.embed_images, scored=self.scored)
         shard = self.rows.shard
         schema = schema.with_metadata({**(schema.metadata or {}), JOB_KEY: json.dumps(self.job).encode(),
                                        SHARD_KEY: json.dumps([shard.start, shard.start_k, shard.stop, shard.stop_k]).encode()})
@@ -953,7 +997,7 @@ class ShardWriter:
         written, errors = [], []
         for r in done:
             try:
-                written.append(r.future.result())
+                written.append(None if r.future is None else r.future.result())
             except Exception as e:  # wait for every write before giving up, so none lands after
                 errors.append(e)
         if errors:

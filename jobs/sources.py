@@ -1,4 +1,5 @@
-"""Where `--model` comes from: a local path, `builtin:tiny`, a Hugging Face repo id, or an fsspec URI.
+"""Where `--model` (and the scorers of `--score`) come from: a local path, `builtin:tiny`, a Hugging
+Face repo id, or an fsspec URI.
 
 A source is checked once by the driver (a listing or an API call: seconds, nothing downloaded) and
 resolved by every actor to a local path on its own node, which `sdcore.load_pipeline` then loads.
@@ -10,7 +11,11 @@ resolved by every actor to a local path on its own node, which `sdcore.load_pipe
 - `s3://bucket/sd15/`, `gs://…/model.safetensors`, any fsspec URI: a diffusers folder or a single
   file, read with the job's storage options into `<model-cache>/fsspec/`, one folder per URI.
 
-Only what generation reads is fetched (`sdcore.weights.folder_files`): configs, tokenizer and one
+What a source must hold is its `Layout`: a diffusers model (`MODEL`), a transformers CLIP folder
+(`CLIP`), a folder holding a diffusers `safety_checker/` and its `feature_extractor/`, such as a
+SD 1.x model's (`SAFETY_CHECKER`), or one weight file (`AESTHETIC`).
+
+Only what generation (or scoring) reads is fetched (`sdcore.weights.folder_files`): configs, tokenizer and one
 weight file per component, the fp16 variant for half precision. One download per node: a file
 lock per source makes the node's other actors wait for it and then find it in the cache. A file is
 downloaded under a temporary name, its size checked (and the Hub's sha256 where given), then
@@ -26,6 +31,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +40,7 @@ import torch
 from filelock import FileLock
 
 from jobs import storage
-from sdcore import builtin, weights
+from sdcore import builtin, scorer_weights, weights
 from sdcore.errors import SdcoreError
 
 CACHE_ENV = "SDBATCH_MODEL_CACHE"
@@ -50,12 +56,32 @@ class SourceError(SdcoreError):
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What a source must hold, and the option that names it (for messages)."""
+
+    option: str
+    folder_files: Callable | None  # (relative paths a folder holds, dtype) -> the files to fetch; None: a file only
+    suffixes: tuple[str, ...]  # the single weight files it may be; () for a folder only
+    what: str  # for messages: what it should be
+
+
+MODEL = Layout("--model", weights.folder_files, weights.SINGLE_FILE_SUFFIXES,
+               f"a diffusers folder or a {' / '.join(weights.SINGLE_FILE_SUFFIXES)} file")
+CLIP = Layout("--clip-model", scorer_weights.clip_files, (), "a transformers CLIP folder")
+SAFETY_CHECKER = Layout("--safety-checker", scorer_weights.safety_checker_files, (),
+                        "a folder holding safety_checker/ and feature_extractor/")
+AESTHETIC = Layout("--aesthetic-model", None, scorer_weights.AESTHETIC_SUFFIXES,
+                   f"a {' / '.join(scorer_weights.AESTHETIC_SUFFIXES)} file")
+
+
+@dataclass(frozen=True)
 class Source:
     kind: str  # "builtin", "local", "hub" or "uri"
     text: str  # as the user wrote it
     repo: str = ""  # hub: owner/name
     path: str = ""  # hub: path inside the repo ("" for its top)
     revision: str | None = None  # hub: branch, tag or commit
+    layout: Layout = MODEL
 
 
 @dataclass
@@ -74,18 +100,18 @@ class Resolved:
                 "downloaded_bytes": self.downloaded_bytes, "seconds": round(self.seconds, 3)}
 
 
-def parse(model: str) -> Source:
+def parse(model: str, layout: Layout = MODEL) -> Source:
     """What kind of source `model` is. An existing local path wins over a look-alike Hub id."""
-    if model.startswith("builtin:"):
+    if model.startswith("builtin:") and layout is MODEL:
         return Source("builtin", model)
     protocol = fsspec.utils.get_protocol(model)
     if protocol not in ("file", "local"):
-        return Source("uri", model)
+        return Source("uri", model, layout=layout)
     if protocol == "file" and model.startswith("file://"):
-        return Source("local", model.removeprefix("file://"))
+        return Source("local", model.removeprefix("file://"), layout=layout)
     if not os.path.exists(model) and (m := HUB_ID.fullmatch(model)) and not model.startswith("."):
-        return Source("hub", model, repo=m["repo"], path=m["path"].strip("/"), revision=m["revision"])
-    return Source("local", model)
+        return Source("hub", model, repo=m["repo"], path=m["path"].strip("/"), revision=m["revision"], layout=layout)
+    return Source("local", model, layout=layout)
 
 
 def default_cache(environ=os.environ) -> Path:
@@ -98,34 +124,34 @@ def default_cache(environ=os.environ) -> Path:
 
 
 def check(model: str, storage_options: dict | None = None, dtype: torch.dtype = torch.float32,
-          cache: str | os.PathLike | None = None) -> None:
-    """Raise SourceError unless `model` exists and holds a loadable model; downloads nothing."""
-    source = parse(model)
+          cache: str | os.PathLike | None = None, layout: Layout = MODEL) -> None:
+    """Raise SourceError unless `model` exists and holds what `layout` asks for; downloads nothing."""
+    source = parse(model, layout)
     if source.kind == "builtin":
         if model != builtin.NAME:
             raise SourceError(f"--model {model}: unknown built-in model; the only one is {builtin.NAME}")
     elif source.kind == "local":
-        _check_local(source.text)
+        _check_local(source.text, layout)
     elif source.kind == "hub":
         _hub_listing(source, cache_dir=_hub_cache(cache), dtype=dtype, metadata=False)
     else:
         fs, root = storage.resolve(model, storage_options)
-        _remote_selection(fs, root, model, dtype)
+        _remote_selection(fs, root, model, dtype, layout)
 
 
 def resolve(model: str, *, storage_options: dict | None = None, dtype: torch.dtype = torch.float32,
-            cache: str | os.PathLike | None = None) -> Resolved:
+            cache: str | os.PathLike | None = None, layout: Layout = MODEL) -> Resolved:
     """`model` as a local path on this node, downloading what is missing from `cache`."""
-    source = parse(model)
+    source = parse(model, layout)
     if source.kind in ("builtin", "local"):
         if source.kind == "local":
-            _check_local(source.text)
+            _check_local(source.text, layout)
         return Resolved(path=source.text)
     start = time.monotonic()
     if source.kind == "hub":
         resolved = _resolve_hub(source, cache_dir=_hub_cache(cache), dtype=dtype)
     else:
-        resolved = _resolve_uri(model, storage_options or {}, Path(cache or default_cache()) / "fsspec", dtype)
+        resolved = _resolve_uri(model, storage_options or {}, Path(cache or default_cache()) / "fsspec", dtype, layout)
     resolved.seconds = time.monotonic() - start
     return resolved
 
@@ -137,33 +163,38 @@ def _hub_cache(cache) -> Path | None:
     return Path(cache or default_cache()) / "hub"
 
 
-def _check_local(path: str) -> None:
+def _check_local(path: str, layout: Layout = MODEL) -> None:
     p = Path(path)
     if not p.exists():
         hint = "" if HUB_ID.fullmatch(path) is None else " (for a Hugging Face repo of that name, check its spelling)"
-        raise SourceError(f"--model {path}: no such file or directory{hint}")
-    if p.is_dir():
+        raise SourceError(f"{layout.option} {path}: no such file or directory{hint}")
+    if p.is_dir() and layout is MODEL:
         missing = weights.missing_components(p)
         if missing:
             raise SourceError(f"--model {path}: not a diffusers model folder (no {', '.join(missing)})")
-    elif p.suffix not in weights.SINGLE_FILE_SUFFIXES:
-        raise SourceError(f"--model {path}: expected a diffusers folder or a {' / '.join(weights.SINGLE_FILE_SUFFIXES)} file")
+    elif p.is_dir() and layout.folder_files is None:
+        raise SourceError(f"{layout.option} {path}: a folder; expected {layout.what}")
+    elif p.is_dir():
+        select([f.relative_to(p).as_posix() for f in p.rglob("*") if f.is_file()], torch.float32, path, layout)
+    elif p.suffix not in layout.suffixes:
+        raise SourceError(f"{layout.option} {path}: expected {layout.what}")
 
 
-def select(available: list[str], dtype: torch.dtype, where: str) -> tuple[str, list[str]]:
+def select(available: list[str], dtype: torch.dtype, where: str, layout: Layout = MODEL) -> tuple[str, list[str]]:
     """From the relative paths a folder (or repo) holds: ("folder", the files to fetch) for a
-    diffusers folder, ("file", [the one checkpoint]) for a folder of single files."""
-    try:
-        if weights.is_folder_listing(available):
-            return "folder", weights.folder_files(available, dtype)
-    except SdcoreError as e:
-        raise SourceError(f"--model {where}: {e}") from None
-    return "file", [_pick_single_file(available, dtype, where)]
+    folder of `layout` (a diffusers folder for MODEL), ("file", [the one checkpoint]) for a folder
+    of single files."""
+    if layout.folder_files is not None and (not layout.suffixes or weights.is_folder_listing(available)):
+        try:
+            return "folder", layout.folder_files(available, dtype)
+        except SdcoreError as e:
+            raise SourceError(f"{layout.option} {where}: {e}") from None
+    return "file", [_pick_single_file(available, dtype, where, layout)]
 
 
-def _pick_single_file(available: list[str], dtype: torch.dtype, where: str) -> str:
+def _pick_single_file(available: list[str], dtype: torch.dtype, where: str, layout: Layout = MODEL) -> str:
     top = [f for f in available if "/" not in f]
-    for suffix in weights.SINGLE_FILE_SUFFIXES:  # safetensors first: no pickle code, memory-mapped
+    for suffix in layout.suffixes:  # safetensors first: no pickle code, memory-mapped
         found = [f for f in top if f.endswith(suffix) and not any(fnmatch.fnmatch(f.lower(), p) for p in NOT_FOR_INFERENCE)]
         if len(found) > 1:  # the EMA-only export is the one for inference; fp16 for half precision
             found = [f for f in found if "ema" in f.lower()] or found
@@ -172,8 +203,10 @@ def _pick_single_file(available: list[str], dtype: torch.dtype, where: str) -> s
         if len(found) == 1:
             return found[0]
         if found:
-            raise SourceError(f"--model {where}: holds several checkpoints ({', '.join(sorted(found))}); "
-                              "name one, e.g. --model <repo or folder>/<file>")
+            raise SourceError(f"{layout.option} {where}: holds several checkpoints ({', '.join(sorted(found))}); "
+                              f"name one, e.g. {layout.option} <repo or folder>/<file>")
+    if layout is not MODEL:
+        raise SourceError(f"{layout.option} {where}: expected {layout.what}")
     raise SourceError(f"--model {where}: neither a diffusers folder (no model_index.json, unet/config.json, ...) "
                       f"nor a {' / '.join(weights.SINGLE_FILE_SUFFIXES)} checkpoint")
 
@@ -193,7 +226,7 @@ def _hub():
 def _hub_listing(source: Source, *, cache_dir, dtype, metadata: bool) -> tuple[str, str, list[str], dict, str | None]:
     """(commit, kind, files to fetch, {file: (size, sha256)}, the cached snapshot folder when offline)."""
     hf = _hub()
-    where = source.text
+    where, option = source.text, source.layout.option
     try:
         if hf.constants.HF_HUB_OFFLINE:
             snapshot = hf.snapshot_download(source.repo, revision=source.revision, cache_dir=cache_dir,
@@ -206,25 +239,25 @@ def _hub_listing(source: Source, *, cache_dir, dtype, metadata: bool) -> tuple[s
             listing = {s.rfilename: (s.size, s.lfs.sha256 if metadata and s.lfs else None) for s in info.siblings}
             commit, snapshot = info.sha, None
     except hf.errors.LocalEntryNotFoundError:
-        raise SourceError(f"--model {where}: not in the Hugging Face cache ({cache_dir or hf.constants.HF_HUB_CACHE}), "
+        raise SourceError(f"{option} {where}: not in the Hugging Face cache ({cache_dir or hf.constants.HF_HUB_CACHE}), "
                           "and HF_HUB_OFFLINE is set") from None
     except hf.errors.GatedRepoError:
-        raise SourceError(f"--model {where}: a gated repo; accept its terms on the Hub and set HF_TOKEN") from None
+        raise SourceError(f"{option} {where}: a gated repo; accept its terms on the Hub and set HF_TOKEN") from None
     except hf.errors.RepositoryNotFoundError:
-        raise SourceError(f"--model {where}: no such Hugging Face repo (or it is private: set HF_TOKEN), "
+        raise SourceError(f"{option} {where}: no such Hugging Face repo (or it is private: set HF_TOKEN), "
                           "and no such local path") from None
     except hf.errors.RevisionNotFoundError:
-        raise SourceError(f"--model {where}: the repo has no revision {source.revision!r}") from None
+        raise SourceError(f"{option} {where}: the repo has no revision {source.revision!r}") from None
     except (OSError, hf.errors.HfHubHTTPError) as e:
-        raise SourceError(f"--model {where}: cannot reach the Hugging Face Hub: {e}") from None
+        raise SourceError(f"{option} {where}: cannot reach the Hugging Face Hub: {e}") from None
     prefix = f"{source.path}/" if source.path else ""
     if source.path and source.path in listing:  # a file named by its path
         kind, files = "file", [source.path]
     else:
         inside = [f.removeprefix(prefix) for f in listing if f.startswith(prefix)]
         if not inside:
-            raise SourceError(f"--model {where}: the repo has no {source.path}")
-        kind, files = select(inside, dtype, where)
+            raise SourceError(f"{option} {where}: the repo has no {source.path}")
+        kind, files = select(inside, dtype, where, source.layout)
         files = [prefix + f for f in files]
     return commit, kind, files, {f: listing[f] for f in files}, snapshot
 
@@ -279,7 +312,7 @@ def _version(info: dict) -> str:
     return f"size:{info['size']}"
 
 
-def _remote_selection(fs, root: str, where: str, dtype) -> tuple[str, dict[str, dict]]:
+def _remote_selection(fs, root: str, where: str, dtype, layout: Layout = MODEL) -> tuple[str, dict[str, dict]]:
     """("folder" or "file", {relative path: fsspec info}) of what to fetch from `root`."""
     def listing():
         info = fs.info(root)
@@ -290,21 +323,20 @@ def _remote_selection(fs, root: str, where: str, dtype) -> tuple[str, dict[str, 
     try:
         info, found = storage.DEFAULT_RETRY.call(f"listing {storage.redact_url(where)}", listing)
     except FileNotFoundError:
-        raise SourceError(f"--model {storage.redact_url(where)}: no such file or folder") from None
+        raise SourceError(f"{layout.option} {storage.redact_url(where)}: no such file or folder") from None
     if info["type"] != "directory":
-        if not root.endswith(weights.SINGLE_FILE_SUFFIXES):
-            raise SourceError(f"--model {storage.redact_url(where)}: expected a diffusers folder or a "
-                              f"{' / '.join(weights.SINGLE_FILE_SUFFIXES)} file")
+        if not layout.suffixes or not root.endswith(layout.suffixes):
+            raise SourceError(f"{layout.option} {storage.redact_url(where)}: expected {layout.what}")
         return "file", {root.rsplit("/", 1)[-1]: info}
     base = root.rstrip("/") + "/"
     listed = {path.removeprefix(base): i for path, i in found.items() if path.startswith(base) and i["type"] == "file"}
-    kind, files = select(list(listed), dtype, storage.redact_url(where))
+    kind, files = select(list(listed), dtype, storage.redact_url(where), layout)
     return kind, {f: listed[f] for f in files}
 
 
-def _resolve_uri(model: str, storage_options: dict, cache: Path, dtype) -> Resolved:
+def _resolve_uri(model: str, storage_options: dict, cache: Path, dtype, layout: Layout = MODEL) -> Resolved:
     fs, root = storage.resolve(model, storage_options)
-    kind, wanted = _remote_selection(fs, root, model, dtype)
+    kind, wanted = _remote_selection(fs, root, model, dtype, layout)
     canonical = fs.unstrip_protocol(root)
     name = re.sub(r"[^\w.-]+", "-", canonical.split("://", 1)[-1].strip("/"))[-60:]
     local_root = cache / f"{name}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"

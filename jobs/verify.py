@@ -253,7 +253,9 @@ def _check_shard(out: Output, layout: FilesLayout, job: dict, shard: str, has_fa
         s = shard_at(shard_index(shard), job["rows"], job["identity"]["shard_size"])
         found.bounds = (s.start, 0, s.stop, 0)
     _check_rows(job, rows, failures, found)
-    _check_images(layout, rows, meta.column("image").to_pylist() if "image" in meta.column_names else None,
+    embedded = meta.column("image").to_pylist() if "image" in meta.column_names else None
+    with_image = [i for i, r in enumerate(rows) if r["image_path"] is not None]  # not: --drop-rejected's rows
+    _check_images(layout, [rows[i] for i in with_image], embedded and [embedded[i] for i in with_image],
                   found, pool, quick)
     return found
 
@@ -269,7 +271,7 @@ def _check_rows(job: dict, rows: list[dict], failures: list[dict], found: _Findi
         seen[r["id"]] = r["manifest_row"]
         if not start <= r["manifest_row"] < row_stop:
             found.add(r["id"], f"manifest row {r['manifest_row']} is outside the shard's rows {start}..{row_stop - 1}")
-    for r in rows:
+    for r in (r for r in rows if r["image_path"] is not None):
         if r["image_path"] in paths:
             found.add(r["id"], f"image {r['image_path']} recorded twice in the shard")
         paths.add(r["image_path"])

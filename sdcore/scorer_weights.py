@@ -21,8 +21,11 @@ from sdcore.clip_vision import CLIPImageEncoder, CLIPModel, CLIPVisionConfig
 from sdcore.errors import UnsupportedModelError, WeightsError
 from sdcore.scoring import CLIP_MEAN, CLIP_STD, AestheticPredictor, SafetyChecker
 from sdcore.tokenizer import Tokenizer
-from sdcore.weights import POSITION_IDS, TensorFile, _pick_weight_file, _read_json, assign_weights, weight_file_names
+from sdcore.weights import (POSITION_IDS, TensorFile, _pick_weight_file, _read_json, assign_weights,
+                            weight_file_names, weights_fingerprint)
 
+AESTHETIC_SUFFIXES = (".safetensors", ".pth")  # the predictor's weight file: safetensors first (no pickle)
+SAFETY_CHECKER_FOLDER, FEATURE_EXTRACTOR_FILE = "safety_checker", "feature_extractor/preprocessor_config.json"
 # The logit scale of CLIP's training loss, which inference does not use (nor the position-index
 # buffers, POSITION_IDS, that older transformers saved).
 UNUSED = ("logit_scale",)
@@ -127,6 +130,56 @@ def load_aesthetic_predictor(path: str | os.PathLike, *, device="cpu", dtype=tor
     with torch.device("meta"):
         predictor = AestheticPredictor(file.shapes.get("layers.0.weight", (0, 768))[1])
     return _adopt(predictor, file, device, dtype)
+
+
+def clip_files(available, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The files of a transformers CLIP folder that `load_clip` reads, given every relative path the
+    folder holds (e.g. a remote listing): what to fetch, and nothing more."""
+    return _model_files(set(available), "", dtype) + [f for f in ("vocab.json", "merges.txt") if f in available]
+
+
+def safety_checker_files(available, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The files `load_safety_checker_folder` reads from a folder holding a diffusers `safety_checker/`
+    and its `feature_extractor/` (a SD 1.x model's folder, say)."""
+    available = set(available)
+    if "config.json" in available and f"{SAFETY_CHECKER_FOLDER}/config.json" not in available:
+        raise WeightsError(f"a folder with a config.json of its own, not {SAFETY_CHECKER_FOLDER}/: for a safety "
+                           f"checker's own folder, name the folder that holds it and its feature_extractor/")
+    files = _model_files(available, f"{SAFETY_CHECKER_FOLDER}/", dtype)
+    if FEATURE_EXTRACTOR_FILE not in available:
+        raise WeightsError(f"no {FEATURE_EXTRACTOR_FILE} beside {SAFETY_CHECKER_FOLDER}/")
+    return files + [FEATURE_EXTRACTOR_FILE]
+
+
+def _model_files(available: set[str], prefix: str, dtype: torch.dtype) -> list[str]:
+    names = weight_file_names("text_encoder", dtype)
+    weight = next((prefix + n for n in names if prefix + n in available), None)
+    missing = [f for f in (prefix + "config.json",) if f not in available] + ([] if weight else [prefix + names[0]])
+    if missing:
+        raise WeightsError(f"no {' and no '.join(missing)}")
+    return [prefix + "config.json", weight]
+
+
+def files_fingerprint(root: str | os.PathLike, files: list[str]) -> str:
+    """Identifies a scorer's `files` (relative to `root`) as sdcore.weights identifies a model: its
+    weight files' sizes, headers and sampled chunks, and its configs."""
+    root = Path(root)
+    configs_ = [f for f in files if f.endswith((".json", ".txt"))]
+    return weights_fingerprint({f: TensorFile(root / f) for f in files if f not in configs_},
+                       {f: (root / f).read_bytes() for f in configs_})
+
+
+def load_safety_checker_folder(folder: str | os.PathLike, *, device="cpu",
+                               dtype=torch.float32) -> tuple[SafetyChecker, int]:
+    """A folder holding `safety_checker/` and `feature_extractor/` -> (SafetyChecker, the image side
+    its preprocessing asks for); refused unless that side is the checker's own image size."""
+    root = Path(folder)
+    size = preprocessor_config(_read_json(root / FEATURE_EXTRACTOR_FILE))
+    checker = load_safety_checker(root / SAFETY_CHECKER_FOLDER, device=device, dtype=dtype)
+    if size != checker.vision_model.config.image_size:
+        raise UnsupportedModelError(f"{root / FEATURE_EXTRACTOR_FILE}: crops to {size}, but the safety checker "
+                                    f"takes {checker.vision_model.config.image_size}x{checker.vision_model.config.image_size} images")
+    return checker, size
 
 
 def _weight_file(folder: Path, dtype: torch.dtype) -> TensorFile:

@@ -123,7 +123,7 @@ def load_folder(root: Path, *, device="cpu", dtype=torch.float32, source: str | 
     )
     # Configs, vocabulary and scheduler shape the output as much as the weights do.
     small_files = [root / c / "config.json" for c in COMPONENTS] + [scheduler_file] + ([vocab, merges] if has_vocab else [])
-    fingerprint = _fingerprint(files, {str(p.relative_to(root)): p.read_bytes() for p in small_files if p.is_file()})
+    fingerprint = weights_fingerprint(files, {str(p.relative_to(root)): p.read_bytes() for p in small_files if p.is_file()})
     return Pipeline(tokenizer=tokenizer, **modules, scheduler_config=scheduler_config,
                     source=source or str(root), fingerprint=fingerprint, device=torch.device(device), dtype=dtype)
 
@@ -232,7 +232,7 @@ def load_single_file(path: Path, *, device="cpu", dtype=torch.float32, source: s
     modules = _load_modules(configs, sources, device, dtype, shown=lambda c, ours: original[(c, ours)],
                             where=str(path), against=against)
     return Pipeline(tokenizer=Tokenizer.default(), **modules, scheduler_config=dict(SD15_SCHEDULER_CONFIG),
-                    source=source or str(path), fingerprint=_fingerprint({"": tensors}, {}),
+                    source=source or str(path), fingerprint=weights_fingerprint({"": tensors}, {}),
                     device=torch.device(device), dtype=dtype)
 
 
@@ -489,7 +489,7 @@ def _read_json(path: Path) -> dict:
         raise WeightsError(f"{path}: not readable as JSON ({_first_line(e)})") from None
 
 
-def _fingerprint(files: dict[str, TensorFile], small_files: dict[str, bytes]) -> str:
+def weights_fingerprint(files: dict[str, TensorFile], small_files: dict[str, bytes]) -> str:
     """sha256 of what identifies the weights without reading gigabytes: per weight file its size, its
     safetensors header (names, shapes, dtypes, offsets) and a few sampled chunks; plus configs."""
     h = hashlib.sha256()

@@ -105,7 +105,7 @@ def test_status_json_agrees_with_the_text(tmp_path):
         "images_done": 0, "images_total": 5, "failures": 0, "finished": False, "success_stale": False,
         "running": None, "images_per_second": None, "eta_seconds": None, "shard_timing": [],
         "timing_total": {"shard": "all", "images": 0, "seconds": 0.0, "images_per_second": None},
-        "first_failures": [], "damaged": {}, "job_from": None}
+        "first_failures": [], "damaged": {}, "job_from": None, "keep": None}
     assert facts["running"].startswith("run ") and f"running   {facts['running']}: - images/s recently, ETA ?" in text.stdout
     for line in ("shards    0/3 done (3 remaining)", "rows      0/3 done", "images    0/5 written", "failures  0", "_SUCCESS  no"):
         assert line in text.stdout

@@ -7,19 +7,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from reference import TINY_CLIP, randomize_, sd15_config, write_clip_vocab_folder
+from reference import TINY_CLIP, randomize_, sd15_config
+from scorerdata import (TINY_PROJECTION, TINY_VISION, VIT_L14, PublishedAestheticMLP, clip_config, reference_clip,
+                        reference_safety_checker, save_aesthetic, tiny_clip_folder)
 from sdcore import scorer_weights, scoring
 from sdcore.errors import UnsupportedModelError, WeightsError
-
-# The image tower's structure at tiny widths; 224x224 input as for ViT-L/14, in 7x7 patches of 32.
-TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-TINY_PROJECTION = 32
-VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-           "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 # (width, height): square, landscape, portrait, odd sides, smaller than 224 (upscaled), 224 by one more
 SIZES = [(224, 224), (300, 200), (200, 300), (513, 511), (97, 401), (1001, 333), (225, 224)]
 PROMPTS = ["a photo of a cat", "", "an oil painting of a lighthouse at dusk, dramatic clouds",
@@ -39,27 +33,10 @@ def _images(sizes, seed: int = 0) -> list[PIL.Image.Image]:
     return images
 
 
-def _clip_config(text: dict, vision: dict, projection_dim: int):
-    from transformers import CLIPConfig
-
-    text = {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype", "projection_dim")}
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
-
-
-def _reference_clip(text: dict, vision: dict, projection_dim: int, folder):
-    """A random transformers CLIPModel, saved with its tokenizer files into `folder`."""
-    from transformers import CLIPModel
-
-    ref = randomize_(CLIPModel(_clip_config(text, vision, projection_dim)), seed=3).eval()
-    ref.save_pretrained(folder)
-    write_clip_vocab_folder(folder)
-    return ref
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
-    return _reference_clip(TINY_CLIP, TINY_VISION, TINY_PROJECTION, folder), folder
+    return tiny_clip_folder(folder), folder
 
 
 def _pooled(output) -> torch.Tensor:
@@ -123,7 +100,7 @@ def test_image_encoder_loads_either_transformers_layout(tiny_clip, tmp_path):
     from transformers import CLIPVisionModelWithProjection
 
     ref, clip_folder = tiny_clip
-    vision_only = CLIPVisionModelWithProjection(_clip_config(TINY_CLIP, {**TINY_VISION, "projection_dim": TINY_PROJECTION},
+    vision_only = CLIPVisionModelWithProjection(clip_config(TINY_CLIP, {**TINY_VISION, "projection_dim": TINY_PROJECTION},
                                                              TINY_PROJECTION).vision_config)
     vision_only = randomize_(vision_only, seed=4).eval()
     vision_only.save_pretrained(tmp_path)
@@ -161,7 +138,7 @@ def test_clip_score_matches_transformers(tiny_clip):
 
 @pytest.mark.full_size
 def test_full_size_clip_matches_reference(tmp_path, capsys):
-    ref = _reference_clip(sd15_config("text_encoder"), VIT_L14, 768, tmp_path)
+    ref = reference_clip(sd15_config("text_encoder"), VIT_L14, 768, tmp_path)
     measured = _assert_embeddings_match(ref, tmp_path, _images(SIZES[:2]))
     with capsys.disabled():
         print("\nViT-L/14 CLIP, 2 images:", ", ".join(f"{k} {v:.2g}" for k, v in measured.items()))
@@ -175,10 +152,7 @@ def safety_checker(tmp_path_factory):
     images' embeddings: image 0 is flagged outright; image 1 only through the special-care
     adjustment; image 2 is 0.0004 over a threshold, which diffusers' rounding to 3 decimals
     ignores; no image comes near the other concepts."""
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-    ref = StableDiffusionSafetyChecker(_clip_config(TINY_CLIP, TINY_VISION, TINY_PROJECTION))
-    randomize_(ref, seed=5).eval()
+    ref = reference_safety_checker()
     images = _images([(w + 9 * i, h) for i, (w, h) in enumerate(SIZES[:6])], seed=2)
     pixels = scoring.preprocess(images)
     with torch.no_grad():
@@ -249,27 +223,6 @@ def test_safety_checker_files_that_do_not_fit_are_refused(safety_checker, tmp_pa
 
 # --- aesthetic predictor -----------------------------------------------------------------------
 
-class PublishedAestheticMLP(nn.Module):
-    """The predictor as christophschuhmann/improved-aesthetic-predictor builds it (simple_inference.py)."""
-
-    def __init__(self, input_size: int):
-        super().__init__()
-        self.input_size = input_size
-        self.layers = nn.Sequential(
-            nn.Linear(self.input_size, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, x):
-        return self.layers(x)
-
-
 def _published_normalized(a: np.ndarray) -> np.ndarray:
     # simple_inference.py's L2 normalisation, in numpy
     l2 = np.atleast_1d(np.linalg.norm(a, 2, -1))
@@ -279,8 +232,7 @@ def _published_normalized(a: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def test_aesthetic_predictor_matches_published_mlp(tmp_path):
-    mlp = randomize_(PublishedAestheticMLP(768), seed=7).eval()
-    torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")  # as the repository saved it
+    mlp = save_aesthetic(tmp_path / "sac+logos+ava1-l14-linearMSE.pth", 768)
     embeds = torch.randn(4, 768, generator=torch.Generator().manual_seed(8)) * 3
     expected = mlp(torch.from_numpy(_published_normalized(embeds.numpy()))).squeeze(-1)
     got = scorer_weights.load_aesthetic_predictor(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")(embeds)

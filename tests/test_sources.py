@@ -276,3 +276,59 @@ def test_generate_takes_a_hub_id_from_hf_home(release, tmp_path):
     r = subprocess.run([str(sdbatch), "generate", "a fox", "--model", "acme/not-there", "-o", str(out)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "acme/not-there: not in the Hugging Face cache" in r.stderr
+
+
+def test_scorer_layouts_select_only_what_the_scorers_read():
+    clip_repo = ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
+                 "vocab.json", "merges.txt", "tokenizer.json", "preprocessor_config.json", "README.md"]
+    assert sources.select(clip_repo, torch.float32, "x", sources.CLIP) == (
+        "folder", ["config.json", "model.safetensors", "vocab.json", "merges.txt"])
+    assert sources.select(RELEASE_FILES, torch.float16, "sd15", sources.SAFETY_CHECKER) == (
+        "folder", ["safety_checker/config.json", "safety_checker/model.fp16.safetensors",
+                   "feature_extractor/preprocessor_config.json"])
+    assert sources.select(["README.md", "sac+logos+ava1-l14-linearMSE.pth"],
+                          torch.float32, "x", sources.AESTHETIC) == ("file", ["sac+logos+ava1-l14-linearMSE.pth"])
+    for available, layout, message in (
+        (clip_repo, sources.SAFETY_CHECKER, "--safety-checker x: .*name the folder that holds it"),
+        ([f for f in RELEASE_FILES if not f.startswith("feature_extractor/")], sources.SAFETY_CHECKER,
+         "no feature_extractor/preprocessor_config.json"),
+        (["config.json", "vocab.json"], sources.CLIP, "--clip-model x: no model.safetensors"),
+        (["README.md", "a.pth", "b.pth"], sources.AESTHETIC, "--aesthetic-model x: holds several checkpoints"),
+        (["README.md"], sources.AESTHETIC, "--aesthetic-model x: expected a .safetensors / .pth file"),
+    ):
+        with pytest.raises(SourceError, match=message):
+            sources.select(available, torch.float32, "x", layout)
+
+
+def test_scorers_resolve_from_uris_and_the_hub_like_models(release, tmp_path):
+    from sdcore import scorer_weights
+    from tests.scorerdata import TINY_PROJECTION, reference_safety_checker, save_aesthetic, save_safety_checker, \
+        tiny_clip_folder
+
+    tiny_clip_folder(tmp_path / "scorers" / "clip")
+    (tmp_path / "scorers" / "clip" / "flax_model.msgpack").write_bytes(b"not read")
+    save_safety_checker(reference_safety_checker(), tmp_path / "scorers" / "sd")
+    save_aesthetic(tmp_path / "scorers" / "aesthetic.pth", TINY_PROJECTION)
+    fs, root = fsspec.filesystem("memory"), f"/scorers-{os.getpid()}"
+    fs.put(str(tmp_path / "scorers"), root, recursive=True)
+    try:
+        clip = sources.resolve(f"memory://{root}/clip", cache=tmp_path / "cache", layout=sources.CLIP)
+        assert {f["path"] for f in clip.files} == {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
+        scorer_weights.load_clip(clip.path)
+        checker = sources.resolve(f"memory://{root}/sd", cache=tmp_path / "cache", layout=sources.SAFETY_CHECKER)
+        assert checker.downloaded_files == 3
+        assert scorer_weights.load_safety_checker_folder(checker.path)[1] == 224
+        aesthetic = sources.resolve(f"memory://{root}/aesthetic.pth", cache=tmp_path / "cache",
+                                    layout=sources.AESTHETIC)
+        scorer_weights.load_aesthetic_predictor(aesthetic.path)
+        with pytest.raises(SourceError, match="--clip-model memory://.*: no such file or folder"):
+            sources.check(f"memory://{root}/nope", layout=sources.CLIP)
+    finally:
+        fs.rm(root, recursive=True)
+
+    # The model's own safety checker, from a Hub repo: only its three files are fetched
+    populate_hub_cache(tmp_path / "cache" / "hub", "acme/tiny-sd", release, sorted(files_under(release)))
+    sources.check("acme/tiny-sd", cache=tmp_path / "cache", layout=sources.SAFETY_CHECKER)
+    resolved = sources.resolve("acme/tiny-sd", cache=tmp_path / "cache", layout=sources.SAFETY_CHECKER)
+    assert {f["path"] for f in resolved.files} == {"safety_checker/config.json", "safety_checker/model.safetensors",
+                                                   "feature_extractor/preprocessor_config.json"}
