@@ -157,9 +157,9 @@ def metadata_schema(passthrough: pa.Schema, *, embed_images: bool = False, score
     return pa.schema([*fixed, *passthrough, VERSION_FIELD])
 
 
-def is_scored(job: dict) -> bool:
-    """Whether a job.json's metadata has SCORE_FIELDS."""
-    identity = job.get("identity", {})
+def is_scored(job: dict | None) -> bool:
+    """Whether a job.json's metadata has SCORE_FIELDS (None: a runner used without a driver)."""
+    identity = (job or {}).get("identity", {})
     return bool(identity.get("scores") or identity.get("keep"))
 
 
