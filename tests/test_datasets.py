@@ -126,7 +126,7 @@ def test_embedded_images_are_plain_structs_elsewhere(embedded):
     # a job with embedded WebP images is a different job: it does not resume into a plain PNG dataset
     r = sdbatch("run", embedded.parent / "manifest.parquet", "--model", "builtin:tiny", "--output", embedded,
                 "--width", 64, "--height", 64, "--steps", 2, "--shard-size", 3, "--resume")
-    assert r.returncode == 2 and "embed_images: true there, false now" in r.stderr, r.stderr
+    assert r.returncode == 2 and "format: parquet there, files now" in r.stderr, r.stderr
     assert "image_format: webp there, png now" in r.stderr
 
 

@@ -175,7 +175,7 @@ def test_repair_then_resume_makes_the_same_bytes(made, dataset):
 
 def test_embedded_images_are_checked(made, tmp_path):
     out = tmp_path / "embedded"
-    run_job(made[0], out, embed_images=True)
+    run_job(made[0], out, format="parquet")
     assert verify(out)[0] == 0
     path = out / "metadata" / "shard-000001.parquet"
     rewrite(path, lambda t: t.set_column(t.schema.get_field_index("image"), "image", pa.array(
