@@ -4,6 +4,7 @@ while a driver holds the output."""
 import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -225,3 +226,35 @@ def test_verify_on_s3(dataset, s3_server):
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
     aside = sorted(p.split("/damaged/")[1].split("/", 1)[1] for p in fs.find(f"{bucket}/out/_sdbatch/damaged"))
     assert aside == ["failures/shard-000002.parquet", "images/shard-000002/extra.png", "metadata/shard-000002.parquet"]
+
+
+def test_webdataset_damage_inside_tars_is_found_and_repaired_byte_identical(made, tmp_path):
+    manifest, original = made[0], tmp_path / "made"
+    run_job(manifest, original, format="webdataset")
+    dataset = Path(shutil.copytree(original, tmp_path / "out"))
+    code, output = verify(dataset)
+    assert code == 0 and "4/4 shards committed; 9 images checked" in output, output
+    tar = dataset / "shards" / "shard-000001.tar"
+    with tarfile.open(tar) as t:  # dog-2, the first image of shard 1
+        offset = t.getmember("shard-000001-000000.png").offset_data
+    data = bytearray(tar.read_bytes())
+    data[offset + 100] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    tar = dataset / "shards" / "shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:len(tar.read_bytes()) // 2])
+    duplicate_first_row(dataset / "metadata" / "shard-000003.parquet")
+    (dataset / "shards" / "shard-000009.tar").write_bytes(b"not ours")
+
+    code, output = verify(dataset, "--repair")
+    assert code == 1, output
+    for line in ("shard-000001 id dog-2: image shards/shard-000001.tar/shard-000001-000000.png does not match its sha256",
+                 "shard-000002: shards/shard-000002.tar: not a readable tar",
+                 "shard-000003 id ant: key shard-000003-000000 recorded twice", "orphan object shards/shard-000009.tar",
+                 "withdrew 3 shard(s) (shard-000001, shard-000002, shard-000003)", "moved 1 orphan object(s)"):
+        assert line in output, output
+    run_job(manifest, dataset, mode="resume", format="webdataset")
+    code, output = verify(dataset)
+    assert code == 0, output
+    assert files(dataset).keys() == files(original).keys() and metadata_rows(dataset) == metadata_rows(original)
+    tars = {k: v for k, v in files(original).items() if k.startswith("shards/")}
+    assert len(tars) == 4 and {k: v for k, v in files(dataset).items() if k.startswith("shards/")} == tars
