@@ -21,6 +21,7 @@ from jobs import sink, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import manifest_shards, read_shard, shards
 from jobs.sink import ImageEncoding, ImageWriter, JobSpec, Output, OutputError, ShardWriter
+from tests.jobdata import tar_members
 
 MODEL, FINGERPRINT = "builtin:tiny", "f" * 16
 SCHED_CONFIG = {"beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -319,11 +320,6 @@ def test_older_jobs_are_files_or_parquet_by_their_embed_images(tmp_path, manifes
             out.prepare(job(manifest, format="webdataset"))
 
 
-def webdataset_members(path) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-
-
 @pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.format)
 def test_webdataset_layout_one_tar_per_shard_with_image_json_and_prompt(tmp_path, manifest, encoding):
     root = tmp_path / "out"
@@ -343,7 +339,7 @@ def test_webdataset_layout_one_tar_per_shard_with_image_json_and_prompt(tmp_path
         infos = tar.getmembers()
     assert [m.name for m in infos] == sorted(m.name for m in infos)
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in infos} == {(0, 0, 0, "", "", 0o644)}
-    members = webdataset_members(root / "shards" / "shard-000000.tar")
+    members = tar_members(root / "shards" / "shard-000000.tar")
     assert len(members) == 3 * len(rows)
     for r in rows:
         data = members[f"{r['key']}.{encoding.extension}"]
@@ -381,7 +377,7 @@ def test_an_uncommitted_tar_is_never_counted_and_is_replaced_on_redo(tmp_path, m
     assert out.prepare(spec) == {"shard-000000"} and not cut_short.exists()
     run_shards(out, manifest, spec, only={"shard-000001"})
     meta = pq.read_table(root / "metadata" / "shard-000001.parquet").to_pylist()
-    members = webdataset_members(root / "shards" / "shard-000001.tar")
+    members = tar_members(root / "shards" / "shard-000001.tar")
     assert [hashlib.sha256(members[r["key"] + ".png"]).hexdigest() for r in meta] == [r["image_sha256"] for r in meta]
     assert len(members) == 3 * len(meta) == 9
 
@@ -634,7 +630,7 @@ def test_a_split_shard_is_committed_once_from_the_outcomes_of_its_pieces(tmp_pat
         assert (w.commit().images, out.done_shards()) == (2, {"shard-000000"})
     meta = pq.read_table(tmp_path / "out" / "metadata" / "shard-000000.parquet").to_pylist()
     assert [r["id"] for r in meta] == ["img0", "img1-0"]
-    members = webdataset_members(tmp_path / "out" / "shards" / "shard-000000.tar") if format == "webdataset" else {}
+    members = tar_members(tmp_path / "out" / "shards" / "shard-000000.tar") if format == "webdataset" else {}
     for r in meta:
         data = members[r["key"] + ".png"] if members else (tmp_path / "out" / r["image_path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == r["image_sha256"] and (format != "parquet" or r["image"]["bytes"] == data)
