@@ -279,6 +279,8 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--quality", "90"], "--quality applies to jpeg and webp; png is lossless"),
     (["--image-format", "webp", "--quality", "101"], "--quality must be 1..100, got 101"),
+    (["--format", "tar"], "--format must be one of files, webdataset, parquet, got 'tar'"),
+    (["--format", "webdataset", "--embed-images"], "--embed-images is --format parquet; it does not go with"),
     (["--resume"], "nothing to resume"),
     (["--storage-option", "anon"], "--storage-option 'anon': expected key=value"),
     (["--shard-timeout", "0", "--row-timeout", "-1"], "--shard-timeout must be a number of seconds > 0, got 0.0; "
