@@ -131,7 +131,7 @@ VERSION_FIELD = pa.field("sdbatch_version", pa.string())
 WEBDATASET_FIELDS = [pa.field("key", pa.string()), pa.field("tar", pa.string())]
 # Not in a webdataset sample's JSON: it changes from run to run, and a redone shard's tar must not.
 TIMING_FIELD = "generation_seconds"
-# --embed-images: the image's bytes in the metadata, in the layout of the Hugging Face `datasets`
+# --format parquet: the image's bytes in the metadata, in the layout of the Hugging Face `datasets`
 # Image feature, which the schema metadata names, so `load_dataset("parquet", ...)` shows images.
 IMAGE_FIELD = pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())]))
 HF_SCHEMA_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}

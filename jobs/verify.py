@@ -8,7 +8,7 @@ with `metadata/<shard>.parquet`):
   shard boundary cuts; every row lies in the shard's bounds, consecutive shards' bounds meet, and
   an image-cut shard holds exactly its share of images (done + failed): so every image of the
   manifest is done or in failures/ exactly once, without reading the manifest;
-- every image exists and its bytes hash to the recorded sha256 (with --embed-images, the embedded
+- every image exists and its bytes hash to the recorded sha256 (with --format parquet, the embedded
   copy too). `quick` checks only that it exists and is not empty: the metadata records no sizes;
 - its image folder holds nothing else than its images and in-flight temporary files; for webdataset,
   its tar reads, holds each image with its .json and .txt and nothing else, each name once, and no

@@ -208,12 +208,16 @@ def test_not_a_dataset(tmp_path):
     assert verify(tmp_path / "empty", "--repair")[0] == 2 and not (tmp_path / "empty" / "_sdbatch").exists()
 
 
+def s3_options(s3_server) -> list[str]:
+    return [f"--storage-option={k}={json.dumps(v) if not isinstance(v, str) else v}"
+            for k, v in s3_server.storage_options.items()]
+
+
 def test_verify_on_s3(dataset, s3_server):
     fs = s3_server.filesystem()
     bucket = s3_server.make_bucket("verify")
     fs.put(str(dataset), f"{bucket}/out", recursive=True)
-    url, options = f"s3://{bucket}/out", [f"--storage-option={k}={json.dumps(v) if not isinstance(v, str) else v}"
-                                          for k, v in s3_server.storage_options.items()]
+    url, options = f"s3://{bucket}/out", s3_options(s3_server)
     code, output = verify(url, *options)
     assert code == 0, output
     fs.rm(f"{bucket}/out/images/shard-000002/yak.png")
@@ -258,3 +262,20 @@ def test_webdataset_damage_inside_tars_is_found_and_repaired_byte_identical(made
     assert files(dataset).keys() == files(original).keys() and metadata_rows(dataset) == metadata_rows(original)
     tars = {k: v for k, v in files(original).items() if k.startswith("shards/")}
     assert len(tars) == 4 and {k: v for k, v in files(dataset).items() if k.startswith("shards/")} == tars
+
+
+def test_verify_reads_webdataset_tars_on_s3(made, tmp_path, s3_server):
+    out = tmp_path / "wds"
+    run_job(made[0], out, format="webdataset")
+    fs, bucket = s3_server.filesystem(), s3_server.make_bucket("verify-wds")
+    fs.put(str(out), f"{bucket}/out", recursive=True)
+    url, options = f"s3://{bucket}/out", s3_options(s3_server)
+    code, output = verify(url, *options)
+    assert code == 0 and "9 images checked (sha256)" in output, output
+    tar = bytearray(fs.cat(f"{bucket}/out/shards/shard-000003.tar"))
+    with tarfile.open(fileobj=io.BytesIO(bytes(tar))) as t:
+        tar[t.getmember("shard-000003-000000.png").offset_data + 50] ^= 0xFF  # ant's image
+    fs.pipe(f"{bucket}/out/shards/shard-000003.tar", bytes(tar))
+    code, output = verify(url, *options)
+    assert code == 1 and "shard-000003 id ant: image shards/shard-000003.tar/shard-000003-000000.png does not match" \
+        in output, output
