@@ -27,7 +27,7 @@ Every metadata file carries job.json in its Parquet key-value metadata, so a los
 rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
-size, sharding, dtype, defaults, output format or image format into it, and deletes an old dataset (only one it recognises by
+size, sharding, dtype, defaults, output or image format into it, and deletes an old dataset (only one it recognises by
 `_sdbatch/job.json`) only when asked to overwrite.
 """
 import contextlib
@@ -301,7 +301,7 @@ class JobSpec:
     model_fingerprint: str | None  # None only while checking OUT before the model is loaded
     rows: int
     images: int
-    shard_size: int | None  # None only while checking OUT: a continued job keeps its own, a new one gets the default
+    shard_size: int | None  # None only while checking OUT: then a continued job's, or a new one's default
     defaults: Defaults
     dtype: str | None  # None only while checking OUT for a new dataset with --dtype auto
     settings: dict = field(default_factory=dict)  # informational (batch size, actors, device, storage options, ...)
@@ -987,9 +987,9 @@ class ShardWriter:
             if self.format != "webdataset":  # an earlier attempt may have written one; the dataset must not show it
                 for r in failed:
                     self.out.remove(self._image_path(r.item))
-            self.out.write(failures_path(self.shard), _parquet_bytes(self._table(failures_schema(passthrough.schema), failed, {
-                "error": [r.error for r in failed], "attempts": [r.attempts for r in failed],
-            })))
+            failures = self._table(failures_schema(passthrough.schema), failed, {
+                "error": [r.error for r in failed], "attempts": [r.attempts for r in failed]})
+            self.out.write(failures_path(self.shard), _parquet_bytes(failures))
         elif self.out.exists(failures_path(self.shard)):  # left by an attempt that did not commit
             self.out.remove(failures_path(self.shard))
         paths = [self._image_path(r.item) for r in done]
@@ -1022,6 +1022,7 @@ class ShardWriter:
         members = {}
         for row, data in zip(table.drop_columns([TIMING_FIELD]).to_pylist(), images):
             members[f"{row['key']}.{self.image.extension}"] = data
+            # pass-through values JSON has no type for (dates, bytes, decimals) as their str()
             members[f"{row['key']}.json"] = json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode()
             members[f"{row['key']}.txt"] = row["prompt"].encode()
         return webdataset_tar(members)

@@ -362,8 +362,8 @@ def _check_boundary(previous: _Findings, found: _Findings) -> None:
         found.add(image_id, f"id also recorded in {previous.shard}")
 
 
-def _check_images(layout: FilesLayout | WebDatasetLayout, rows: list[dict], embedded: list[dict] | None, found: _Findings,
-                  pool: ThreadPoolExecutor, quick: bool) -> None:
+def _check_images(layout: FilesLayout | WebDatasetLayout, rows: list[dict], embedded: list[dict] | None,
+                  found: _Findings, pool: ThreadPoolExecutor, quick: bool) -> None:
     """Every row's image stored whole (`quick`: not empty), the embedded copies too, nothing else."""
     try:
         objects = layout.objects(found.shard)
