@@ -67,7 +67,6 @@ class ActorConfig:
     keep_freed_memory: bool = False  # sdcore.allocator's setting, process-wide: for a CPU actor in a process of its own
     writer_threads: int = 4
     writer_queue: int = 16  # images waiting for the writer before generation blocks (at least two batches)
-    embed_images: bool = False  # also put each image file into the metadata's `image` column
     row_timeout: float | None = None  # seconds per image before a batch is stopped (None: no limit)
     run_id: str | None = None  # the driver's lease: each commit checks that it still holds it (None: no check)
     scoring: scorers.ScoreSpec = scorers.ScoreSpec()  # --score, --keep and the scorers' sources
@@ -184,7 +183,7 @@ class ShardRunner:
             self._job = self.out.read_job()
         shard_writer = ShardWriter(self.out, self.writer, rows, job=self._job, model=self.config.model,
                                    model_fingerprint=self.pipe.fingerprint, model_revision=self.model.revision,
-                                   embed_images=self.config.embed_images, fence=self._fence)
+                                   fence=self._fence)
         generating, errors = 0.0, []
         if self.pipe.compiled:
             allow_recompiles(self.batch_sizes.unet_shapes())

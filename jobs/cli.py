@@ -212,7 +212,9 @@ def run_command(
     batch_size: Annotated[str, typer.Option("--batch-size", metavar="<auto|N>", help=(
         "Images per pipeline call (same size, steps, scheduler, guidance); auto: 4 on the CPU, on a GPU per image "
         "size the largest of 1, 2, 4, 8, 16, 32 that fits its memory. Fewer after an out-of-memory error."))] = "auto",
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard, the unit of work, commit and resume (a row with more images spans several shards).")] = 200,
+    shard_size: Annotated[int | None, typer.Option("--shard-size", help=(
+        "Images per shard, the unit of work, commit and resume (a row with more images spans several shards); "
+        "default 200, 1000 for --format webdataset (one tar per shard); a continued job keeps its own."))] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     compile_unet: CompileOption = False,
@@ -230,8 +232,10 @@ def run_command(
     storage_option: StorageOptions = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT; refuse if there is none.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier sdbatch dataset in OUTPUT.")] = False,
-    embed_images: Annotated[bool, typer.Option(
-        "--embed-images", help="Also store each image in the metadata's `image` column (Hugging Face `datasets` Image feature).")] = False,
+    output_format: Annotated[str, typer.Option("--format", metavar="<files|webdataset|parquet>", help=(
+        "files: one image object each under images/; webdataset: one tar per shard under shards/; parquet: the "
+        "files and each image in the metadata's `image` column (Hugging Face `datasets` Image feature)."))] = "files",
+    embed_images: Annotated[bool, typer.Option("--embed-images", help="The same as --format parquet.")] = False,
     image_format: ImageFormatOption = "png",
     quality: QualityOption = None,
     shard_timeout: Annotated[float | None, typer.Option("--shard-timeout", help=(
@@ -272,7 +276,8 @@ def run_command(
         batch_size=parse_batch_size(batch_size), shard_size=shard_size, device=device, dtype=dtype,
         compile=compile_unet or cuda_graphs, cuda_graphs=cuda_graphs, ray_address=ray_address,
         storage_options=storage_options(storage_option),
-        mode="resume" if resume else "overwrite" if overwrite else "auto", embed_images=embed_images,
+        mode="resume" if resume else "overwrite" if overwrite else "auto",
+        format=output_format_with_alias(output_format, embed_images),
         image=image_encoding(image_format, quality),
         shard_timeout=shard_timeout, row_timeout=row_timeout,
     )
@@ -291,6 +296,13 @@ def run_command(
     except driver.RunError as e:
         raise CommandError(str(e), e.exit_code) from None
     typer.echo(progress.format_summary(result))
+
+
+def output_format_with_alias(output_format: str, embed_images: bool) -> str:
+    """--format, with --embed-images as the older name of --format parquet."""
+    if embed_images and output_format == "webdataset":
+        raise CommandError("--embed-images is --format parquet; it does not go with --format webdataset")
+    return "parquet" if embed_images else output_format
 
 
 def parse_batch_size(value: str) -> int | None:

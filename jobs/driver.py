@@ -46,7 +46,7 @@ from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, manifest_shards, read_shard
 from jobs.progress import Progress
-from jobs.sink import PNG, ImageEncoding, ImageWriter, JobSpec, Output, ShardWriter
+from jobs.sink import DEFAULT_SHARD_SIZES, FORMATS, PNG, ImageEncoding, ImageWriter, JobSpec, Output, ShardWriter
 from sdcore.errors import SdcoreError
 
 MODES = ("auto", "resume", "overwrite")
@@ -76,7 +76,7 @@ class RunOptions:
     model_cache: str | None = None  # on each node; None: jobs.sources.default_cache() there
     actors: int | None = None  # default: one per GPU, or 1 without GPUs
     batch_size: int | None = None  # rows per pipeline call; None: auto (jobs.buckets)
-    shard_size: int = 200
+    shard_size: int | None = None  # None: a continued job's own, else sink.DEFAULT_SHARD_SIZES[format]
     device: str = "auto"
     dtype: str = "auto"  # fp16 on GPU actors, fp32 on CPU ones; a resumed dataset keeps the dtype it was made in
     compile: bool = False  # torch.compile the UNet on every actor
@@ -84,7 +84,7 @@ class RunOptions:
     ray_address: str | None = None
     storage_options: dict = field(default_factory=dict)
     mode: str = "auto"  # see sink.Output.prepare
-    embed_images: bool = False
+    format: str = "files"  # --format: see sink.FORMATS
     image: ImageEncoding = PNG  # --image-format and --quality
     shard_timeout: float | None = None  # seconds a shard may run (None: only the stall watchdog)
     row_timeout: float | None = None  # seconds per image before a batch is stopped (see jobs.actor)
@@ -146,6 +146,8 @@ def check_options(opts: RunOptions) -> None:
         problems.append(f"--device must be one of {', '.join(devices.DEVICES)}, got {opts.device!r}")
     if opts.dtype not in devices.DTYPE_CHOICES:
         problems.append(f"--dtype must be one of {', '.join(devices.DTYPE_CHOICES)}, got {opts.dtype!r}")
+    if opts.format not in FORMATS:
+        problems.append(f"--format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
     if opts.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
     problems += scoring_problems(opts)
@@ -216,7 +218,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     job = JobSpec(
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
         rows=summary.rows, images=summary.images, shard_size=opts.shard_size, defaults=opts.defaults,
-        dtype=None if opts.dtype == "auto" else opts.dtype, embed_images=opts.embed_images, image=opts.image,
+        dtype=None if opts.dtype == "auto" else opts.dtype, format=opts.format, image=opts.image,
         settings={"batch_size": opts.batch_size or "auto", "actors": opts.actors, "device": opts.device,
                   "compile": opts.compile or opts.cuda_graphs, "cuda_graphs": opts.cuda_graphs,
                   "dtype_requested": opts.dtype, "ray_address": storage.redact_url(opts.ray_address or ""),
@@ -229,6 +231,9 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     if job.dtype is None and existing is not None and opts.mode != "overwrite":
         # A resume stays exact whatever machine runs it: auto continues in the dtype the dataset was made in.
         job.dtype = existing.get("identity", {}).get("dtype")
+    if job.shard_size is None:  # a default that depends on --format must not break continuing older jobs
+        continued = existing is not None and opts.mode != "overwrite"
+        job.shard_size = existing["identity"]["shard_size"] if continued else DEFAULT_SHARD_SIZES[opts.format]
     out.check_writable()
     return job, out
 
@@ -338,7 +343,7 @@ class _Run:
             defaults=opts.defaults, device=plan.device,
             dtype=job.dtype, compile=opts.compile, cuda_graphs=opts.cuda_graphs, batch_size=opts.batch_size,
             storage_options=opts.storage_options,
-            cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu", embed_images=opts.embed_images,
+            cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu",
             row_timeout=opts.row_timeout, run_id=lease.run_id, scoring=opts.scoring,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
@@ -538,7 +543,6 @@ class _Run:
         writer = ShardWriter(self.out, self._driver_writer, rows, job=self.out.read_job(), model=self.opts.model,
                              model_fingerprint=self.job.model_fingerprint,
                              model_revision=self.job.settings["model_source"]["revision"],
-                             embed_images=self.opts.embed_images,
                              fence=lambda: check_holder(self.out, self.lease.run_id))
         return writer, rows.items
 

@@ -2,8 +2,11 @@
 
     OUT/images/<shard>/<id>.png      PNG; iTXt chunk `sdbatch` = JSON of the generation parameters
                     (or .jpg, .webp)  JPEG or WebP; the same JSON in the EXIF UserComment
+    OUT/shards/<shard>.tar           --format webdataset, instead of images/: per image <key>.<ext>,
+                                     <key>.json (its metadata row) and <key>.txt (its prompt)
     OUT/metadata/<shard>.parquet     one row per image (METADATA_FIELDS + pass-through + version,
-                                     + with --embed-images the image itself in an `image` column,
+                                     + with --format parquet the image itself in an `image` column,
+                                     + with --format webdataset its `key` and `tar`,
                                      + with --score or --keep SCORE_FIELDS);
                                      its key-value metadata holds job.json and the shard's bounds
     OUT/failures/<shard>.parquet     one row per image that failed for good (FAILURE_FIELDS + ...)
@@ -12,7 +15,8 @@
     OUT/_SUCCESS                     summary JSON, written last, once every shard is done
 
 The one rule: a shard is done iff `metadata/<shard>.parquet` exists. A shard's images are
-written first (by `ImageWriter`'s threads, overlapping the next batch's denoising), then its
+written first (by `ImageWriter`'s threads, overlapping the next batch's denoising; for webdataset
+they are encoded there and kept in memory, and the shard's tar is written at commit), then its
 failures file if it has failures, then its metadata file, atomically — even a shard whose
 images all failed writes a metadata file with no rows. So resume is one listing of `metadata/`,
 and a crash at any point leaves nothing that a re-run of that shard does not overwrite. Failure
@@ -24,7 +28,7 @@ Every metadata file carries job.json in its Parquet key-value metadata, so a los
 rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
-size, sharding, dtype, defaults or image format into it, and deletes an old dataset (only one it recognises by
+size, sharding, dtype, defaults, output or image format into it, and deletes an old dataset (only one it recognises by
 `_sdbatch/job.json`) only when asked to overwrite.
 """
 import contextlib
@@ -36,6 +40,7 @@ import json
 import os
 import posixpath
 import re
+import tarfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,12 +70,13 @@ SHARD_KEY = b"sdbatch_shard"  # ... and the shard's bounds, [start, start_k, sto
 # How shards are cut: "images" (--shard-size images; jobs.plan) or "rows" (--shard-size rows, sdbatch
 # before image shards). The two agree when every row asks for one image.
 SHARDING = "images"
-DATASET_FOLDERS = ("metadata", "failures", "images")
+DATASET_FOLDERS = ("metadata", "failures", "images", "shards")
 WRITE_PROBE = ".sdbatch-write-probe-"
 # The hidden temporary files of local atomic writes (jobs.storage), and all the files sdbatch writes
 # under DATASET_FOLDERS.
 TEMPORARY = r"\.[^/]+\.tmp-[0-9a-f]{32}"
 OURS = re.compile(rf"(metadata|failures)/shard-\d{{6,}}\.parquet|images/shard-\d{{6,}}/[^/]+\.(png|jpg|webp)"
+                  rf"|shards/shard-\d{{6,}}\.tar"
                   rf"|(.*/)?{TEMPORARY}")
 SUCCESS_FILE = "_SUCCESS"
 PNG_KEY = "sdbatch"  # the PNG text chunk holding the generation parameters
@@ -82,6 +88,15 @@ DEFAULT_QUALITY = 95  # JPEG/WebP: visually lossless, img2dataset's default, sti
 JPEG_OPTIONS = {"subsampling": "4:2:0", "optimize": False, "progressive": False}
 WEBP_OPTIONS = {"lossless": False, "method": 4}
 USER_COMMENT_UNICODE = b"UNICODE\0"  # EXIF's character code for UCS-2/UTF-16 in the file's byte order
+# --format: how a shard's images are stored. files: one object each; parquet: that and a copy in the
+# metadata's `image` column (--embed-images); webdataset: one tar per shard, no loose files.
+FORMATS = ("files", "webdataset", "parquet")
+# --shard-size when a new job gives none (a continued job keeps its own). A webdataset shard is one
+# tar, and WebDataset readers want tars of 100 MB-1 GB: 1000 images are ~80 MB of JPEG or ~450 MB of
+# PNG at 512x512. Loose files gain nothing from big shards, which only make each redo cost more.
+DEFAULT_SHARD_SIZES = {"files": 200, "parquet": 200, "webdataset": 1000}
+# Tar members' fixed header fields, so the same shard gives the same tar bytes on any machine.
+TAR_MEMBER = {"mtime": 0, "mode": 0o644, "uid": 0, "gid": 0, "uname": "", "gname": ""}
 
 PARAM_FIELDS = [
     pa.field("prompt", pa.string()),
@@ -127,7 +142,11 @@ FAILURE_FIELDS = [
     *PARAM_FIELDS,
 ]
 VERSION_FIELD = pa.field("sdbatch_version", pa.string())
-# --embed-images: the image's bytes in the metadata, in the layout of the Hugging Face `datasets`
+# --format webdataset: where each image is, as WebDataset names it (see `webdataset_key`)
+WEBDATASET_FIELDS = [pa.field("key", pa.string()), pa.field("tar", pa.string())]
+# Not in a webdataset sample's JSON: it changes from run to run, and a redone shard's tar must not.
+TIMING_FIELD = "generation_seconds"
+# --format parquet: the image's bytes in the metadata, in the layout of the Hugging Face `datasets`
 # Image feature, which the schema metadata names, so `load_dataset("parquet", ...)` shows images.
 IMAGE_FIELD = pa.field("image", pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())]))
 HF_SCHEMA_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
@@ -148,12 +167,15 @@ class DamagedFile(OutputError):
         self.rel, self.reason = rel, reason
 
 
-def metadata_schema(passthrough: pa.Schema, *, embed_images: bool = False, scored: bool = False) -> pa.Schema:
+def metadata_schema(passthrough: pa.Schema, *, format: str = "files", scored: bool = False) -> pa.Schema:
     """The schema of every metadata file of a job: the fixed columns (and the scores), the manifest's
-    pass-through columns with their own types, then the version (and the embedded image)."""
+    pass-through columns with their own types, then the version (and the embedded image, or the
+    webdataset key)."""
     fixed = METADATA_FIELDS + SCORE_FIELDS if scored else METADATA_FIELDS
-    if embed_images:
+    if format == "parquet":
         return pa.schema([*fixed, *passthrough, VERSION_FIELD, IMAGE_FIELD], metadata=HF_SCHEMA_METADATA)
+    if format == "webdataset":
+        return pa.schema([*fixed, *passthrough, VERSION_FIELD, *WEBDATASET_FIELDS])
     return pa.schema([*fixed, *passthrough, VERSION_FIELD])
 
 
@@ -177,6 +199,37 @@ def metadata_path(shard: str) -> str:
 
 def failures_path(shard: str) -> str:
     return f"failures/{shard}.parquet"
+
+
+def tar_path(shard: str) -> str:
+    return f"shards/{shard}.tar"
+
+
+def webdataset_key(shard: str, position: int) -> str:
+    """The WebDataset key of the image at `position` (0-based, manifest order) of `shard`:
+    `shard-000003-000017`. Unique in the dataset, with no dot (WebDataset cuts names at the
+    first one) whatever the ids hold; the metadata maps it to the id."""
+    return f"{shard}-{position:06d}"
+
+
+def webdataset_tar(members: dict[str, bytes]) -> bytes:
+    """A tar of `members` (name -> bytes) that depends on nothing else: sorted names, which keeps
+    each key's files together, fixed header fields, and POSIX ustar, the plainest format."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(members[name])
+            for attribute, value in TAR_MEMBER.items():
+                setattr(info, attribute, value)
+            tar.addfile(info, io.BytesIO(members[name]))
+    return buf.getvalue()
+
+
+def output_format_of(job: dict) -> str:
+    """The --format a job.json names; one written before formats says whether images were embedded."""
+    identity = job.get("identity", {})
+    return identity.get("format") or ("parquet" if identity.get("embed_images") else "files")
 
 
 def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, model_fingerprint: str,
@@ -272,11 +325,11 @@ class JobSpec:
     model_fingerprint: str | None  # None only while checking OUT before the model is loaded
     rows: int
     images: int
-    shard_size: int
+    shard_size: int | None  # None only while checking OUT: then a continued job's, or a new one's default
     defaults: Defaults
     dtype: str | None  # None only while checking OUT for a new dataset with --dtype auto
     settings: dict = field(default_factory=dict)  # informational (batch size, actors, device, storage options, ...)
-    embed_images: bool = False  # part of the identity: every metadata file of a dataset has one schema
+    format: str = "files"  # part of the identity: a dataset's shards are stored one way, with one schema
     image: ImageEncoding = PNG  # part of the identity: a dataset's images are of one format and quality
     sharding: str = SHARDING
     # part of the identity: --score, --keep, --max-attempts, --drop-rejected and the scorers' fingerprints
@@ -291,7 +344,7 @@ class JobSpec:
         return {
             "manifest_fingerprint": self.manifest_fingerprint, "model_fingerprint": self.model_fingerprint,
             "shard_size": self.shard_size, "sharding": self.sharding, "defaults": asdict(self.defaults),
-            "dtype": self.dtype, "embed_images": self.embed_images,
+            "dtype": self.dtype, "format": self.format,
             "image_format": self.image.format, "quality": self.image.quality, **self.scoring,
         }
 
@@ -541,7 +594,7 @@ class Output:
                 self._dataset_files()
             else:
                 there = {"image_format": "png", **NO_SCORING, **existing.get("identity", {}),
-                         "sharding": sharding_of(existing)}
+                         "sharding": sharding_of(existing), "format": output_format_of(existing)}
                 now = job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
                 if differs:
@@ -831,10 +884,11 @@ class ImageWriter:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sdbatch-writer")
         self._slots = threading.BoundedSemaphore(max_pending)
 
-    def submit(self, rel_path: str, image, params: dict, *, encoding: ImageEncoding = PNG,
+    def submit(self, rel_path: str | None, image, params: dict, *, encoding: ImageEncoding = PNG,
                keep: bool = False) -> Future:
         """Queue one image; the future gives the file's sha256 once it is durably written, or with
-        `keep` (sha256, file bytes)."""
+        `keep` (sha256, file bytes). A `rel_path` of None only encodes (a webdataset image waits
+        for its shard's tar)."""
         self._slots.acquire()
         try:
             future = self._pool.submit(self._write, rel_path, image, params, encoding, keep)
@@ -844,9 +898,11 @@ class ImageWriter:
         future.add_done_callback(lambda _: self._slots.release())
         return future
 
-    def _write(self, rel_path: str, image, params: dict, encoding: ImageEncoding, keep: bool) -> str | tuple[str, bytes]:
+    def _write(self, rel_path: str | None, image, params: dict, encoding: ImageEncoding,
+               keep: bool) -> str | tuple[str, bytes]:
         data = encoding.encode(image, params)
-        self.out.write(rel_path, data)
+        if rel_path is not None:
+            self.out.write(rel_path, data)
         digest = hashlib.sha256(data).hexdigest()
         return (digest, data) if keep else digest
 
@@ -887,30 +943,39 @@ class ShardWriter:
     """Collects one shard's images and failures, then commits the shard.
 
     Each image id is recorded once; recording it again (a retried batch) replaces the earlier
-    outcome. `commit` waits until every image is written, then writes failures and metadata.
-    Images are encoded as `job` (job.json) says, so every writer of a dataset writes one format.
+    outcome. `commit` waits until every image is written, then writes failures, the tar (webdataset)
+    and metadata. Images are encoded and stored as `job` (job.json) says, so every writer of a
+    dataset writes one format.
+
+    A webdataset shard's encoded images stay in memory until its tar is written at commit, and the
+    tar is built in memory too: about twice the shard's image bytes per actor at the commit
+    (2 x 1000 x ~450 KB for PNG at 512x512, under 200 MB for JPEG). They are not spooled to a local
+    disk because a split shard's pieces, made on several actors, are handed to the driver in memory.
     """
 
     def __init__(self, out: Output, writer: ImageWriter, rows: ShardRows, *, job: dict, model: str,
-                 model_fingerprint: str, model_revision: str | None = None, embed_images: bool = False,
-                 fence: Callable[[], None] | None = None):
-        self.out, self.writer, self.rows, self.embed_images = out, writer, rows, embed_images
+                 model_fingerprint: str, model_revision: str | None = None, fence: Callable[[], None] | None = None):
+        self.out, self.writer, self.rows = out, writer, rows
         self.fence = fence  # raises if this writer may no longer commit (see jobs.lease)
         self.job = job  # job.json, copied into the metadata file: it can be rebuilt from any of them
         self.image = ImageEncoding.of_job(job)
+        self.format = output_format_of(job)
+        self.keep = self.format != "files"  # the bytes go into the metadata or the tar
         self.model, self.model_fingerprint = storage.redact_url(model), model_fingerprint
         self.model_revision = model_revision
         self.shard = rows.shard.id
         self.scored = is_scored(job)
         self._records: dict[str, _Done | _Failed] = {}
+        self._positions = {it.id: i for i, it in enumerate(rows.items)}  # for webdataset keys
 
     def add(self, item: WorkItem, image, *, scheduler_config: dict, seconds: float, scores: dict | None = None) -> None:
         """Hand one generated image to the writer (blocks only while the writer's queue is full);
         `image` None records the row (with its `scores`) without an image (--drop-rejected)."""
         params = generation_params(item, scheduler_config=scheduler_config, model=self.model,
                                    model_fingerprint=self.model_fingerprint, model_revision=self.model_revision)
-        future = None if image is None else self.writer.submit(self._image_path(item), image, params,
-                                                                encoding=self.image, keep=self.embed_images)
+        rel_path = None if self.format == "webdataset" else self._image_path(item)
+        future = None if image is None else self.writer.submit(rel_path, image, params, encoding=self.image,
+                                                                keep=self.keep)
         self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds,
                                        scores or {})
 
@@ -956,15 +1021,17 @@ class ShardWriter:
             self.fence()
         passthrough = self.rows.passthrough
         if failed:
-            for r in failed:  # an earlier attempt may have written it; the dataset must not show it
-                self.out.remove(self._image_path(r.item))
-            self.out.write(failures_path(self.shard), self._parquet(failures_schema(passthrough.schema), failed, {
-                "error": [r.error for r in failed], "attempts": [r.attempts for r in failed],
-            }))
+            if self.format != "webdataset":  # an earlier attempt may have written one; the dataset must not show it
+                for r in failed:
+                    self.out.remove(self._image_path(r.item))
+            failures = self._table(failures_schema(passthrough.schema), failed, {
+                "error": [r.error for r in failed], "attempts": [r.attempts for r in failed]})
+            self.out.write(failures_path(self.shard), _parquet_bytes(failures))
         elif self.out.exists(failures_path(self.shard)):  # left by an attempt that did not commit
             self.out.remove(failures_path(self.shard))
         for r in done:
-            if r.future is None:  # dropped by --drop-rejected; an earlier attempt of the shard may have written it
+            # dropped by --drop-rejected; an earlier attempt of the shard may have written it
+            if r.future is None and self.format != "webdataset":
                 self.out.remove(self._image_path(r.item))
         paths = [None if r.future is None else self._image_path(r.item) for r in done]
         columns = {
@@ -973,7 +1040,7 @@ class ShardWriter:
             "model_fingerprint": [self.model_fingerprint] * len(done),
             "model_revision": [self.model_revision] * len(done),
             "image_path": paths,
-            "image_sha256": [w[0] if self.embed_images and w is not None else w for w in written],
+            "image_sha256": [w[0] if self.keep and w is not None else w for w in written],
             "generation_seconds": [r.seconds for r in done],
         }
         if self.scored:
@@ -981,16 +1048,40 @@ class ShardWriter:
             columns["row_seed"] = [r.scores.get("row_seed", r.item.seed) for r in done]
             columns["attempt"] = [r.scores.get("attempt", 1) for r in done]
             columns["kept"] = [r.scores.get("kept", True) for r in done]
-        if self.embed_images:
+        if self.format == "parquet":
             columns["image"] = [None if w is None else {"bytes": w[1], "path": p} for w, p in zip(written, paths)]
-        schema = metadata_schema(passthrough.schema, embed_images=self.embed_images, scored=self.scored)
+        if self.format == "webdataset":  # a row dropped by --drop-rejected has no member in the tar
+            columns["key"] = [None if w is None else self._key(r.item) for r, w in zip(done, written)]
+            columns["tar"] = [None if w is None else tar_path(self.shard) for w in written]
+        schema = metadata_schema(passthrough.schema, format=self.format, scored=self.scored)
         shard = self.rows.shard
         schema = schema.with_metadata({**(schema.metadata or {}), JOB_KEY: json.dumps(self.job).encode(),
                                        SHARD_KEY: json.dumps([shard.start, shard.start_k, shard.stop, shard.stop_k]).encode()})
-        self.out.write(metadata_path(self.shard), self._parquet(schema, done, columns))
+        table = self._table(schema, done, columns)
+        if self.format == "webdataset":  # before the metadata: a tar without it is never counted, and is redone
+            self.out.write(tar_path(self.shard), self._tar(table, [None if w is None else w[1] for w in written]))
+        self.out.write(metadata_path(self.shard), _parquet_bytes(table))
         return ShardResult(self.shard, len(done), len(failed))
 
+    def _tar(self, table: pa.Table, images: list[bytes]) -> bytes:
+        """The shard's tar: per image <key>.<ext>, <key>.json (its metadata row but the timing) and <key>.txt."""
+        members = {}
+        for row, data in zip(table.drop_columns([TIMING_FIELD]).to_pylist(), images):
+            if data is None:  # dropped by --drop-rejected: in the metadata only
+                continue
+            members[f"{row['key']}.{self.image.extension}"] = data
+            # pass-through values JSON has no type for (dates, bytes, decimals) as their str()
+            members[f"{row['key']}.json"] = json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode()
+            members[f"{row['key']}.txt"] = row["prompt"].encode()
+        return webdataset_tar(members)
+
+    def _key(self, item: WorkItem) -> str:
+        return webdataset_key(self.shard, self._positions[item.id])
+
     def _image_path(self, item: WorkItem) -> str:
+        """Relative to OUT; for webdataset the tar's path and the member's name: shards/<shard>.tar/<key>.<ext>."""
+        if self.format == "webdataset":
+            return f"{tar_path(self.shard)}/{self._key(item)}.{self.image.extension}"
         return image_path(self.shard, item.id, self.image.extension)
 
     def _wait(self, done: list[_Done]) -> list:
@@ -1005,7 +1096,7 @@ class ShardWriter:
                                        f"the shard is not committed. First error: {errors[0]}") from errors[0]
         return written
 
-    def _parquet(self, schema: pa.Schema, records: list, extra: dict[str, list]) -> bytes:
+    def _table(self, schema: pa.Schema, records: list, extra: dict[str, list]) -> pa.Table:
         items = [r.item for r in records]
         values = {
             "id": [i.id for i in items], "manifest_row": [i.row for i in items],
@@ -1014,8 +1105,11 @@ class ShardWriter:
         }
         passthrough = self.rows.passthrough.take(pa.array([i.row - self.rows.shard.start for i in items], pa.int64()))
         columns = [values[f.name] if f.name in values else passthrough.column(f.name) for f in schema]
-        table = pa.Table.from_arrays(
+        return pa.Table.from_arrays(
             [c if isinstance(c, pa.ChunkedArray) else pa.array(c, f.type) for c, f in zip(columns, schema)], schema=schema)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        return buf.getvalue()
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

@@ -8,9 +8,11 @@ with `metadata/<shard>.parquet`):
   shard boundary cuts; every row lies in the shard's bounds, consecutive shards' bounds meet, and
   an image-cut shard holds exactly its share of images (done + failed): so every image of the
   manifest is done or in failures/ exactly once, without reading the manifest;
-- every image exists and its bytes hash to the recorded sha256 (with --embed-images, the embedded
+- every image exists and its bytes hash to the recorded sha256 (with --format parquet, the embedded
   copy too). `quick` checks only that it exists and is not empty: the metadata records no sizes;
-- its image folder holds nothing else than its images and in-flight temporary files.
+- its image folder holds nothing else than its images and in-flight temporary files; for webdataset,
+  its tar reads, holds each image with its .json and .txt and nothing else, each name once, and no
+  key is recorded twice.
 Then: shards not committed, objects outside any shard, and `_SUCCESS` present exactly when every
 shard is committed.
 
@@ -20,13 +22,15 @@ failures files, and orphan objects, move into `_sdbatch/damaged/<time>/` (never 
 then makes exactly the withdrawn shards again, with byte-identical images (generation and PNG
 encoding are deterministic). It holds the output's lease while it repairs, so no driver runs then.
 
-The layout of the images is one seam, `FilesLayout`: the objects a shard's folder holds, and one
-object's bytes.
+The layout of the images is one seam, `FilesLayout` or `WebDatasetLayout`: the objects a shard's
+folder (or tar) holds, and one object's bytes.
 """
 import hashlib
 import json
 import posixpath
 import re
+import tarfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -39,7 +43,8 @@ from jobs import storage
 from jobs.lease import Lease, read_lease
 from jobs.plan import is_shard_id, shard_at, shard_id, shard_index
 from jobs.sink import (DATASET_FOLDERS, JOB_FILE, SHARD_KEY, SUCCESS_FILE, TEMPORARY, DamagedFile, Output,
-                       OutputError, failures_path, metadata_path, sharding_of, total_shards)
+                       OutputError, failures_path, metadata_path, output_format_of, sharding_of, tar_path,
+                       total_shards)
 
 TEMPORARY_NAME = re.compile(TEMPORARY)
 SHARDS_AT_ONCE = 4
@@ -119,6 +124,7 @@ class FilesLayout:
     """Today's layout: each image an object `images/<shard>/<name>`, the metadata's `image_path`."""
 
     folder = "images"
+    stray = ORPHAN  # what an object in a shard's folder that no row records needs: moving aside
 
     def __init__(self, out: Output):
         self.out = out
@@ -126,12 +132,69 @@ class FilesLayout:
     def shard_folder(self, shard: str) -> str:
         return f"{self.folder}/{shard}"
 
+    def shard_of(self, name: str) -> str:
+        """The shard an entry of `folder` belongs to, by its name."""
+        return name
+
+    def members(self, image_path: str) -> list[str]:
+        """The objects that a row with this image path owns."""
+        return [image_path]
+
     def objects(self, shard: str) -> dict[str, int]:
         """rel path -> size of every object in the shard's folder (one listing; subfolders by name)."""
         return self.out.listing(self.shard_folder(shard))
 
     def read(self, rel: str) -> bytes:
         return storage.read_bytes(self.out.fs, self.out.path(rel), retry=self.out.retry)
+
+
+class WebDatasetLayout:
+    """--format webdataset: a shard's images are members of `shards/<shard>.tar`, each row's
+    `image_path` is `shards/<shard>.tar/<key>.<ext>`, and its `<key>.json` and `<key>.txt` sit beside it."""
+
+    folder = "shards"
+    stray = WITHDRAW  # a member no row records: the tar is not what the shard wrote; make it again
+
+    def __init__(self, out: Output):
+        self.out = out
+        self._spans: dict[str, tuple[int, int]] = {}  # rel path -> (offset, size) of a member's bytes in its tar
+        self._lock = threading.Lock()
+
+    def shard_folder(self, shard: str) -> str:
+        return tar_path(shard)
+
+    def shard_of(self, name: str) -> str:
+        return name.removesuffix(".tar") if name.endswith(".tar") else ""
+
+    def members(self, image_path: str) -> list[str]:
+        stem = posixpath.splitext(image_path)[0]
+        return [image_path, f"{stem}.json", f"{stem}.txt"]
+
+    def objects(self, shard: str) -> dict[str, int]:
+        """rel path -> size of every member of the shard's tar, from its headers (tarfile seeks past
+        the data); DamagedFile if it cannot be read as a tar or names a member twice."""
+        rel = self.shard_folder(shard)
+        if not self.out.exists(rel):
+            return {}
+        spans = {}
+        try:
+            with self.out.fs.open(self.out.path(rel), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for info in tar:
+                    name = f"{rel}/{info.name}"
+                    if name in spans:
+                        raise DamagedFile(rel, f"holds {info.name} twice")
+                    spans[name] = (info.offset_data, info.size)
+        except tarfile.TarError as e:
+            raise DamagedFile(rel, f"not a readable tar ({e})") from None
+        with self._lock:
+            self._spans |= spans
+        return {name: size for name, (_, size) in spans.items()}
+
+    def read(self, rel: str) -> bytes:
+        """A member's bytes: one ranged read of its tar."""
+        offset, size = self._spans[rel]
+        tar = self.out.path(posixpath.dirname(rel))
+        return self.out.retry.call(f"reading {rel}", self.out.fs.cat_file, tar, start=offset, end=offset + size)
 
 
 @dataclass
@@ -178,7 +241,7 @@ def verify(out: Output, *, quick: bool = False, repair: bool = False) -> Report:
 
 
 def _check(out: Output, job: dict, *, quick: bool) -> Report:
-    layout = FilesLayout(out)
+    layout = WebDatasetLayout(out) if output_format_of(job) == "webdataset" else FilesLayout(out)
     total = total_shards(job)
     report = Report(url=out.name, quick=quick, shards=total, job_from=out.job_from)
     if out.job_from is not None:
@@ -226,14 +289,14 @@ def _in_order(pool: ThreadPoolExecutor, check, shards: Iterator[str], committed:
         yield None if head is None else head.result()
 
 
-def _check_shard(out: Output, layout: FilesLayout, job: dict, shard: str, has_failures: bool, pool: ThreadPoolExecutor,
-                 quick: bool) -> _Findings:
+def _check_shard(out: Output, layout: FilesLayout | WebDatasetLayout, job: dict, shard: str, has_failures: bool,
+                 pool: ThreadPoolExecutor, quick: bool) -> _Findings:
     columns = ["id", "manifest_row", "image_path", "image_sha256"]
 
     def read_metadata(f):
         file = pq.ParquetFile(f)
-        embedded = not quick and "image" in file.schema_arrow.names
-        return file.read(columns=columns + ["image"] if embedded else columns)
+        names = file.schema_arrow.names
+        return file.read(columns=columns + ["image"] * (not quick and "image" in names) + ["key"] * ("key" in names))
 
     found = _Findings(shard)
     try:
@@ -243,7 +306,7 @@ def _check_shard(out: Output, layout: FilesLayout, job: dict, shard: str, has_fa
     except DamagedFile as e:
         found.add(None, f"{e.rel}: {e.reason}")
         return found
-    rows = meta.select(columns).to_pylist()
+    rows = meta.select(columns + ["key"] * ("key" in meta.column_names)).to_pylist()
     failures = failed.to_pylist() if failed is not None else []
     found.images, found.failures = len(rows), len(failures)
     kv = meta.schema.metadata or {}
@@ -264,7 +327,7 @@ def _check_rows(job: dict, rows: list[dict], failures: list[dict], found: _Findi
     """Every image of the shard's bounds recorded once, as done or failed."""
     index, (start, start_k, stop, stop_k) = shard_index(found.shard), found.bounds
     row_stop = stop + (stop_k > 0)
-    seen, paths = {}, set()  # id -> manifest row; image paths
+    seen, paths, keys = {}, set(), set()  # id -> manifest row; image paths; webdataset keys
     for r in rows + failures:
         if r["id"] in seen:
             found.add(r["id"], "id recorded twice in the shard")
@@ -275,6 +338,10 @@ def _check_rows(job: dict, rows: list[dict], failures: list[dict], found: _Findi
         if r["image_path"] in paths:
             found.add(r["id"], f"image {r['image_path']} recorded twice in the shard")
         paths.add(r["image_path"])
+        if "key" in r:
+            if r["key"] in keys:
+                found.add(r["id"], f"key {r['key']} recorded twice in the shard")
+            keys.add(r["key"])
     if sharding_of(job) == "images":
         size = job["identity"]["shard_size"]
         expected = min(size, job["images"] - index * size)
@@ -297,17 +364,21 @@ def _check_boundary(previous: _Findings, found: _Findings) -> None:
         found.add(image_id, f"id also recorded in {previous.shard}")
 
 
-def _check_images(layout: FilesLayout, rows: list[dict], embedded: list[dict] | None, found: _Findings,
-                  pool: ThreadPoolExecutor, quick: bool) -> None:
+def _check_images(layout: FilesLayout | WebDatasetLayout, rows: list[dict], embedded: list[dict] | None,
+                  found: _Findings, pool: ThreadPoolExecutor, quick: bool) -> None:
     """Every row's image stored whole (`quick`: not empty), the embedded copies too, nothing else."""
-    objects = layout.objects(found.shard)
+    try:
+        objects = layout.objects(found.shard)
+    except DamagedFile as e:
+        found.add(None, f"{e.rel}: {e.reason}")
+        return
     prefix = layout.shard_folder(found.shard) + "/"
-    recorded = {r["image_path"] for r in rows}
+    recorded = {rel for r in rows for rel in layout.members(r["image_path"])}
     for rel in sorted(objects):
         if TEMPORARY_NAME.fullmatch(posixpath.basename(rel)):
             found.temporary += 1
         elif rel not in recorded:
-            found.add(None, f"orphan object {rel} (no row records it)", ORPHAN, rel)
+            found.add(None, f"orphan object {rel} (no row records it)", layout.stray, rel)
     for r in rows:
         if not r["image_path"].startswith(prefix):
             found.add(r["id"], f"image path {r['image_path']} is outside {prefix}")
@@ -315,6 +386,9 @@ def _check_images(layout: FilesLayout, rows: list[dict], embedded: list[dict] | 
             found.add(r["id"], f"image {r['image_path']} is missing")
         elif objects[r["image_path"]] == 0:
             found.add(r["id"], f"image {r['image_path']} is empty")
+        for rel in layout.members(r["image_path"])[1:]:
+            if rel not in objects:
+                found.add(r["id"], f"{rel} is missing")
     if quick:
         return
     present = [r for r in rows if objects.get(r["image_path"])]
@@ -328,9 +402,9 @@ def _check_images(layout: FilesLayout, rows: list[dict], embedded: list[dict] | 
             found.add(r["id"], "embedded image does not match its path and sha256")
 
 
-def _check_outside_shards(out: Output, layout: FilesLayout, total: int, report: Report) -> None:
+def _check_outside_shards(out: Output, layout: FilesLayout | WebDatasetLayout, total: int, report: Report) -> None:
     """Objects in the dataset's folders that belong to no shard of the job: orphans. Image folders of
-    shards that are not committed are work in progress, which the next run overwrites."""
+    shards that are not committed (and their tars) are work in progress, which the next run overwrites."""
     for folder in DATASET_FOLDERS:
         for rel, _ in out.listing(folder, recursive=False).items():
             name = posixpath.basename(rel)
@@ -338,7 +412,8 @@ def _check_outside_shards(out: Output, layout: FilesLayout, total: int, report: 
                 report.temporary += 1
                 continue
             if folder == layout.folder:
-                ours = is_shard_id(name) and shard_index(name) < total
+                shard = layout.shard_of(name)
+                ours = is_shard_id(shard) and shard_index(shard) < total
             else:
                 stem = name.removesuffix(".parquet")
                 ours = name.endswith(".parquet") and is_shard_id(stem) and shard_index(stem) < total

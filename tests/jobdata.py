@@ -3,6 +3,7 @@ import hashlib
 import io
 import json
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def check_images(out: Path, meta: dict[str, dict]) -> dict[str, bytes]:
     metadata (PNG text chunk, JPEG/WebP EXIF); returns the image bytes by id."""
     images = {}
     for image_id, row in meta.items():
-        data = (out / row["image_path"]).read_bytes()
+        data = stored_image(out, row)
         assert hashlib.sha256(data).hexdigest() == row["image_sha256"]
         with Image.open(io.BytesIO(data)) as im:
             assert im.size == (row["width"], row["height"]) and im.mode == "RGB"
@@ -63,6 +64,18 @@ def check_images(out: Path, meta: dict[str, dict]) -> dict[str, bytes]:
         assert params["scheduler_config"] == json.loads(row["scheduler_config"])
         images[image_id] = data
     return images
+
+
+def stored_image(out: Path, row: dict) -> bytes:
+    """A metadata row's image: its file, or for --format webdataset its member of the shard's tar."""
+    if row.get("tar"):  # image_path is shards/<shard>.tar/<key>.<ext>
+        return tar_members(out / row["tar"])[row["image_path"].rsplit("/", 1)[1]]
+    return (out / row["image_path"]).read_bytes()
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
 def pixels(data: bytes) -> np.ndarray:

@@ -1,10 +1,12 @@
 """A finished `sdbatch run` dataset loads unchanged with the tools people train with: pyarrow,
 pandas, Ray Data and Hugging Face `datasets` — the recipes the README gives; `--embed-images` (of WebP);
+`--format webdataset` (of JPEG) with the README's own snippet: webdataset, Ray Data, `datasets`, pandas;
 `sdbatch status` with per-shard timing and failures."""
 import hashlib
 import io
 import json
 import logging
+import re
 import subprocess
 from pathlib import Path
 
@@ -47,6 +49,18 @@ def out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("embedded"), "--embed-images", "--image-format", "webp")
+
+
+@pytest.fixture(scope="module")
+def webdataset_out(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("webdataset"), "--format", "webdataset", "--image-format", "jpeg")
+
+
+def readme_snippet(marker: str) -> str:
+    """The README's Python code block that holds `marker`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if marker in b]
+    return block
 
 
 def check_rows(ids, labels, paths, extension="png") -> None:
@@ -126,7 +140,7 @@ def test_embedded_images_are_plain_structs_elsewhere(embedded):
     # a job with embedded WebP images is a different job: it does not resume into a plain PNG dataset
     r = sdbatch("run", embedded.parent / "manifest.parquet", "--model", "builtin:tiny", "--output", embedded,
                 "--width", 64, "--height", 64, "--steps", 2, "--shard-size", 3, "--resume")
-    assert r.returncode == 2 and "embed_images: true there, false now" in r.stderr, r.stderr
+    assert r.returncode == 2 and "format: parquet there, files now" in r.stderr, r.stderr
     assert "image_format: webp there, png now" in r.stderr
 
 
@@ -158,3 +172,47 @@ def test_status_json_has_the_facts_of_the_text(out):
         assert timing[t["shard"]] == [str(t["images"]), f"{t['seconds']:.1f}", f"{t['images_per_second']:.2f}"]
     (failure,) = facts["first_failures"]
     assert failure["id"] == "nan" and failure["attempts"] == 1 and "NonFiniteOutputError" in failure["error"]
+
+
+def test_readme_webdataset_snippet_loads_every_image_in_each_library(webdataset_out, tmp_path, monkeypatch):
+    import datasets
+    import ray
+    import webdataset as wds
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").symlink_to(webdataset_out)  # the README's paths
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        snippet = {}
+        exec(readme_snippet("import webdataset"), snippet)
+        meta = snippet["meta"]
+        assert sorted(meta["id"]) == sorted(IDS) and dict(zip(meta["id"], meta["label"])) == LABELS
+        assert list(meta["image_path"]) == [f"{t}/{k}.jpg" for t, k in zip(meta["tar"], meta["key"])]
+        sha256 = dict(zip(meta["key"], meta["image_sha256"]))
+        ids = dict(zip(meta["key"], meta["id"]))
+        assert set(meta["tar"]) == {"shards/shard-000000.tar", "shards/shard-000001.tar"}
+
+        decoded = list(snippet["samples"])
+        assert sorted(s["__key__"] for s in decoded) == sorted(sha256)
+        for s in decoded:
+            assert s["jpg"].size == (64, 64) and s["json"]["id"] == ids[s["__key__"]] and s["txt"] == s["json"]["prompt"]
+            assert s["json"]["image_sha256"] == sha256[s["__key__"]]
+        raw = {s["__key__"]: hashlib.sha256(s["jpg"]).hexdigest() for s in wds.WebDataset(snippet["shards"], shardshuffle=False)}
+        assert raw == sha256
+
+        rows = snippet["rays"].take_all()
+        assert sorted(r["__key__"] for r in rows) == sorted(sha256)
+        assert all(r["jpg"].shape == (64, 64, 3) and r["json"]["id"] == ids[r["__key__"]] for r in rows)
+        rows = ray.data.read_webdataset(str(webdataset_out / "shards"), decoder=None).take_all()
+        assert {r["__key__"]: hashlib.sha256(r["jpg"]).hexdigest() for r in rows} == sha256
+        assert sorted(r["id"] for r in ray.data.read_parquet(str(webdataset_out / "metadata")).take_all()) == sorted(IDS)
+
+        hf = snippet["hf"]
+        assert isinstance(hf.features["jpg"], datasets.Image) and len(hf) == len(sha256)
+        assert all(isinstance(image, Image.Image) and image.size == (64, 64) for image in hf["jpg"])
+        files = hf.cast_column("jpg", datasets.Image(decode=False))
+        assert {r["__key__"]: hashlib.sha256(r["jpg"]["bytes"]).hexdigest() for r in files} == sha256
+    finally:
+        ray.shutdown()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from jobs import driver
 from jobs.cli import app
-from tests.jobdata import MODEL, check_images, read_dataset, seed_of, snapshot, write_manifest
+from tests.jobdata import MODEL, check_images, read_dataset, seed_of, snapshot, tar_members, write_manifest
 
 SDBATCH = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "sdbatch")
 TINY = ["--model", MODEL, "--width", "64", "--height", "64", "--steps", "2", "--scheduler", "ddim"]
@@ -124,20 +124,33 @@ def kill_when_committed(args: list, out: Path, shards: int) -> dict:
     return done_before
 
 
-@pytest.mark.parametrize("image_format, extension", [("png", "png"), ("jpeg", "jpg")])
-def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path, image_format, extension):
+def written_images(out: Path, extension: str) -> dict[str, bytes]:
+    """Every image written so far, committed or not, by the stem of its image_path: id or webdataset key."""
+    if (out / "shards").is_dir():
+        return {name.split(".")[0]: data for tar in (out / "shards").glob("*.tar")
+                for name, data in tar_members(tar).items() if name.endswith(f".{extension}")}
+    return {p.stem: p.read_bytes() for p in (out / "images").rglob(f"*.{extension}")}
+
+
+@pytest.mark.parametrize("image_format, extension, output_format", [
+    ("png", "png", "files"), ("jpeg", "jpg", "files"), ("png", "png", "webdataset")])
+def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path, image_format, extension, output_format):
     manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(24)], steps=[10] * 24)
     out = tmp_path / "out"
-    args = ["run", manifest, "--output", out, "--shard-size", 3, "--image-format", image_format, *TINY]
+    job_args = ["run", manifest, "--output", out, "--image-format", image_format, "--format", output_format]
+    args = [*job_args, "--shard-size", 3, *TINY]
     done_before = kill_when_committed(args, out, 2)
     assert 2 <= len(done_before) < 8, sorted(done_before)
     assert not (out / "_SUCCESS").exists()
-    images_before = {p: p.read_bytes() for p in (out / "images").rglob(f"*.{extension}")}
+    images_before = written_images(out, extension)
     other = "webp" if image_format == "png" else "png"  # a resume in another format is another job
-    assert_user_error(sdbatch(*args[:-len(TINY) - 2], "--image-format", other, *TINY, "--resume"),
+    assert_user_error(sdbatch(*job_args, "--image-format", other, *TINY, "--resume"),
                       f"image_format: {image_format} there, {other} now")
+    other = "files" if output_format == "webdataset" else "webdataset"
+    assert_user_error(sdbatch(*job_args, "--format", other, *TINY, "--resume"),
+                      f"format: {output_format} there, {other} now")
 
-    r = sdbatch(*args)
+    r = sdbatch(*job_args, *TINY)  # without --shard-size: a continued job keeps its own
     assert r.returncode == 0, r.stderr
     assert f"resuming: {len(done_before)} of 8 shards already done" in r.stderr
     assert f"({len(done_before)} shards were already done)" in r.stdout
@@ -147,10 +160,15 @@ def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path, imag
     meta, failures = read_dataset(out)
     assert sorted(meta, key=int) == [str(i) for i in range(24)] and not failures
     images = check_images(out, meta)
-    files = {str(p.relative_to(out)) for p in (out / "images").rglob("*") if p.is_file()}
-    assert files == {m["image_path"] for m in meta.values()}  # no orphans
-    assert all(p.suffix == f".{extension}" for p in images_before)
-    assert all(images[p.stem] == data for p, data in images_before.items())  # a redone image: the same bytes
+    if output_format == "webdataset":
+        files = {str(p.relative_to(out)) for p in (out / "shards").iterdir()}
+        assert files == {m["tar"] for m in meta.values()} and not (out / "images").exists()  # no orphans
+        assert written_images(out, extension) == {m["key"]: images[i] for i, m in meta.items()}
+    else:
+        files = {str(p.relative_to(out)) for p in (out / "images").rglob("*") if p.is_file()}
+        assert files == {m["image_path"] for m in meta.values()}  # no orphans
+    by_stem = {Path(m["image_path"]).stem: images[i] for i, m in meta.items()}
+    assert images_before and all(by_stem[stem] == data for stem, data in images_before.items())  # redone: same bytes
     assert json.loads((out / "_SUCCESS").read_text())["images"] == 24
 
 
@@ -261,6 +279,8 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     (["--quality", "90"], "--quality applies to jpeg and webp; png is lossless"),
     (["--image-format", "webp", "--quality", "101"], "--quality must be 1..100, got 101"),
+    (["--format", "tar"], "--format must be one of files, webdataset, parquet, got 'tar'"),
+    (["--format", "webdataset", "--embed-images"], "--embed-images is --format parquet; it does not go with"),
     (["--resume"], "nothing to resume"),
     (["--storage-option", "anon"], "--storage-option 'anon': expected key=value"),
     (["--shard-timeout", "0", "--row-timeout", "-1"], "--shard-timeout must be a number of seconds > 0, got 0.0; "

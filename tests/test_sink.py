@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import tarfile
 import threading
 import time
 
@@ -20,6 +21,7 @@ from jobs import sink, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import manifest_shards, read_shard, shards
 from jobs.sink import ImageEncoding, ImageWriter, JobSpec, Output, OutputError, ShardWriter
+from tests.jobdata import tar_members
 
 MODEL, FINGERPRINT = "builtin:tiny", "f" * 16
 SCHED_CONFIG = {"beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -264,6 +266,7 @@ def test_job_json_has_identity_and_no_credentials(tmp_path, manifest):
     ({"defaults": {"steps": 5, "width": 64, "height": 64}}, "defaults"),
     ({"dtype": "fp16"}, "dtype"),
     ({"image": ImageEncoding("jpeg", 95)}, "image_format"),
+    ({"format": "webdataset"}, "format"),
 ])
 def test_a_different_job_is_refused_unless_overwriting(tmp_path, manifest, change, what):
     if "defaults" in change:
@@ -301,6 +304,82 @@ def test_quality_is_part_of_the_identity_and_older_jobs_are_png(tmp_path, manife
     assert sink.ImageEncoding.of_job(old) == sink.PNG
     with pytest.raises(OutputError, match="image_format: png there, webp now"):
         out.prepare(job(manifest, image=ImageEncoding("webp", 95)))
+
+
+def test_older_jobs_are_files_or_parquet_by_their_embed_images(tmp_path, manifest):
+    for embedded, format in ((False, "files"), (True, "parquet")):
+        out = Output(str(tmp_path / format))
+        out.prepare(job(manifest, format=format))
+        path = tmp_path / format / "_sdbatch" / "job.json"
+        old = json.loads(path.read_text())
+        del old["identity"]["format"]  # as sdbatch wrote it before --format
+        path.write_text(json.dumps({**old, "identity": {**old["identity"], "embed_images": embedded}}))
+        assert sink.output_format_of(json.loads(path.read_text())) == format
+        assert out.prepare(job(manifest, format=format)) == set()
+        with pytest.raises(OutputError, match=f"format: {format} there, webdataset now"):
+            out.prepare(job(manifest, format="webdataset"))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.format)
+def test_webdataset_layout_one_tar_per_shard_with_image_json_and_prompt(tmp_path, manifest, encoding):
+    root = tmp_path / "out"
+    out, spec = Output(str(root)), job(manifest, format="webdataset", image=encoding)
+    out.prepare(spec)
+    run_shards(out, manifest, spec, fail={"img2"})
+    assert sorted(os.listdir(root / "shards")) == [f"shard-00000{i}.tar" for i in range(3)]
+    assert not (root / "images").exists()
+    meta = pq.read_table(root / "metadata" / "shard-000000.parquet")
+    assert meta.column_names[-2:] == ["key", "tar"]
+    rows = meta.to_pylist()
+    # img2 failed: its key (position 3) is not used, the others keep theirs
+    assert [(r["id"], r["key"], r["tar"]) for r in rows] == [
+        ("img0", "shard-000000-000000", "shards/shard-000000.tar"), ("img1-0", "shard-000000-000001", "shards/shard-000000.tar"),
+        ("img1-1", "shard-000000-000002", "shards/shard-000000.tar")]
+    with tarfile.open(root / "shards" / "shard-000000.tar") as tar:
+        infos = tar.getmembers()
+    assert [m.name for m in infos] == sorted(m.name for m in infos)
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in infos} == {(0, 0, 0, "", "", 0o644)}
+    members = tar_members(root / "shards" / "shard-000000.tar")
+    assert len(members) == 3 * len(rows)
+    for r in rows:
+        data = members[f"{r['key']}.{encoding.extension}"]
+        assert r["image_path"] == f"{r['tar']}/{r['key']}.{encoding.extension}"
+        assert hashlib.sha256(data).hexdigest() == r["image_sha256"] and sink.read_params(data)["prompt"] == r["prompt"]
+        assert json.loads(members[f"{r['key']}.json"]) == {k: v for k, v in r.items() if k != "generation_seconds"}
+        assert members[f"{r['key']}.txt"].decode() == r["prompt"]
+
+
+def test_webdataset_tars_are_byte_identical_across_writers_and_redos(tmp_path, manifest):
+    tars = []
+    for name, kwargs in (("a", {"threads": 1, "max_pending": 1}), ("b", {"threads": 4, "max_pending": 16})):
+        out, spec = Output(str(tmp_path / name)), job(manifest, format="webdataset")
+        out.prepare(spec)
+        run_shards(out, manifest, spec, writer_kwargs=kwargs)
+        tars.append({p.name: p.read_bytes() for p in (tmp_path / name / "shards").iterdir()})
+    assert tars[0] == tars[1] and len(tars[0]) == 3
+    out = Output(str(tmp_path / "a"))
+    (tmp_path / "a" / "metadata" / "shard-000001.parquet").unlink()
+    run_shards(out, manifest, spec, only={"shard-000001"})
+    assert (tmp_path / "a" / "shards" / "shard-000001.tar").read_bytes() == tars[0]["shard-000001.tar"]
+
+
+def test_an_uncommitted_tar_is_never_counted_and_is_replaced_on_redo(tmp_path, manifest):
+    root = tmp_path / "out"
+    out, spec = Output(str(root)), job(manifest, format="webdataset")
+    out.prepare(spec)
+    run_shards(out, manifest, spec, only={"shard-000000"})
+    committed = (root / "shards" / "shard-000000.tar").read_bytes()
+    # a tar uploaded by an attempt that died before its metadata, and a temporary file a kill cut short
+    (root / "shards" / "shard-000001.tar").write_bytes(committed[:1000])
+    cut_short = root / "shards" / f".shard-000002.tar.tmp-{'a' * 32}"
+    cut_short.write_bytes(b"half a tar")
+    assert out.done_shards() == {"shard-000000"} and out.status().images_done == 4
+    assert out.prepare(spec) == {"shard-000000"} and not cut_short.exists()
+    run_shards(out, manifest, spec, only={"shard-000001"})
+    meta = pq.read_table(root / "metadata" / "shard-000001.parquet").to_pylist()
+    members = tar_members(root / "shards" / "shard-000001.tar")
+    assert [hashlib.sha256(members[r["key"] + ".png"]).hexdigest() for r in meta] == [r["image_sha256"] for r in meta]
+    assert len(members) == 3 * len(meta) == 9
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_an_sdbatch_dataset(tmp_path, manifest):
@@ -526,25 +605,23 @@ def test_a_dataset_of_row_shards_continues_only_where_rows_and_images_agree(tmp_
     assert out.prepare(job(manifest, images=7)) == set()
 
 
-@pytest.mark.parametrize("embed", [False, True])
-def test_a_split_shard_is_committed_once_from_the_outcomes_of_its_pieces(tmp_path, manifest, embed):
+@pytest.mark.parametrize("format", sink.FORMATS)
+def test_a_split_shard_is_committed_once_from_the_outcomes_of_its_pieces(tmp_path, manifest, format):
     out = Output(str(tmp_path / "out"))
-    spec = job(manifest, embed_images=embed)
+    spec = job(manifest, format=format)
     out.prepare(spec)
     with open_manifest(manifest) as m, ImageWriter(out) as writer:
         shard = next(manifest_shards(m, 3))  # img0, img1-0, img1-1
         records = {}
         for piece in shard.pieces():  # what each piece's actor hands back
             rows = read_shard(m, piece, spec.defaults)
-            w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT,
-                            embed_images=embed)
+            w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT)
             for item in rows.items:
                 w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.5)
             records |= {r["id"]: r for r in w.collect()}
         assert not (tmp_path / "out" / "metadata").exists()  # pieces commit nothing
         whole = read_shard(m, shard, spec.defaults)
-        w = ShardWriter(out, writer, whole, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT,
-                        embed_images=embed)
+        w = ShardWriter(out, writer, whole, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT)
         for item in whole.items:
             if item.id == "img1-1":  # its piece timed out
                 w.fail(item, "ran past --shard-timeout", attempts=3)
@@ -553,8 +630,10 @@ def test_a_split_shard_is_committed_once_from_the_outcomes_of_its_pieces(tmp_pat
         assert (w.commit().images, out.done_shards()) == (2, {"shard-000000"})
     meta = pq.read_table(tmp_path / "out" / "metadata" / "shard-000000.parquet").to_pylist()
     assert [r["id"] for r in meta] == ["img0", "img1-0"]
+    members = tar_members(tmp_path / "out" / "shards" / "shard-000000.tar") if format == "webdataset" else {}
     for r in meta:
-        data = (tmp_path / "out" / r["image_path"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == r["image_sha256"] and (not embed or r["image"]["bytes"] == data)
+        data = members[r["key"] + ".png"] if members else (tmp_path / "out" / r["image_path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r["image_sha256"] and (format != "parquet" or r["image"]["bytes"] == data)
+    assert len(members) == (6 if format == "webdataset" else 0)
     assert not (tmp_path / "out" / "images" / "shard-000000" / "img1-1.png").exists()  # written by its piece, failed
     assert pq.read_table(tmp_path / "out" / "failures" / "shard-000000.parquet").column("id").to_pylist() == ["img1-1"]

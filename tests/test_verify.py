@@ -4,6 +4,7 @@ while a driver holds the output."""
 import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -175,7 +176,7 @@ def test_repair_then_resume_makes_the_same_bytes(made, dataset):
 
 def test_embedded_images_are_checked(made, tmp_path):
     out = tmp_path / "embedded"
-    run_job(made[0], out, embed_images=True)
+    run_job(made[0], out, format="parquet")
     assert verify(out)[0] == 0
     path = out / "metadata" / "shard-000001.parquet"
     rewrite(path, lambda t: t.set_column(t.schema.get_field_index("image"), "image", pa.array(
@@ -207,12 +208,16 @@ def test_not_a_dataset(tmp_path):
     assert verify(tmp_path / "empty", "--repair")[0] == 2 and not (tmp_path / "empty" / "_sdbatch").exists()
 
 
+def s3_options(s3_server) -> list[str]:
+    return [f"--storage-option={k}={json.dumps(v) if not isinstance(v, str) else v}"
+            for k, v in s3_server.storage_options.items()]
+
+
 def test_verify_on_s3(dataset, s3_server):
     fs = s3_server.filesystem()
     bucket = s3_server.make_bucket("verify")
     fs.put(str(dataset), f"{bucket}/out", recursive=True)
-    url, options = f"s3://{bucket}/out", [f"--storage-option={k}={json.dumps(v) if not isinstance(v, str) else v}"
-                                          for k, v in s3_server.storage_options.items()]
+    url, options = f"s3://{bucket}/out", s3_options(s3_server)
     code, output = verify(url, *options)
     assert code == 0, output
     fs.rm(f"{bucket}/out/images/shard-000002/yak.png")
@@ -225,3 +230,52 @@ def test_verify_on_s3(dataset, s3_server):
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
     aside = sorted(p.split("/damaged/")[1].split("/", 1)[1] for p in fs.find(f"{bucket}/out/_sdbatch/damaged"))
     assert aside == ["failures/shard-000002.parquet", "images/shard-000002/extra.png", "metadata/shard-000002.parquet"]
+
+
+def test_webdataset_damage_inside_tars_is_found_and_repaired_byte_identical(made, tmp_path):
+    manifest, original = made[0], tmp_path / "made"
+    run_job(manifest, original, format="webdataset")
+    dataset = Path(shutil.copytree(original, tmp_path / "out"))
+    code, output = verify(dataset)
+    assert code == 0 and "4/4 shards committed; 9 images checked" in output, output
+    tar = dataset / "shards" / "shard-000001.tar"
+    with tarfile.open(tar) as t:  # dog-2, the first image of shard 1
+        offset = t.getmember("shard-000001-000000.png").offset_data
+    data = bytearray(tar.read_bytes())
+    data[offset + 100] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    tar = dataset / "shards" / "shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:len(tar.read_bytes()) // 2])
+    duplicate_first_row(dataset / "metadata" / "shard-000003.parquet")
+    (dataset / "shards" / "shard-000009.tar").write_bytes(b"not ours")
+
+    code, output = verify(dataset, "--repair")
+    assert code == 1, output
+    for line in ("shard-000001 id dog-2: image shards/shard-000001.tar/shard-000001-000000.png does not match its sha256",
+                 "shard-000002: shards/shard-000002.tar: not a readable tar",
+                 "shard-000003 id ant: key shard-000003-000000 recorded twice", "orphan object shards/shard-000009.tar",
+                 "withdrew 3 shard(s) (shard-000001, shard-000002, shard-000003)", "moved 1 orphan object(s)"):
+        assert line in output, output
+    run_job(manifest, dataset, mode="resume", format="webdataset")
+    code, output = verify(dataset)
+    assert code == 0, output
+    assert files(dataset).keys() == files(original).keys() and metadata_rows(dataset) == metadata_rows(original)
+    tars = {k: v for k, v in files(original).items() if k.startswith("shards/")}
+    assert len(tars) == 4 and {k: v for k, v in files(dataset).items() if k.startswith("shards/")} == tars
+
+
+def test_verify_reads_webdataset_tars_on_s3(made, tmp_path, s3_server):
+    out = tmp_path / "wds"
+    run_job(made[0], out, format="webdataset")
+    fs, bucket = s3_server.filesystem(), s3_server.make_bucket("verify-wds")
+    fs.put(str(out), f"{bucket}/out", recursive=True)
+    url, options = f"s3://{bucket}/out", s3_options(s3_server)
+    code, output = verify(url, *options)
+    assert code == 0 and "9 images checked (sha256)" in output, output
+    tar = bytearray(fs.cat(f"{bucket}/out/shards/shard-000003.tar"))
+    with tarfile.open(fileobj=io.BytesIO(bytes(tar))) as t:
+        tar[t.getmember("shard-000003-000000.png").offset_data + 50] ^= 0xFF  # ant's image
+    fs.pipe(f"{bucket}/out/shards/shard-000003.tar", bytes(tar))
+    code, output = verify(url, *options)
+    assert code == 1 and "shard-000003 id ant: image shards/shard-000003.tar/shard-000003-000000.png does not match" \
+        in output, output
