@@ -179,9 +179,14 @@ def metadata_schema(passthrough: pa.Schema, *, format: str = "files", scored: bo
     return pa.schema([*fixed, *passthrough, VERSION_FIELD])
 
 
+def identity_of(job: dict | None) -> dict:
+    """A job.json's identity; none for a runner used without a driver, whose job has the defaults."""
+    return (job or {}).get("identity", {})
+
+
 def is_scored(job: dict | None) -> bool:
-    """Whether a job.json's metadata has SCORE_FIELDS (None: a runner used without a driver)."""
-    identity = (job or {}).get("identity", {})
+    """Whether a job.json's metadata has SCORE_FIELDS."""
+    identity = identity_of(job)
     return bool(identity.get("scores") or identity.get("keep"))
 
 
@@ -226,9 +231,9 @@ def webdataset_tar(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def output_format_of(job: dict) -> str:
+def output_format_of(job: dict | None) -> str:
     """The --format a job.json names; one written before formats says whether images were embedded."""
-    identity = job.get("identity", {})
+    identity = identity_of(job)
     return identity.get("format") or ("parquet" if identity.get("embed_images") else "files")
 
 
@@ -267,7 +272,7 @@ class ImageEncoding:
     def of_job(cls, job: dict | None) -> "ImageEncoding":
         """The encoding a job.json names; one written before image formats (or none, for a runner used
         without a driver) means PNG."""
-        identity = (job or {}).get("identity", {})
+        identity = identity_of(job)
         return cls(identity.get("image_format", "png"), identity.get("quality"))
 
     @property
