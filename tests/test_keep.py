@@ -11,7 +11,8 @@ import torch
 from jobs import progress, scorers, sink
 from jobs.scorers import KeepRule, KeepRuleError, ScoreSpec, attempt_seed
 from sdcore import scorer_weights, scoring
-from tests.jobdata import MODEL, TIMING, check_images, pixels, read_dataset, start_local_ray, write_manifest
+from tests.jobdata import (MODEL, TIMING, check_images, pixels, read_dataset, start_local_ray, tar_members,
+                           write_manifest)
 from tests.scorerdata import (TINY_PROJECTION, reference_safety_checker, save_aesthetic, save_safety_checker,
                               tiny_clip_folder)
 from tests.test_actor import run_driver
@@ -180,6 +181,17 @@ def test_keep_rule_retries_and_is_the_same_for_any_layout_and_resume(tmp_path, s
     assert invoke("verify", tmp_path / "c").returncode == 0  # rows without an image are whole
     for image_id, row in meta_c.items():
         assert (row["image_path"] is None) == (not row["kept"]) and row["seed"] == meta_a[image_id]["seed"]
+
+    # ... and in a webdataset, the tar holds the kept images only; the rejected rows are in the metadata
+    run(manifest, tmp_path / "d", scorer_files, actors=1, batch_size=4, shard_size=3, format="webdataset",
+        scoring=spec(scorer_files, keep=rule, max_attempts=3, drop_rejected=True))
+    meta_d, _ = read_dataset(tmp_path / "d")
+    members = {}
+    for tar in sorted((tmp_path / "d" / "shards").glob("*.tar")):
+        members |= tar_members(tar)
+    assert {i: members[f"{r['key']}.png"] for i, r in meta_d.items() if r["kept"]} == images_c
+    assert len(members) == 3 * len(images_c) and all(r["key"] is None for r in meta_d.values() if not r["kept"])
+    assert invoke("verify", tmp_path / "d").returncode == 0
 
 
 @pytest.mark.parametrize("args, message", [
