@@ -336,7 +336,8 @@ def test_output_does_not_depend_on_actors_batches_or_shards(tmp_path, local_ray,
         assert success["images"] == 14 and success["failures"] == 0
 
 
-def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path, local_ray, pipe):
+@pytest.mark.parametrize("output_format", ["files", "webdataset"])
+def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path, local_ray, pipe, output_format):
     manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(8)], steps=[8] * 8)
     out = tmp_path / "out"
     killed = {}
@@ -346,16 +347,17 @@ def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path, lo
             return
         killed["shard"] = shard.id
 
-        def kill_when_it_has_started():
-            folder, deadline = out / "images" / shard.id, time.monotonic() + 60
-            while time.monotonic() < deadline and not (folder.is_dir() and any(folder.glob("*.png"))):
+        def kill_when_it_has_started():  # once the shard has an image (a webdataset holds it until the commit)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and ray.get(actor.progress.remote()) < (shard.id, 1):
                 time.sleep(0.005)
             killed["was_done"] = (out / "metadata" / f"{shard.id}.parquet").exists()
             ray.kill(actor)
 
         threading.Thread(target=kill_when_it_has_started, daemon=True).start()
 
-    result, log = run_driver(manifest, out, actors=2, batch_size=2, shard_size=4, on_dispatch=on_dispatch)
+    result, log = run_driver(manifest, out, actors=2, batch_size=2, shard_size=4, on_dispatch=on_dispatch,
+                             format=output_format)
     assert killed == {"shard": "shard-000001", "was_done": False}
     assert result.actor_restarts == 1 and "starting a replacement" in log
     meta, failures = read_dataset(out)
