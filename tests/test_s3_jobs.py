@@ -49,16 +49,16 @@ def objects(fs, prefix: str) -> list[str]:
 
 
 def check_dataset(fs, prefix: str, local: Path, ids: list[str]) -> dict[str, dict]:
-    """Every object of the dataset: one metadata row per id, its PNG decoding with the row's hash and
-    parameters, no stray object, and `_SUCCESS` with the counts."""
+    """Every object of the dataset: one metadata row per id, its image (a file, or a webdataset tar's
+    member) decoding with the row's hash and parameters, no stray object, and `_SUCCESS` with the counts."""
     out = download(fs, prefix, local)
     meta, failures = read_dataset(out)  # asserts that no id appears twice
     assert sorted(meta) == sorted(ids) and not failures
     check_images(out, meta)
-    pngs = {r["image_path"] for r in meta.values()}
+    stored = {r.get("tar") or r["image_path"] for r in meta.values()}
     listed = objects(fs, prefix)
-    assert {p for p in listed if p.startswith("images/")} == pngs
-    assert {p for p in listed if not p.startswith("images/")} == {
+    assert {p for p in listed if p.startswith(("images/", "shards/"))} == stored
+    assert {p for p in listed if not p.startswith(("images/", "shards/"))} == {
         "_SUCCESS", "_sdbatch/job.json", *(p for p in listed if p.startswith("metadata/shard-"))}
     success = json.loads((out / "_SUCCESS").read_text())
     assert (success["images"], success["failures"], success["rows"]) == (len(ids), 0, len(ids))
@@ -140,13 +140,15 @@ def test_wrong_credentials_exit_2_before_any_work(s3_server, bucket, tmp_path, w
     assert objects(fs, f"{bucket}/out") == []
 
 
-def test_server_stopped_mid_job_then_restarted(s3_server, bucket, tmp_path):
+@pytest.mark.parametrize("output_format", ["files", "webdataset"])
+def test_server_stopped_mid_job_then_restarted(s3_server, bucket, tmp_path, output_format):
     fs = s3_server.filesystem()
     rows = 24
     manifest = put_manifest(fs, f"{bucket}/m.parquet", prompt=[f"prompt {i}" for i in range(rows)], steps=[12] * rows)
     env = base_env() | s3_server.env
     out = f"s3://{bucket}/out"
-    args = [SDBATCH, "run", manifest, "--output", out, "--shard-size", 3, "--batch-size", 1, "--actors", 1, *TINY]
+    args = [SDBATCH, "run", manifest, "--output", out, "--shard-size", 3, "--batch-size", 1, "--actors", 1,
+            "--format", output_format, *TINY]
     job = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 90
@@ -170,7 +172,7 @@ def test_server_stopped_mid_job_then_restarted(s3_server, bucket, tmp_path):
     assert "failed after" in stderr and "Traceback" not in stderr, stderr
     assert not re.search(r"(shard-\d+): \1", stderr), stderr  # the shard is named once
 
-    # Nothing half-committed: every committed shard has all its PNGs; no _SUCCESS.
+    # Nothing half-committed: every committed shard has all its images; no _SUCCESS.
     fs = s3_server.filesystem()
     listed = objects(fs, f"{bucket}/out")
     committed = [p for p in listed if p.startswith("metadata/")]
@@ -180,7 +182,8 @@ def test_server_stopped_mid_job_then_restarted(s3_server, bucket, tmp_path):
     check_images(local, meta)
     assert len(meta) == 3 * len(committed)
 
-    r = sdbatch("run", manifest, "--output", out, "--shard-size", 3, "--batch-size", 1, *TINY, env=env)
+    r = sdbatch("run", manifest, "--output", out, "--shard-size", 3, "--batch-size", 1, "--format", output_format,
+                *TINY, env=env)
     assert r.returncode == 0, r.stderr
     assert f"resuming: {len(committed)} of 8 shards already done" in r.stderr
     check_dataset(fs, f"{bucket}/out", tmp_path / "final", [str(i) for i in range(rows)])
