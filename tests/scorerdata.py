@@ -30,11 +30,12 @@ def tiny_clip_folder(folder):
     return reference_clip(TINY_CLIP, TINY_VISION, TINY_PROJECTION, folder)
 
 
-def reference_safety_checker(seed: int = 5):
-    """A random diffusers StableDiffusionSafetyChecker at tiny widths."""
+def reference_safety_checker(vision: dict = TINY_VISION, projection_dim: int = TINY_PROJECTION, seed: int = 5):
+    """A random diffusers StableDiffusionSafetyChecker (17 concepts, 3 special-care ones) with the image
+    tower `vision`; tiny by default."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    ref = StableDiffusionSafetyChecker(clip_config(TINY_CLIP, TINY_VISION, TINY_PROJECTION))
+    ref = StableDiffusionSafetyChecker(clip_config(TINY_CLIP, vision, projection_dim))
     return randomize_(ref, seed=seed).eval()
 
 
