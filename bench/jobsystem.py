@@ -13,12 +13,17 @@
    side's first and later calls are reported apart (the job's from its metadata, whose
    `generation_seconds` are each call's seconds shared among its rows), which tells that one-time
    cost from the job's cost per image.
-2. Framework cost: the same with `builtin:tiny`, whose images take milliseconds, so the difference
+2. Scoring cost: 1.'s job on one actor again with `--score clip,nsfw,aesthetic` (tiny random
+   scorers, `sdcore.builtin.write_tiny_scorers`). Per image, the seconds the actor spent scoring
+   (`scoring_seconds` in `_SUCCESS`: preprocessing and the scorers' forward passes) and their share
+   of its time inside batches, and, as a check on that accounting, the difference of the busy
+   seconds of the scored runs and 1.'s unscored job runs.
+3. Framework cost: 1.'s comparison with `builtin:tiny`, whose images take milliseconds, so the difference
    per image is the job's own work: reading shards, PNGs with their parameters, fsync'd writes,
    metadata, Ray. That difference of two runs moves with the machine's speed between them, so the
    report also gives the part the job's own accounting isolates: the actor's time outside its
    batches (`_SUCCESS`: working seconds less the actors' busy seconds).
-3. Driver memory: the peak RSS of a fresh process doing what `sdbatch run` does before any actor
+4. Driver memory: the peak RSS of a fresh process doing what `sdbatch run` does before any actor
    starts (every row validated, OUT checked, every shard listed), for manifests of 0.1, 1 and 10
    million rows (`python -m bench.jobsystem plan MANIFEST` is that process).
 """
@@ -40,12 +45,14 @@ from PIL import Image
 from bench.timing import child_json, median, peak_rss_bytes, rss_bytes, run_child, verdict
 from jobs.devices import DTYPES
 from jobs.plan import shard_id
+from sdcore.builtin import write_tiny_scorers
 
 # `sdbatch` as `python -m jobs.cli`: the same command, also where the package is on PYTHONPATH, not installed.
 SDBATCH = [sys.executable, "-m", "jobs.cli"]
 PLAN_ROWS = (100_000, 1_000_000, 10_000_000)
 BATCH_SIZE = 4  # `sdbatch run`'s default, used by both sides
 MANIFEST_CHUNK_ROWS = 1_000_000
+SCORES = "clip,nsfw,aesthetic"
 # Issue 6's targets for the job (judged on unrounded figures): its steady images/s at least this share of
 # the loop's, its own cost per image at most this many ms, and the driver's peak memory under this many
 # bytes for a manifest of TARGET_DRIVER_ROWS rows.
@@ -66,6 +73,7 @@ def section(sd_model: Path | str, work: Path, log, *, sd_rows_per_actor: int = 8
         efficiency.append(compare(str(sd_model), "SD v1.5 (random weights)", sd_rows_per_actor * n_actors, n_actors,
                                   size=sd_size, steps=sd_steps, shard_size=max(sd_rows_per_actor // 2, 1), reps=sd_reps,
                                   work=work, log=log))
+    scoring = scoring_cost(efficiency[0], sd_reps, work, log)
     tiny = compare("builtin:tiny", "builtin:tiny", tiny_rows, 1, size=64, steps=1, shard_size=100, reps=tiny_reps,
                    work=work, log=log)
     # Each job run is paired with the loop run next to it, so that the machine's speed, which drifts
@@ -80,7 +88,7 @@ def section(sd_model: Path | str, work: Path, log, *, sd_rows_per_actor: int = 8
         plans.append(planned)
         log(f"driver planning {rows:,} rows: {plans[-1]['seconds']:.1f}s, peak RSS "
             f"{plans[-1]['peak_rss'] / 2**20:.0f} MiB")
-    return {"efficiency": efficiency, "tiny": tiny, "framework_ms_per_image": cost_ms,
+    return {"efficiency": efficiency, "scoring": scoring, "tiny": tiny, "framework_ms_per_image": cost_ms,
             "framework_ms_per_image_runs": cost_runs_ms, "outside_batches_ms_per_image": outside_ms, "plans": plans,
             "settings": {"sd_size": sd_size, "sd_steps": sd_steps, "sd_rows_per_actor": sd_rows_per_actor,
                          "tiny_rows": tiny_rows}}
@@ -95,8 +103,7 @@ def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, step
     batch = min(batch_size, shard_size)
     placement = {"device": device, "dtype": dtype}
     work.mkdir(parents=True, exist_ok=True)
-    manifest = work / f"rows-{rows}-{size}px-{steps}steps.parquet"
-    write_manifest(manifest, rows, size, steps)
+    manifest = rows_manifest(work, rows, size, steps)
     jobs, loops = [], []
     for rep in range(reps):
         for side in (("loop", "job") if rep % 2 == 0 else ("job", "loop")):
@@ -109,7 +116,7 @@ def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, step
             f"({loops[-1]['load_s']:.1f}s load)")
     job_steady, loop_steady = median([j["steady_s"] for j in jobs]), median([loop["images_s"] for loop in loops])
     return {
-        "model": label, "actors": n_actors, "images": rows, "size": size, "steps": steps, "shard_size": shard_size,
+        "model": label, "model_source": model, "actors": n_actors, "images": rows, "size": size, "steps": steps, "shard_size": shard_size,
         "rows_per_call": batch, **placement, "loop_threads": n_actors, "reps": reps, "job_runs": jobs, "loop_runs": loops,
         "loop_steady_images_per_s": rows / loop_steady, "job_steady_images_per_s": rows / job_steady,
         "efficiency": loop_steady / job_steady,
@@ -122,6 +129,35 @@ def compare(model: str, label: str, rows: int, n_actors: int, *, size: int, step
         "job_end_to_end_s": median([j["process_s"] for j in jobs]),
         "max_pixel_difference": pixel_difference(work / "job-out", work / "loop-out"),
     }
+
+
+def scoring_cost(unscored: dict, reps: int, work: Path, log) -> dict:
+    """`sdbatch run` as in `unscored` (compare()'s figure for one actor on the CPU) with `--score` and tiny
+    random scorers, `reps` times."""
+    if unscored["actors"] != 1:
+        raise ValueError(f"the scoring cost is measured against one actor's runs, not {unscored['actors']}'s")
+    sources = write_tiny_scorers(work / "scorers")
+    score = ["--score", SCORES, *[a for option, path in sources.items() for a in (f"--{option.replace('_', '-')}", str(path))]]
+    rows = unscored["images"]
+    manifest = rows_manifest(work, rows, unscored["size"], unscored["steps"])
+    scored = []
+    for _ in range(reps):
+        scored.append(run_job(manifest, unscored["model_source"], work / "scored-out", 1, unscored["shard_size"],
+                              unscored["rows_per_call"], device="cpu", dtype="fp32", options=score))
+        log(f"{unscored['model']}, scoring {rows} images: {scored[-1]['scoring_s']:.2f}s of {scored[-1]['busy_s']:.1f}s busy")
+    plain_busy_s = median([j["busy_s"] for j in unscored["job_runs"]])
+    return {"model": unscored["model"], "images": rows, "size": unscored["size"], "steps": unscored["steps"],
+            "scores": SCORES, "reps": reps, "scored_runs": scored,
+            "scoring_s_per_image": median([j["scoring_s"] for j in scored]) / rows,
+            "scoring_share": median([j["scoring_s"] / j["busy_s"] for j in scored]),
+            "busy_difference_s_per_image": (median([j["busy_s"] for j in scored]) - plain_busy_s) / rows,
+            "unscored_busy_s_per_image": plain_busy_s / rows}
+
+
+def rows_manifest(work: Path, rows: int, size: int, steps: int) -> Path:
+    manifest = work / f"rows-{rows}-{size}px-{steps}steps.parquet"
+    write_manifest(manifest, rows, size, steps)
+    return manifest
 
 
 def read_once(model: Path, chunk: int = 1 << 26) -> int:
@@ -146,11 +182,11 @@ def write_manifest(path: Path, rows: int, size: int, steps: int) -> None:
 
 
 def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: int, batch: int, *, device: str,
-            dtype: str) -> dict:
+            dtype: str, options: list[str] = ()) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     _, process_s = run_child([*SDBATCH, "run", str(manifest), "--model", model, "--output", str(out),
                               "--actors", str(n_actors), "--shard-size", str(shard_size), "--batch-size", str(batch),
-                              "--device", device, "--dtype", dtype],
+                              "--device", device, "--dtype", dtype, *options],
                              "sdbatch run", timeout=3600, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     last = json.loads((out / "_SUCCESS").read_text())["last_run"]
     if last["failures"]:
@@ -158,10 +194,11 @@ def run_job(manifest: Path, model: str, out: Path, n_actors: int, shard_size: in
     # Busy: the actors' time inside batches (generating, handing images to the writer); the rest of
     # the steady time is reading shards, committing them and waiting for the driver's next shard.
     busy_s = sum(a["busy_seconds"] for a in last["actors"]) / n_actors
+    scoring_s = sum(a["scoring_seconds"] for a in last["actors"]) / n_actors
     # The driver hands the first shards out in order, one to each actor as it starts.
     calls = [call_seconds(out, shard, batch) for shard in range(last["shards"])]
     return {"process_s": process_s, "wall_s": last["wall_seconds"], "startup_s": last["startup_seconds"],
-            "steady_s": last["working_seconds"], "busy_s": busy_s, "images": last["images"],
+            "steady_s": last["working_seconds"], "busy_s": busy_s, "scoring_s": scoring_s, "images": last["images"],
             "first_call_s": [c[0] for c in calls[:n_actors]],
             "later_call_s": [t for shard, c in enumerate(calls) for t in (c[1:] if shard < n_actors else c)]}
 
@@ -252,6 +289,8 @@ def render(j: dict) -> list[str]:
                      f"{e['loop_end_to_end_s']:.1f} | {e['job_end_to_end_s']:.1f} | {e['max_pixel_difference']} | "
                      f"{e['rows_per_call']} | {e['reps']} |")
     lines += ["", efficiency_target(j["efficiency"], s["sd_rows_per_actor"])]
+    if "scoring" in j:
+        lines += ["", *render_scoring(j["scoring"])]
     lines += ["", f"Framework cost per image (builtin:tiny, 1 actor, {s['tiny_rows']} images, {j['tiny']['reps']} runs "
               f"each): **{j['framework_ms_per_image']:.1f} ms**, the median of the differences between each job run "
               "and the loop run beside it (job then loop in alternating order): "
@@ -270,6 +309,16 @@ def render(j: dict) -> list[str]:
                      f"{p['peak_rss'] / 2**20:.0f} MiB |")
     lines += ["", driver_target(j["plans"])]
     return lines
+
+
+def render_scoring(c: dict) -> list[str]:
+    return [f"Scoring cost per image ({c['model']}, {c['size']}², {c['steps']} steps, 1 actor, {c['images']} images, "
+            f"`--score {c['scores']}` with tiny random scorers — ViT-L/14's structure at tiny widths, so the "
+            f"preprocessing to 224² weighs more here than at full size; {c['reps']} runs): "
+            f"**{c['scoring_s_per_image']:.3f} s**, **{100 * c['scoring_share']:.1f} %** of the actor's time per image "
+            f"inside batches (the actor's `scoring_seconds` in `_SUCCESS`, medians). The scored runs' busy time per "
+            f"image less that of the unscored job runs above (not interleaved with them): "
+            f"{c['busy_difference_s_per_image']:+.3f} s, of {c['unscored_busy_s_per_image']:.3f} s unscored."]
 
 
 def efficiency_target(sd_rows: list[dict], rows_per_actor: int) -> str:

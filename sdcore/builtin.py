@@ -4,14 +4,23 @@ It is Stable Diffusion 1.x's architecture (every block type, four levels, cross-
 the CLIP text encoder) at tiny widths, with seeded random weights that were never trained, and the
 real CLIP tokenizer. It exists so that `make demo`, the job tests and any pipeline plumbing run end
 to end on any machine in seconds. For pictures, load real SD 1.x weights.
+
+Beside it, tiny random scorers (`write_tiny_scorers`) for `--score`, written as files in their
+published layouts, for the same reason.
 """
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from sdcore import configs as config_readers
-from sdcore import weights
+from sdcore import scorer_weights, weights
+from sdcore.clip_vision import CLIPModel
 from sdcore.pipeline import Pipeline
+from sdcore.scoring import CLIP_MEAN, CLIP_STD, AestheticPredictor, SafetyChecker
 from sdcore.tokenizer import Tokenizer
 
 NAME = "builtin:tiny"
@@ -75,16 +84,62 @@ def random_weights(cfgs: dict) -> dict[str, dict[str, torch.Tensor]]:
     matrices normalised by fan-in), so outputs are finite, varied noise rather than zeros or inf.
     """
     gen = torch.Generator("cpu").manual_seed(SEED)
+    return {component: _random_state(module, gen) for component, module in weights.on_meta(cfgs).items()}
+
+
+def _random_state(module: torch.nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
     out = {}
-    for component, module in weights.on_meta(cfgs).items():
-        out[component] = {}
-        for name, p in sorted(module.state_dict().items()):
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.ndim == 1 and name.endswith("weight"):
-                noise = 1.0 + 0.1 * noise
-            elif p.ndim == 1:
-                noise = 0.05 * noise
-            else:
-                noise = noise / math.sqrt(p[0].numel())
-            out[component][name] = noise
+    for name, p in sorted(module.state_dict().items()):
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if p.ndim == 1 and name.endswith("weight"):
+            noise = 1.0 + 0.1 * noise
+        elif p.ndim == 1:
+            noise = 0.05 * noise
+        else:
+            noise = noise / math.sqrt(p[0].numel())
+        out[name] = noise
     return out
+
+
+# Tiny scorers for `--score` (sdcore.scoring): ViT-L/14's structure at 224x224 in 7x7 patches of 32, tiny widths.
+TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+TINY_PROJECTION = 32
+# A `feature_extractor/preprocessor_config.json` of the SD v1.5 release's format: CLIP's preprocessing.
+CLIP_PREPROCESSOR = {"crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+                     "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN),
+                     "image_std": list(CLIP_STD), "resample": 3, "size": 224}
+
+
+def write_tiny_scorers(root: str | os.PathLike) -> dict[str, Path]:
+    """Seeded random scorers at tiny widths, in the layouts `sdbatch run --score` reads: a transformers
+    CLIP folder, a folder holding a diffusers `safety_checker/` and its `feature_extractor/`, and the
+    aesthetic predictor's weights (on the tiny CLIP's embeddings). Their scores are noise;
+    they exist so that jobs and benchmarks can score on any machine in seconds.
+    Returns the sources by option: {"clip_model": ..., "safety_checker": ..., "aesthetic_model": ...}."""
+    root = Path(root)
+    gen = torch.Generator("cpu").manual_seed(SEED + 1)
+    vision = scorer_weights.vision_config(TINY_VISION, TINY_PROJECTION)
+    with torch.device("meta"):
+        clip = CLIPModel(config_readers.clip_config(TINY_CLIP), vision)
+        checker = SafetyChecker(vision)
+        aesthetic = AestheticPredictor(TINY_PROJECTION)
+    sources = {"clip_model": root / "clip", "safety_checker": root / "sd", "aesthetic_model": root / "aesthetic.safetensors"}
+    _write_model(sources["clip_model"], {"text_config": TINY_CLIP, "vision_config": TINY_VISION,
+                                         "projection_dim": TINY_PROJECTION}, _random_state(clip, gen))
+    # diffusers wraps a whole CLIPVisionModel, so the image tower's names are nested once more.
+    _write_model(sources["safety_checker"] / scorer_weights.SAFETY_CHECKER_FOLDER,
+                 {"vision_config": TINY_VISION, "projection_dim": TINY_PROJECTION},
+                 {f"vision_model.{k}" if k.startswith("vision_model.") else k: v
+                  for k, v in _random_state(checker, gen).items()})
+    preprocessor = sources["safety_checker"] / scorer_weights.FEATURE_EXTRACTOR_FILE
+    preprocessor.parent.mkdir(parents=True, exist_ok=True)
+    preprocessor.write_text(json.dumps(CLIP_PREPROCESSOR))
+    save_file(_random_state(aesthetic, gen), sources["aesthetic_model"])
+    return sources
+
+
+def _write_model(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, folder / "model.safetensors")

@@ -2,12 +2,9 @@
 StableDiffusionSafetyChecker (with the feature_extractor/ beside it), the LAION aesthetic MLP."""
 import torch.nn as nn
 
+from sdcore.builtin import TINY_PROJECTION, TINY_VISION
 from tests.reference import TINY_CLIP, randomize_, write_clip_vocab_folder
 
-# The image tower's structure at tiny widths; 224x224 input as for ViT-L/14, in 7x7 patches of 32.
-TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-TINY_PROJECTION = 32
 VIT_L14 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
            "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 
@@ -33,11 +30,12 @@ def tiny_clip_folder(folder):
     return reference_clip(TINY_CLIP, TINY_VISION, TINY_PROJECTION, folder)
 
 
-def reference_safety_checker(seed: int = 5):
-    """A random diffusers StableDiffusionSafetyChecker at tiny widths."""
+def reference_safety_checker(vision: dict = TINY_VISION, projection_dim: int = TINY_PROJECTION, seed: int = 5):
+    """A random diffusers StableDiffusionSafetyChecker (17 concepts, 3 special-care ones) with the image
+    tower `vision`; tiny by default."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    ref = StableDiffusionSafetyChecker(clip_config(TINY_CLIP, TINY_VISION, TINY_PROJECTION))
+    ref = StableDiffusionSafetyChecker(clip_config(TINY_CLIP, vision, projection_dim))
     return randomize_(ref, seed=seed).eval()
 
 

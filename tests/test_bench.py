@@ -4,6 +4,7 @@ the CPU, the `--compile` figures, and the FLOP counts that turn times into rates
 import argparse
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
@@ -75,9 +76,20 @@ def test_job_section_makes_the_loops_images(tmp_path):
         assert 0 < sum(job["first_call_s"] + job["later_call_s"]) <= job["busy_s"]
         assert 0 < sum(loop["call_s"]) <= loop["images_s"]
         assert figure["job_first_call_s"] == job["first_call_s"][0]
+    # Scoring: the SD job's 4 rows again, scored; its metadata has the scores.
+    scoring = result["scoring"]
+    (plain,), (scored,) = sd["job_runs"], scoring["scored_runs"]
+    assert plain["scoring_s"] == 0 and 0 < scored["scoring_s"] < scored["busy_s"]
+    assert scoring["scoring_s_per_image"] == scored["scoring_s"] / 4 and 0 < scoring["scoring_share"] < 1
+    assert scoring["busy_difference_s_per_image"] == (scored["busy_s"] - plain["busy_s"]) / 4
+    meta = pq.read_table(tmp_path / "scored-out" / "metadata").to_pylist()
+    assert len(meta) == 4 and all(m["clip_score"] >= 0 and m["aesthetic_score"] is not None and m["nsfw"] is not None
+                                  for m in meta)
+    text = "\n".join(jobsystem.render(result))
+    assert f"**{100 * scoring['scoring_share']:.1f} %**" in text and f"**{scoring['scoring_s_per_image']:.3f} s**" in text
     (planned,) = result["plans"]
     assert (planned["rows"], planned["shards"]) == (1000, 5) and planned["peak_rss"] >= planned["rss_after_import"]
-    assert len(logged) == 3
+    assert len(logged) == 4
 
 
 def test_gpu_section_code_runs_on_the_cpu(tmp_path):

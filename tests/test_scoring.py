@@ -146,21 +146,19 @@ def test_full_size_clip_matches_reference(tmp_path, capsys):
 
 # --- safety checker ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def safety_checker(tmp_path_factory):
-    """A random diffusers safety checker whose concepts and thresholds are placed around the test
-    images' embeddings: image 0 is flagged outright; image 1 only through the special-care
-    adjustment; image 2 is 0.0004 over a threshold, which diffusers' rounding to 3 decimals
-    ignores; no image comes near the other concepts."""
-    ref = reference_safety_checker()
-    images = _images([(w + 9 * i, h) for i, (w, h) in enumerate(SIZES[:6])], seed=2)
+def placed_safety_checker(vision: dict, projection_dim: int, images: list, folder):
+    """A random diffusers safety checker with the image tower `vision`, its concepts and thresholds
+    placed around the images' embeddings, saved into `folder`: image 0 is flagged outright; image 1
+    only through the special-care adjustment; image 2 is 0.0004 over a threshold, which diffusers'
+    rounding to 3 decimals ignores; no image comes near the other concepts. -> (reference, pixels)"""
+    ref = reference_safety_checker(vision, projection_dim)
     pixels = scoring.preprocess(images)
     with torch.no_grad():
         embeds = F.normalize(ref.visual_projection(ref.vision_model(pixels)[1]))
         gen = torch.Generator().manual_seed(6)
-        concepts = torch.randn(17, TINY_PROJECTION, generator=gen)
+        concepts = torch.randn(ref.concept_embeds.shape, generator=gen)
         concepts[:3] = embeds[:3]
-        special = torch.randn(3, TINY_PROJECTION, generator=gen)
+        special = torch.randn(ref.special_care_embeds.shape, generator=gen)
         special[0] = embeds[1]
         cos, special_cos = embeds @ F.normalize(concepts).T, embeds @ F.normalize(special).T
         thresholds = cos.max(dim=0).values + 0.05
@@ -171,8 +169,15 @@ def safety_checker(tmp_path_factory):
         ref.concept_embeds_weights.copy_(thresholds)
         ref.special_care_embeds.copy_(special)
         ref.special_care_embeds_weights.copy_(special_thresholds)
-    folder = tmp_path_factory.mktemp("sd") / "safety_checker"
     ref.save_pretrained(folder)
+    return ref, pixels
+
+
+@pytest.fixture(scope="module")
+def safety_checker(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd") / "safety_checker"
+    images = _images([(w + 9 * i, h) for i, (w, h) in enumerate(SIZES[:6])], seed=2)
+    ref, pixels = placed_safety_checker(TINY_VISION, TINY_PROJECTION, images, folder)
     return ref, folder, pixels
 
 
@@ -181,16 +186,23 @@ def _reference_decision(ref, pixels) -> list[bool]:
     return [bool(f) for f in flagged]
 
 
-@torch.no_grad()
-def test_safety_checker_decision_equals_diffusers(safety_checker):
-    ref, folder, pixels = safety_checker
+def _assert_decision_equals_diffusers(ref, folder, pixels):
+    """Our checker loaded from `folder` decides as `ref` on the placed images -> (checker, nsfw_score)."""
     checker = scorer_weights.load_safety_checker(folder)
     nsfw_score, nsfw = checker(pixels)
     expected = _reference_decision(ref, pixels)
     assert nsfw.tolist() == expected
-    assert expected[:3] == [True, True, False] and not all(expected)
+    assert expected[:3] == [True, True, False]
+    assert nsfw_score[1].item() == pytest.approx(0.005, abs=1e-4)  # 0.005 under its own concept, lifted by 0.01
     assert 0 < nsfw_score[2].item() < 0.0005  # over its threshold, yet not flagged: diffusers rounds
     assert torch.equal(nsfw, torch.round(nsfw_score * 1000) > 0)
+    return checker, nsfw_score
+
+
+@torch.no_grad()
+def test_safety_checker_decision_equals_diffusers(safety_checker):
+    ref, folder, pixels = safety_checker
+    checker, nsfw_score = _assert_decision_equals_diffusers(ref, folder, pixels)
 
     # The continuous score, from the reference's own embeddings: max over concepts of cos - threshold + adjustment
     embeds = F.normalize(ref.visual_projection(ref.vision_model(pixels)[1]))
@@ -203,6 +215,17 @@ def test_safety_checker_decision_equals_diffusers(safety_checker):
         model.special_care_embeds_weights.fill_(2.0)
     assert checker(pixels)[1].tolist() == _reference_decision(ref, pixels)
     assert _reference_decision(ref, pixels)[:3] == [True, False, False]
+
+
+@pytest.mark.full_size
+@torch.no_grad()
+def test_full_size_safety_checker_decision_equals_diffusers(tmp_path, capsys):
+    # SD v1.5's checker: a ViT-L/14 image tower, 768-wide projection, 17 concepts and 3 special-care ones.
+    start = time.perf_counter()
+    ref, pixels = placed_safety_checker(VIT_L14, 768, _images(SIZES[:3], seed=2), tmp_path)
+    _assert_decision_equals_diffusers(ref, tmp_path, pixels)
+    with capsys.disabled():
+        print(f"\nViT-L/14 safety checker, 3 images: {time.perf_counter() - start:.1f}s")
 
 
 def test_safety_checker_files_that_do_not_fit_are_refused(safety_checker, tmp_path):
