@@ -133,7 +133,7 @@ def written_images(out: Path, extension: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("image_format, extension, output_format", [
-    ("png", "png", "files"), ("jpeg", "jpg", "files"), ("png", "png", "webdataset")])
+    ("png", "png", "files"), ("jpeg", "jpg", "files"), ("png", "png", "webdataset"), ("webp", "webp", "parquet")])
 def test_killed_driver_resumes_without_losing_or_redoing_anything(tmp_path, image_format, extension, output_format):
     manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"prompt {i}" for i in range(24)], steps=[10] * 24)
     out = tmp_path / "out"
