@@ -22,6 +22,17 @@ OUTPUTS = ("pil", "np", "latent")
 
 
 @dataclass
+class Prepared:
+    """What `generate` makes before denoising, made ahead by `Pipeline.prepare` for the rows in `key`."""
+
+    key: tuple  # (prompts, seeds, negative prompts, guidance scales, height, width)
+    generators: list[torch.Generator]  # each row's, past its starting noise: they draw its step noise next
+    context: torch.Tensor  # [B, 77, D] the prompts' encodings
+    uncond_context: torch.Tensor | None  # [B, 77, D] the negative prompts', when a row is guided
+    noise: torch.Tensor  # [B, 4, h, w] float32 starting noise, before the scheduler's scaling
+
+
+@dataclass
 class Pipeline:
     tokenizer: object  # sdcore.tokenizer.Tokenizer
     text_encoder: nn.Module  # sdcore.clip.CLIPTextEncoder
@@ -116,6 +127,35 @@ class Pipeline:
         # A prompt is 77 rows of every matmul, so its encoding is the same in any batch.
         return self.text_encoder(ids)  # [B, 77, D]
 
+    @staticmethod
+    def _row_key(prompts, seeds, negative_prompts, guidance_scale, height: int, width: int) -> tuple:
+        """generate's rows, checked, as `Prepared.key`: a scalar guidance scale is given to every row."""
+        prompts, seeds = tuple(prompts), tuple(int(s) for s in seeds)
+        negative_prompts = ("",) * len(prompts) if negative_prompts is None else tuple(negative_prompts)
+        per_row = isinstance(guidance_scale, Sequence)
+        guidance = tuple(float(g) for g in guidance_scale) if per_row else (float(guidance_scale),) * len(prompts)
+        if not prompts or not len(seeds) == len(negative_prompts) == len(guidance) == len(prompts):
+            raise ValueError("generate needs one seed (and one negative prompt and guidance scale, if given per row) "
+                             "per prompt, and at least one prompt")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        return prompts, seeds, negative_prompts, guidance, height, width
+
+    @torch.inference_mode()
+    def prepare(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompts: Sequence[str] | None = None,
+                guidance_scale: float | Sequence[float] = 7.5, height: int = 512, width: int = 512) -> Prepared:
+        """The prompts' encodings and each row's starting noise, for a `generate` call of the same rows.
+        Made ahead (from `generate`'s `before_wait`), a GPU has the next batch's text encoding queued
+        behind this batch's decoding, and the host has drawn its noise, before it waits for the images."""
+        key = self._row_key(prompts, seeds, negative_prompts, guidance_scale, height, width)
+        prompts, seeds, negative_prompts, guidance, height, width = key
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        context = self.encode_prompts(prompts)
+        uncond_context = self.encode_prompts(negative_prompts) if any(g > 1.0 for g in guidance) else None
+        latent_shape = (1, self.unet.config.in_channels, height // 8, width // 8)
+        noise = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
+        return Prepared(key, generators, context, uncond_context, to_device(noise, self.device))
+
     @torch.inference_mode()
     def generate(
         self,
@@ -131,40 +171,38 @@ class Pipeline:
         scheduler_config: dict | None = None,
         output: str = "pil",
         progress: Callable[[int, int], None] | None = None,
+        prepared: Prepared | None = None,
+        before_wait: Callable[[], None] | None = None,
     ) -> list:
         """One image per prompt; `progress(step, total)` is called after every denoising step.
 
         `guidance_scale` is one for all rows or one per row. A row with guidance above 1 gets
         classifier-free guidance; a row with 1 or less takes the conditional prediction alone, as it
-        would without guidance, even in a batch with guided rows."""
-        prompts = list(prompts)
-        seeds = list(seeds)
-        negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
-        per_row = isinstance(guidance_scale, Sequence)
-        guidance = [float(g) for g in guidance_scale] if per_row else [float(guidance_scale)] * len(prompts)
-        if not prompts or not len(seeds) == len(negative_prompts) == len(guidance) == len(prompts):
-            raise ValueError("generate needs one seed (and one negative prompt and guidance scale, if given per row) "
-                             "per prompt, and at least one prompt")
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        would without guidance, even in a batch with guided rows.
+
+        `prepared`: `prepare`'s result for these very rows, used instead of encoding and drawing them
+        again. `before_wait` is called once all the work is queued, before the host waits for the
+        images (the time to prepare the next call)."""
+        key = self._row_key(prompts, seeds, negative_prompts, guidance_scale, height, width)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if prepared is None:
+            prepared = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts,
+                                    guidance_scale=guidance_scale, height=height, width=width)
+        elif prepared.key != key:
+            raise ValueError("generate was given inputs prepared for other rows")
+        prompts, guidance = key[0], key[3]
 
         sched = self.make_scheduler(scheduler, scheduler_config)
         sched.set_timesteps(steps)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        use_cfg = any(g > 1.0 for g in guidance)
-
-        context = self.encode_prompts(prompts)
-        uncond_context = self.encode_prompts(negative_prompts) if use_cfg else None
+        generators, context, uncond_context = prepared.generators, prepared.context, prepared.uncond_context
+        use_cfg = uncond_context is not None
 
         # The latents and the scheduler's state stay float32 in every dtype: half precision would round
         # away the small updates of late steps. Only the UNet sees the pipeline's dtype.
-        latent_shape = (1, self.unet.config.in_channels, height // 8, width // 8)
-        latents = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
-        latents = to_device(latents, self.device) * sched.init_noise_sigma
+        latents = prepared.noise * sched.init_noise_sigma
 
         def unet_noise(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return self.predict_noise(x.to(self.dtype), t, context).float()
@@ -198,10 +236,12 @@ class Pipeline:
                 progress(i + 1, total)
 
         if output == "latent":
+            if before_wait is not None:
+                before_wait()
             images = list(latents)
             bad = [i for i, x in enumerate(images) if not torch.isfinite(x).all()]
         else:
-            images, bad = self._decode(latents)
+            images, bad = self._decode(latents, before_wait)
             if output == "pil":
                 from PIL import Image
 
@@ -210,12 +250,13 @@ class Pipeline:
             raise NonFiniteOutputError(bad, [None if i in bad else x for i, x in enumerate(images)])
         return images
 
-    def _decode(self, latents: torch.Tensor) -> tuple[list, list[int]]:
+    def _decode(self, latents: torch.Tensor, before_wait: Callable[[], None] | None = None) -> tuple[list, list[int]]:
         """Latents → uint8 [H, W, 3] arrays; None for rows whose latents are non-finite or whose pixels
         stay non-finite even in float32."""
         scale = self.vae.config.scaling_factor
         vae_dtype = next(self.vae.parameters()).dtype
-        arrays, finite = self._to_host(self._decode_fitting(self.vae.decode, latents.to(vae_dtype) / scale))
+        arrays, finite = self._to_host(self._decode_fitting(self.vae.decode, latents.to(vae_dtype) / scale),
+                                       before_wait)
         lost = [i for i, ok in enumerate(finite) if not ok]
         if lost and vae_dtype != torch.float32:
             # Half precision can overflow in the decoder; redo those rows in float32, unless their latents
@@ -230,16 +271,20 @@ class Pipeline:
         return [None if i in bad else np.ascontiguousarray(a) for i, a in enumerate(arrays)], bad
 
     @staticmethod
-    def _to_host(pixels: torch.Tensor) -> tuple[np.ndarray, list[bool]]:
+    def _to_host(pixels: torch.Tensor, before_wait: Callable[[], None] | None = None) -> tuple[np.ndarray, list[bool]]:
         """Decoded pixels [B, 3, H, W] in [-1, 1] → uint8 [B, H, W, 3] on the host, and whether each row was
         finite. Both are computed on the device; from a GPU they come into pinned memory, behind its queued
-        work, and the host waits once for both."""
+        work, and the host waits once for both, after `before_wait`."""
         finite = torch.isfinite(pixels).flatten(1).all(dim=1)
         images = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         if pixels.device.type != "cuda":
+            if before_wait is not None:
+                before_wait()
             return images.numpy(), finite.tolist()
         host_images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True).copy_(images, non_blocking=True)
         host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+        if before_wait is not None:
+            before_wait()
         torch.cuda.current_stream(pixels.device).synchronize()
         return host_images.numpy(), host_finite.tolist()
 

@@ -87,6 +87,19 @@ def test_rows_of_other_guidance_share_a_batch_and_give_their_own_images(builtin_
         builtin_pipe.generate(PROMPTS, seeds=seeds, guidance_scale=[7.5, 1.0], **kwargs)
 
 
+def test_inputs_prepared_ahead_give_the_same_images_and_before_wait_comes_last(builtin_pipe):
+    rows = dict(seeds=[7, 8], guidance_scale=[7.5, 1.0], height=32, width=32)
+    kwargs = dict(rows, steps=2, scheduler="euler_a", output="np")  # euler_a draws step noise from each row's generator
+    plain = builtin_pipe.generate(PROMPTS[:2], **kwargs)
+    events = []
+    ahead = builtin_pipe.generate(PROMPTS[:2], **kwargs, prepared=builtin_pipe.prepare(PROMPTS[:2], **rows),
+                                  progress=lambda step, total: events.append(step), before_wait=lambda: events.append("wait"))
+    assert events == [1, 2, "wait"]  # every step queued before the host may prepare the next call
+    assert all(np.array_equal(a, b) for a, b in zip(plain, ahead))
+    with pytest.raises(ValueError, match="prepared for other rows"):
+        builtin_pipe.generate(PROMPTS[1:3], **kwargs, prepared=builtin_pipe.prepare(PROMPTS[:2], **rows))
+
+
 @pytest.mark.parametrize("few_threads", [2], indirect=True)
 def test_on_the_cpu_guided_rows_share_the_unet_and_the_rest_go_a_row_at_a_time(builtin_pipe, monkeypatch, few_threads):
     monkeypatch.setattr(builtin_pipe, "batching", Batching.for_device("cpu", torch.float32, threads=few_threads))
