@@ -30,6 +30,7 @@ The last attempt's image is written with `kept = false` (or, with --drop-rejecte
 import os
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -123,6 +124,7 @@ class ShardRunner:
                                        self.pipe.device) if spec.scores else None
         self._tries: dict[str, _Tries] = {}  # the current shard's rows under --keep, by image id
         self._next_round: list[WorkItem] = []  # their next attempts
+        self._prepared: tuple | None = None  # (_call_key, Pipeline.prepare's result) for the next call
         self._scoring_seconds = 0.0
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
@@ -191,11 +193,13 @@ class ShardRunner:
         attempt_round = rows.items
         while attempt_round:  # the rows, then round after round the next attempts of those --keep rejected
             self._next_round = []
-            for batch in batches(attempt_round, lambda item: self.batch_sizes.rows(item.height, item.width)):
+            round_batches = batches(attempt_round, lambda item: self.batch_sizes.rows(item.height, item.width))
+            for batch, next_batch in zip(round_batches, round_batches[1:] + [None]):
                 t = time.perf_counter()
-                errors += self._run_batch(shard_writer, batch)
+                errors += self._run_batch(shard_writer, batch, next_batch)
                 generating += time.perf_counter() - t
             attempt_round = self._next_round
+        self._prepared = None  # made for a call that did not come (a halved batch); its memory goes back
         if rows.items and len(errors) == len(rows.items):
             raise ShardFailed(f"{shard.id}: all {len(errors)} images failed; the first error: {errors[0]}")
         if shard.piece:  # one row of a split shard: the driver commits the shard once every piece is back
@@ -209,21 +213,20 @@ class ShardRunner:
                 "generating_seconds": generating, "scoring_seconds": self._scoring_seconds,
                 "seconds": time.perf_counter() - start}
 
-    def _run_batch(self, shard_writer: ShardWriter, batch: list[WorkItem]) -> list[str]:
+    def _run_batch(self, shard_writer: ShardWriter, batch: list[WorkItem],
+                   next_batch: list[WorkItem] | None) -> list[str]:
         """Generate one batch, in calls of its size's rows (fewer once a call runs out of memory), and record
-        every image's outcome; returns the errors (not NaNs) recorded."""
+        every image's outcome; returns the errors (not NaNs) recorded. Each call prepares the next one's
+        inputs (this batch's next rows, or `next_batch`'s first) before it waits for its images."""
         height, width = batch[0].height, batch[0].width
         errors, done = [], 0
         while done < len(batch):
-            rows = self.batch_sizes.rows(height, width)
-            chunk = batch[done:done + rows]
-            # Pad rows repeat the last row and are dropped: a compiled UNet meets only the buckets' row counts.
-            pad = self.batch_sizes.padded(len(chunk), rows) - len(chunk) if self.pad_batches else 0
-            padded = chunk + [chunk[-1]] * pad
+            chunk, padded = self._call_rows(batch, done)
+            following = (batch, done + len(chunk)) if done + len(chunk) < len(batch) else (next_batch, 0)
             start = time.perf_counter()
             failure, out_of_memory = None, False
             try:
-                images = self._generate(padded)[:len(chunk)]
+                images = self._generate(padded, lambda: self._prepare(*following))[:len(chunk)]
             except NonFiniteOutputError as e:
                 images = e.images[:len(chunk)]
             except torch.OutOfMemoryError as e:
@@ -242,6 +245,30 @@ class ShardRunner:
                 errors += self._run_alone(shard_writer, chunk, failure)
             done += len(chunk)
         return errors
+
+    def _call_rows(self, batch: list[WorkItem], done: int) -> tuple[list[WorkItem], list[WorkItem]]:
+        """The rows of `batch`'s pipeline call that starts at row `done`, and those padded to a bucket
+        (pad rows repeat the last row and are dropped: a compiled UNet meets only the buckets' row counts)."""
+        rows = self.batch_sizes.rows(batch[0].height, batch[0].width)
+        chunk = batch[done:done + rows]
+        pad = self.batch_sizes.padded(len(chunk), rows) - len(chunk) if self.pad_batches else 0
+        return chunk, chunk + [chunk[-1]] * pad
+
+    def _prepare(self, batch: list[WorkItem] | None, done: int) -> None:
+        """Encode the prompts and draw the noise of the call that will come next (Pipeline.prepare), while
+        the device still works on this one."""
+        self._prepared = None
+        if batch is None:
+            return
+        _, padded = self._call_rows(batch, done)
+        first = padded[0]
+        try:
+            self._prepared = (_call_key(padded), self.pipe.prepare(
+                [i.prompt for i in padded], seeds=[i.seed for i in padded],
+                negative_prompts=[i.negative_prompt for i in padded], guidance_scale=[i.guidance_scale for i in padded],
+                height=first.height, width=first.width))
+        except Exception:  # the call itself prepares them again, and meets the error where it is handled
+            self._prepared = None
 
     def _run_alone(self, shard_writer: ShardWriter, batch: list[WorkItem], batch_error: str) -> list[str]:
         """After a batch failed: each of its rows once more on its own, to find the rows at fault."""
@@ -305,12 +332,15 @@ class ShardRunner:
                          seconds=tries.seconds, scores=columns)
         return True
 
-    def _generate(self, batch: list[WorkItem]) -> list:
+    def _generate(self, batch: list[WorkItem], before_wait: Callable[[], None] | None = None) -> list:
         first = batch[0]  # a batch shares size, steps and scheduler (see plan.WorkItem.batch_key)
+        prepared, self._prepared = self._prepared, None
         return self.pipe.generate(
             [i.prompt for i in batch], seeds=[i.seed for i in batch], negative_prompts=[i.negative_prompt for i in batch],
             steps=first.steps, guidance_scale=[i.guidance_scale for i in batch], height=first.height, width=first.width,
             scheduler=first.scheduler, output="np", progress=self._time_limit(len(batch)),
+            prepared=prepared[1] if prepared is not None and prepared[0] == _call_key(batch) else None,
+            before_wait=before_wait,
         )
 
     def _time_limit(self, images: int):
@@ -338,6 +368,11 @@ class ShardRunner:
     def close(self) -> None:
         self.writer.close()
         self.manifest.close()
+
+
+def _call_key(items: list[WorkItem]) -> tuple:
+    """What identifies a pipeline call's rows (an image id's later --keep attempts have other seeds)."""
+    return tuple((i.id, i.seed) for i in items)
 
 
 def _describe(error: BaseException) -> str:

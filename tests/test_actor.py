@@ -223,6 +223,25 @@ def test_out_of_memory_halves_the_batch_for_its_size_and_keeps_the_images(tmp_pa
         assert (pixels(pngs[image_id]) == reference(pipe, f"p{image_id}", seed_of(image_id))).all(), image_id
 
 
+def test_each_call_prepares_the_next_one_before_it_waits_for_its_images(tmp_path, pipe, monkeypatch):
+    # Two groups (steps 2 and 3): batches of 2, 1 and 2 rows; the next call may be in the next group.
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=[f"p{i}" for i in range(5)], steps=[2, 2, 2, 3, 3])
+    runner = make_runner(manifest, tmp_path / "out", batch_size=2)
+    calls, real = [], runner.pipe.generate
+
+    def generate(prompts, **kwargs):
+        calls.append((list(prompts), kwargs["prepared"] is not None))
+        return real(prompts, **kwargs)
+
+    monkeypatch.setattr(runner.pipe, "generate", generate)
+    assert [(r["images"], r["failures"]) for r in run_all(runner, 5, 5)] == [(5, 0)]
+    assert calls == [(["p0", "p1"], False), (["p2"], True), (["p3", "p4"], True)]
+    meta, _ = read_dataset(tmp_path / "out")
+    pngs = check_images(tmp_path / "out", meta)
+    for image_id, row in meta.items():
+        assert (pixels(pngs[image_id]) == reference(pipe, row["prompt"], row["seed"], steps=row["steps"])).all()
+
+
 def test_a_compiled_actor_compiles_the_default_size_before_its_first_shard(tmp_path):
     from torch._dynamo.utils import counters
 
