@@ -46,7 +46,8 @@ from jobs.lease import Lease, LeaseLost, check_holder
 from jobs.manifest import Defaults, open_manifest, validate
 from jobs.plan import Shard, manifest_shards, read_shard
 from jobs.progress import Progress
-from jobs.sink import DEFAULT_SHARD_SIZES, FORMATS, PNG, ImageEncoding, ImageWriter, JobSpec, Output, ShardWriter
+from jobs.sink import (DEFAULT_SHARD_SIZES, FORMATS, PNG, ImageEncoding, ImageWriter, JobSpec, Output, ShardWriter,
+                       identity_of)
 from sdcore.errors import SdcoreError
 
 MODES = ("auto", "resume", "overwrite")
@@ -230,7 +231,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     existing = out.check(job, mode=opts.mode)
     if job.dtype is None and existing is not None and opts.mode != "overwrite":
         # A resume stays exact whatever machine runs it: auto continues in the dtype the dataset was made in.
-        job.dtype = existing.get("identity", {}).get("dtype")
+        job.dtype = identity_of(existing).get("dtype")
     if job.shard_size is None:  # a default that depends on --format must not break continuing older jobs
         continued = existing is not None and opts.mode != "overwrite"
         job.shard_size = existing["identity"]["shard_size"] if continued else DEFAULT_SHARD_SIZES[opts.format]

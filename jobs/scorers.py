@@ -216,7 +216,7 @@ def keep_report(out) -> dict | None:
     from jobs import sink, storage
 
     job = out.read_job()
-    keep = (job or {}).get("identity", {}).get("keep")
+    keep = sink.identity_of(job).get("keep")
     if not keep:
         return None
     clauses = KeepRule(keep, tuple(c for cs in SCORE_COLUMNS.values() for c in cs) + PARAM_COLUMNS).clauses

@@ -370,7 +370,7 @@ class JobSpec:
 
 def sharding_of(job: dict) -> str:
     """How a job.json's shards are cut; one written before image shards says nothing: rows."""
-    sharding = job.get("identity", {}).get("sharding")
+    sharding = identity_of(job).get("sharding")
     if sharding is None:  # the two schemes agree then: such a dataset goes on as an image-sharded one
         return "images" if job["images"] == job["rows"] else "rows"
     return sharding
@@ -598,7 +598,7 @@ class Output:
             elif mode == "overwrite":
                 self._dataset_files()
             else:
-                there = {"image_format": "png", **NO_SCORING, **existing.get("identity", {}),
+                there = {"image_format": "png", **NO_SCORING, **identity_of(existing),
                          "sharding": sharding_of(existing), "format": output_format_of(existing)}
                 now = job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
