@@ -21,7 +21,7 @@ from sdcore.clip_vision import CLIPImageEncoder, CLIPModel, CLIPVisionConfig
 from sdcore.errors import UnsupportedModelError, WeightsError
 from sdcore.scoring import CLIP_MEAN, CLIP_STD, AestheticPredictor, SafetyChecker
 from sdcore.tokenizer import Tokenizer
-from sdcore.weights import (POSITION_IDS, TensorFile, _pick_weight_file, _read_json, assign_weights,
+from sdcore.weights import (POSITION_IDS, TensorFile, _pick_weight_file, _read_json, assign_weights, fit_problems,
                             weight_file_names, weights_fingerprint)
 
 AESTHETIC_SUFFIXES = (".safetensors", ".pth")  # the predictor's weight file: safetensors first (no pickle)
@@ -193,14 +193,7 @@ def _adopt(module: nn.Module, file: TensorFile, device, dtype, rename=lambda key
     the file's tensors, converted one at a time."""
     names = {rename(key): key for key in file.shapes
              if key not in UNUSED and not key.endswith(POSITION_IDS) and not key.startswith(skip)}
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = [k for k in expected if k not in names]
-    unexpected = [names[k] for k in names if k not in expected]
-    wrong = [f"{names[k]} is {list(file.shapes[names[k]])}, expected {list(s)}"
-             for k, s in expected.items() if k in names and file.shapes[names[k]] != s]
-    problems = [f"{len(found)} {what} ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''})"
-                for what, found in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
-                if found]
+    problems = fit_problems(module, {k: file.shapes[key] for k, key in names.items()}, in_file=names.__getitem__)
     if problems:
         raise WeightsError(f"{file.path}: the weights do not fit {type(module).__name__}: {'; '.join(problems)}")
     return assign_weights({"": module}, lambda _, k: file[names[k]], device, dtype)[""]

@@ -15,6 +15,7 @@ checked before any tensor is read, so a wrong file fails whole, never half-loade
 """
 import hashlib
 import json
+import operator
 import os
 import pickle
 from collections.abc import Callable, Iterable
@@ -456,15 +457,8 @@ def _load_modules(configs: dict, sources: dict[str, dict[str, tuple[TensorFile, 
     modules = on_meta(configs)
     problems = []
     for c, module in modules.items():
-        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         found = {k: f.shapes[key] for k, (f, key) in sources[c].items()}
-        missing = [shown(c, k) for k in expected if k not in found]
-        unexpected = [sources[c][k][1] for k in found if k not in expected]
-        wrong = [f"{sources[c][k][1]} is {list(found[k])}, expected {list(shape)}"
-                 for k, shape in expected.items() if k in found and not _fits(found[k], shape)]
-        parts = [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
-                 for what, names in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
-                 if names]
+        parts = fit_problems(module, found, in_file=lambda k: sources[c][k][1], ours=lambda k: shown(c, k), fits=_fits)
         if parts:
             problems.append(f"{c}: {'; '.join(parts)}")
     if problems:
@@ -475,6 +469,22 @@ def _load_modules(configs: dict, sources: dict[str, dict[str, tuple[TensorFile, 
         return f[key]
 
     return assign_weights(modules, read, device, dtype)
+
+
+def fit_problems(module: nn.Module, found: dict[str, tuple[int, ...]], *, in_file: Callable[[str], str],
+                 ours: Callable[[str], str] = lambda k: k,
+                 fits: Callable[[tuple, tuple], bool] = operator.eq) -> list[str]:
+    """Why a file's tensors `found` (by the module's parameter name -> shape) do not fit `module`: the
+    counts of missing, unexpected and wrongly shaped ones, a few named each; empty when they fit.
+    `in_file(k)` is a found tensor's name in the file, `ours(k)` how to name a missing one."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [ours(k) for k in expected if k not in found]
+    unexpected = [in_file(k) for k in found if k not in expected]
+    wrong = [f"{in_file(k)} is {list(found[k])}, expected {list(shape)}"
+             for k, shape in expected.items() if k in found and not fits(found[k], shape)]
+    return [f"{len(names)} {what} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
+            if names]
 
 
 def _fits(found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
