@@ -133,10 +133,6 @@ class ScoreSpec:
                 "drop_rejected": self.drop_rejected}
 
 
-# What identity() says for a job without scores: a dataset written before scoring existed.
-NO_SCORING = ScoreSpec().identity() | {"scorer_fingerprints": {}}
-
-
 def parse_scores(text: str | None) -> tuple[str, ...]:
     """--score clip,nsfw -> ("clip", "nsfw") in SCORES' order."""
     if not text:
