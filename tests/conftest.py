@@ -39,3 +39,20 @@ def s3_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def full_sd15_folder(tmp_path_factory):
+    """A diffusers folder of random full-size SD v1.5 weights (the release's configs), written once per
+    session for the generation-mode tests; the reference models are freed once saved."""
+    import gc
+    import shutil
+
+    from tests.reference import reference_text_encoder, reference_unet, reference_vae, sd15_config, write_diffusers_folder
+
+    root = tmp_path_factory.mktemp("sd15-modes")
+    folder = write_diffusers_folder(root / "model", reference_unet(sd15_config("unet")), reference_vae(sd15_config("vae")),
+                                    reference_text_encoder(sd15_config("text_encoder")))
+    gc.collect()
+    yield folder
+    shutil.rmtree(root)  # 4.3 GB
