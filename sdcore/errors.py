@@ -13,6 +13,10 @@ class WeightsError(SdcoreError):
     """A weight file or folder is missing, truncated, or does not match the architecture."""
 
 
+class EmbeddingError(SdcoreError, ValueError):
+    """A textual-inversion embedding file is unreadable, of no known layout, or does not fit the model."""
+
+
 class CompileUnavailableError(SdcoreError):
     """torch.compile cannot build code on this machine (no C++ compiler for the CPU, no Triton for a GPU)."""
 

@@ -15,6 +15,7 @@ import functools
 import gzip
 import json
 import unicodedata
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -61,15 +62,42 @@ def normalize(text: str) -> str:
     return text.replace("Σ", "σ").lower()
 
 
+class AddedTokens:
+    """Tokens added after training (textual inversion), found in a text as transformers finds tokens added
+    to CLIPTokenizer: in the normalised text (so in any case), anywhere, inside words too, leftmost first
+    and of those the longest; the text between two of them is split into words on its own."""
+
+    def __init__(self, values: dict[str, object]):  # token as declared (no whitespace) -> what it stands for
+        self.values = {normalize(token): value for token, value in values.items()}
+        longest_first = sorted(self.values, key=len, reverse=True)
+        self.pattern = regex.compile("|".join(map(regex.escape, longest_first))) if values else None
+
+    def split(self, normalized: str) -> Iterator[tuple[str, object]]:
+        """(text before a token, the token's value) for each token in `normalized`, then (the rest, None)."""
+        start = 0
+        for match in self.pattern.finditer(normalized) if self.pattern else ():
+            yield normalized[start : match.start()], self.values[match.group()]
+            start = match.end()
+        yield normalized[start:], None
+
+
 class Tokenizer:
     max_length = 77
 
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], added: dict[str, list[int]] | None = None):
         self.vocab = vocab
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.merges = merges
         self.bos_id = vocab[BOS]
         self.eos_id = vocab[EOS]
+        self.added = dict(added or {})  # token as declared -> the ids it stands for
+        self._added_tokens = AddedTokens(self.added)
         self._cache: dict[str, list[int]] = {}
+
+    def with_added_tokens(self, added: dict[str, list[int]]) -> "Tokenizer":
+        """A tokenizer that also knows `added` (token -> the ids it stands for), leaving this one as it is:
+        `Tokenizer.default()` is shared by every pipeline of the process."""
+        return Tokenizer(self.vocab, self.merges, {**self.added, **added})
 
     @classmethod
     def from_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> "Tokenizer":
@@ -130,8 +158,10 @@ class Tokenizer:
             if piece == BOS or piece == EOS:
                 ids.append(self.vocab[piece])
             else:
-                for word in WORDS.findall(normalize(piece)):
-                    ids += self.bpe(word)
+                for text, token_ids in self._added_tokens.split(normalize(piece)):
+                    for word in WORDS.findall(text):
+                        ids += self.bpe(word)
+                    ids += token_ids or []
             if limit is not None and len(ids) >= limit:
                 return ids[:limit]
         return ids

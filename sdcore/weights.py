@@ -405,15 +405,21 @@ def _safetensors_header(path: Path, size: int) -> bytes:
     return raw
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def read_torch_file(path: Path) -> object:
+    """What a PyTorch pickle holds, read with weights_only=True: tensors, dicts, lists, numbers and strings
+    only, so no code from the file runs."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"{path}: holds Python objects other than tensors, which sdbatch does not unpickle (weights_only=True, "
             f"so no code from the file runs); convert it to .safetensors. ({_first_line(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint; truncated or corrupt? ({_first_line(e)})") from None
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    obj = read_torch_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
