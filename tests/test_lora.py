@@ -1,0 +1,113 @@
+"""LoRA adapters: both file formats equal diffusers' load_lora_weights + set_adapters, and switching
+adapter sets leaves the base weights bit-identical."""
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sdcore
+from sdcore.errors import LoRAError
+from sdcore.lora import Adapters, lora_problems, read_lora
+from tests.reference import reference_pipeline
+from tests.test_pipeline import tiny_folder  # noqa: F401 (a fixture)
+
+GENERATE = dict(steps=3, guidance_scale=7.5, height=64, width=48)
+PROMPTS, SEEDS = ["a red fox in snow", "a lighthouse at dusk"], [7, 8]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_folder):  # noqa: F811
+    return sdcore.load_pipeline(str(tiny_folder))
+
+
+def layer_names(pipe, component: str, ends: tuple[str, ...]) -> list[str]:
+    """The component's linear and convolution layers whose names end with one of `ends`."""
+    return [name for name, m in getattr(pipe, component).named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(ends)]
+
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CONVS = ("resnets.0.conv1", "conv_shortcut", "proj_in", "downsamplers.0.conv")  # 3x3 and 1x1
+TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def write_lora(path, pipe, layers: dict[str, list[str]], kohya: bool, rank: int, seed: int, alpha: float | None = None):
+    """A LoRA of seeded random tensors over `layers` ({component: module names}), in kohya's or diffusers' format."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for component, names in layers.items():
+        modules = dict(getattr(pipe, component).named_modules())
+        for name in names:
+            weight = modules[name].weight
+            down = torch.randn(rank, *weight.shape[1:], generator=gen) / math.sqrt(weight[0].numel())
+            up = torch.randn(weight.shape[0], rank, *[1] * (weight.ndim - 2), generator=gen) * 0.5 / math.sqrt(rank)
+            if kohya:
+                full = ("text_model." if component == "text_encoder" else "") + name
+                prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + full.replace(".", "_")
+                tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up}
+                if alpha is not None:
+                    tensors[f"{prefix}.alpha"] = torch.tensor(alpha)
+            else:
+                prefix = {"unet": "unet.", "text_encoder": "text_encoder.text_model."}[component] + name
+                tensors |= {f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up}
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_files(pipe, tmp_path_factory):
+    """name → path: a kohya LoRA with alpha over attention, convolutions and the text encoder, a diffusers one
+    over the same kinds of layers, and one for each component alone."""
+    root = tmp_path_factory.mktemp("loras")
+    attention, convs = layer_names(pipe, "unet", ATTENTION), layer_names(pipe, "unet", CONVS)
+    text = layer_names(pipe, "text_encoder", TEXT)
+    assert attention and convs and text
+    feed_forward = layer_names(pipe, "unet", ("ff.net.0.proj", "ff.net.2", "time_emb_proj"))
+    return {
+        "kohya": write_lora(root / "kohya.safetensors", pipe, {"unet": attention + convs, "text_encoder": text},
+                            kohya=True, rank=4, seed=1, alpha=2.0),
+        "peft": write_lora(root / "peft.safetensors", pipe, {"unet": attention[::2] + feed_forward + convs[1:],
+                                                            "text_encoder": text[::2]}, kohya=False, rank=8, seed=2),
+        "unet_only": write_lora(root / "unet.safetensors", pipe, {"unet": attention + convs}, kohya=True, rank=3, seed=3),
+        "text_only": write_lora(root / "text.safetensors", pipe, {"text_encoder": text}, kohya=False, rank=2, seed=4),
+    }
+
+
+def generate_both(tiny_folder, pipe, lora_files, adapters: list[tuple[str, float]], output: str):  # noqa: F811
+    """(sdcore's, diffusers') outputs for PROMPTS with the named LoRA files at their scales."""
+    reference = reference_pipeline(tiny_folder, "ddim")
+    for name, _ in adapters:
+        reference.load_lora_weights(str(lora_files[name]), adapter_name=name)
+    reference.set_adapters([name for name, _ in adapters], adapter_weights=[scale for _, scale in adapters])
+    theirs = reference(PROMPTS, num_inference_steps=GENERATE["steps"], guidance_scale=GENERATE["guidance_scale"],
+                       height=GENERATE["height"], width=GENERATE["width"], output_type=output,
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
+    active = Adapters(pipe)
+    active.activate([(read_lora(lora_files[name], name), scale) for name, scale in adapters])
+    try:
+        ours = pipe.generate(PROMPTS, seeds=SEEDS, scheduler="ddim", output=output, **GENERATE)
+    finally:
+        active.activate([])
+    return ours, theirs
+
+
+@pytest.mark.parametrize("adapters", [
+    [("kohya", 0.8), ("peft", 0.5)],
+    [("unet_only", 1.0)],
+    [("text_only", 1.3)],
+], ids=["kohya+peft", "unet-only", "text-encoder-only"])
+def test_equals_diffusers_lora(tiny_folder, pipe, lora_files, adapters):  # noqa: F811
+    ours, theirs = generate_both(tiny_folder, pipe, lora_files, adapters, "latent")
+    base = pipe.generate(PROMPTS, seeds=SEEDS, scheduler="ddim", output="latent", **GENERATE)
+    for a, b, plain in zip(ours, theirs, base):
+        print(adapters, "latent max diff", (a - b).abs().max().item(), "lora effect", (a - plain).abs().max().item())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert (a - plain).abs().max() > 0.05, "the LoRA should change the latents"
+    ours, theirs = generate_both(tiny_folder, pipe, lora_files, adapters, "np")
+    for a, b in zip(ours, theirs):
+        b = (b * 255).round().astype(np.uint8)
+        print(adapters, "uint8 max diff", np.abs(a.astype(int) - b.astype(int)).max())
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
