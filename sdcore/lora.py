@@ -65,7 +65,7 @@ def read_lora(path, name: str) -> LoRA:
 
 
 def _layers(tensors: dict, prefixes: dict, suffixes: dict, where: str) -> list[LoRALayer]:
-    """The file's tensors grouped into layers, in the file's order of their down weights."""
+    """The file's tensors grouped into layers."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         base, suffix = next(((key.removesuffix("." + s), kind) for s, kind in suffixes.items() if key.endswith("." + s)),
@@ -103,7 +103,7 @@ def _fits(layer: LoRALayer, module: nn.Module) -> bool:
 
 
 def lora_problems(pipe, lora: LoRA) -> list[str]:
-    """The file's keys (down weights, in the file's order) whose layer the model lacks or whose shapes do not
+    """The file's keys (of down weights) whose layer the model lacks or whose shapes do not
     fit it; [] when the whole LoRA fits."""
     return _misfits(_targets(pipe), lora)
 

@@ -111,3 +111,92 @@ def test_equals_diffusers_lora(tiny_folder, pipe, lora_files, adapters):  # noqa
         b = (b * 255).round().astype(np.uint8)
         print(adapters, "uint8 max diff", np.abs(a.astype(int) - b.astype(int)).max())
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_switching_sets_many_times_leaves_the_base_weights_bit_identical(pipe, lora_files):
+    loras = {name: read_lora(path, name) for name, path in lora_files.items()}
+    snapshot = {name: p.detach().clone() for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]}
+    sets = [[(loras["kohya"], 0.8)], [(loras["kohya"], 0.8), (loras["peft"], 0.5)], [(loras["text_only"], 1.3)],
+            [(loras["unet_only"], -0.7), (loras["kohya"], 0.3)], [], [(loras["peft"], 1.0)]]
+    adapters = Adapters(pipe)
+    merged = {}  # each set's weights, the first time it was active
+    for i in range(60):
+        adapters.activate(sets[i % len(sets)])
+        assert adapters.active == tuple((lora.name, scale) for lora, scale in sets[i % len(sets)])
+        weights = [m.weight.detach().clone() for component in (pipe.unet, pipe.text_encoder) for m in component.modules()
+                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        for a, b in zip(merged.setdefault(i % len(sets), weights), weights):
+            assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(merged[0], merged[1]))
+    adapters.activate([])
+    for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
+        assert torch.equal(p, snapshot[name]), name
+
+
+def test_keys_that_do_not_fit_are_named(pipe, tmp_path):
+    tensors = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.lora_A.weight": torch.zeros(2, 32),  # no such layer
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.lora_B.weight": torch.zeros(32, 2),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.zeros(2, 768),  # SD 1.5's width
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": torch.zeros(32, 2),
+        "unet.down_blocks.0.resnets.0.conv1.lora_A.weight": torch.zeros(2, 32),  # a linear LoRA for a 3x3 convolution
+        "unet.down_blocks.0.resnets.0.conv1.lora_B.weight": torch.zeros(32, 2),
+        "unet.down_blocks.0.resnets.0.norm1.lora_A.weight": torch.zeros(2, 32),  # not a linear or convolution layer
+        "unet.down_blocks.0.resnets.0.norm1.lora_B.weight": torch.zeros(32, 2),
+    }
+    save_file(tensors, str(tmp_path / "misfit.safetensors"))
+    lora = read_lora(tmp_path / "misfit.safetensors", "misfit")
+    problems = lora_problems(pipe, lora)
+    assert sorted(problems) == sorted(k for k in tensors if k.endswith("lora_A.weight") and "to_q" not in k)
+    with pytest.raises(LoRAError, match="to_x"):
+        Adapters(pipe).activate([(lora, 1.0)])
+    assert lora_problems(pipe, read_lora(write_lora(tmp_path / "fits.safetensors", pipe, {"unet": ["conv_in"]}, kohya=True,
+                                                    rank=2, seed=0), "fits")) == []
+
+
+def test_sha256_is_of_the_files_bytes(lora_files):
+    path = lora_files["kohya"]
+    assert read_lora(path, "kohya").sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("tensors, message", [
+    (None, "cannot read"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, "neither"),
+    ({}, "neither"),
+    ({"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}, "unsupported key 'lora_unet_conv_in.hada_w1_a'"),
+    ({"unet.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3)}, "lacks its up weight"),
+    ({"unet.conv_in.lora_A.weight": torch.zeros(2, 4), "lora_unet_conv_in.lora_up.weight": torch.zeros(2, 2)}, "neither"),
+], ids=["garbage", "a checkpoint", "empty", "LoHa", "half a layer", "mixed formats"])
+def test_files_that_are_not_loras_raise_lora_error(tmp_path, tensors, message):
+    path = tmp_path / "bad.safetensors"
+    if tensors is None:
+        path.write_bytes(b"\x00garbage" * 10)
+    else:
+        save_file(tensors, str(path))
+    with pytest.raises(LoRAError, match=message):
+        read_lora(path, "bad")
+    with pytest.raises(LoRAError, match="cannot read"):
+        read_lora(tmp_path / "missing.safetensors", "missing")
+
+
+def test_compiled_unet_sees_each_merged_set(lora_files):
+    pipe = sdcore.load_pipeline("builtin:tiny")
+    pipe.compile()
+    with pytest.raises(ValueError, match="before Pipeline.compile"):
+        Adapters(pipe)
+    pipe = sdcore.load_pipeline("builtin:tiny")
+    lora = read_lora(write_lora(lora_files["kohya"].parent / "builtin.safetensors", pipe,
+                                {"unet": layer_names(pipe, "unet", ATTENTION + CONVS)}, kohya=True, rank=4, seed=5), "b")
+    adapters = Adapters(pipe)
+    kwargs = dict(steps=2, height=32, width=32, scheduler="ddim", output="latent")
+    eager = {}
+    for scale in (1.0, 0.0, -1.0):
+        adapters.activate([(lora, scale)])
+        eager[scale] = pipe.generate(["a fox"], seeds=[3], **kwargs)[0]
+    pipe.compile()
+    for scale in (1.0, 0.0, -1.0):
+        adapters.activate([(lora, scale)])
+        torch.testing.assert_close(pipe.generate(["a fox"], seeds=[3], **kwargs)[0], eager[scale], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(eager[1.0], eager[-1.0], atol=1e-2)
