@@ -114,7 +114,9 @@ def _misfits(targets: dict[tuple[str, str], nn.Module], lora: LoRA) -> list[str]
 
 
 class Adapters:
-    """Merges sets of LoRAs into a pipeline's UNet and text encoder weights, one set at a time."""
+    """Merges sets of LoRAs into a pipeline's UNet and text encoder weights, one set at a time.
+
+    One per pipeline: another would take the weights this one merged for the base weights."""
 
     def __init__(self, pipe):
         if pipe.compiled and pipe.device.type == "cpu":

@@ -113,7 +113,9 @@ def test_equals_diffusers_lora(tiny_folder, pipe, lora_files, adapters):  # noqa
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
-def test_switching_sets_many_times_leaves_the_base_weights_bit_identical(pipe, lora_files):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_switching_sets_many_times_leaves_the_base_weights_bit_identical(tiny_folder, pipe, lora_files, dtype):  # noqa: F811
+    pipe = pipe if dtype == torch.float32 else sdcore.load_pipeline(str(tiny_folder), dtype=dtype)
     loras = {name: read_lora(path, name) for name, path in lora_files.items()}
     snapshot = {name: p.detach().clone() for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]}
     sets = [[(loras["kohya"], 0.8)], [(loras["kohya"], 0.8), (loras["peft"], 0.5)], [(loras["text_only"], 1.3)],
@@ -200,3 +202,31 @@ def test_compiled_unet_sees_each_merged_set(lora_files):
         adapters.activate([(lora, scale)])
         torch.testing.assert_close(pipe.generate(["a fox"], seeds=[3], **kwargs)[0], eager[scale], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(eager[1.0], eager[-1.0], atol=1e-2)
+
+
+@pytest.mark.full_size
+def test_full_size_lora_equals_diffusers(full_sd15_folder, tmp_path):
+    import gc
+
+    kwargs = dict(steps=2, guidance_scale=7.5, height=64, width=64)
+    pipe = sdcore.load_pipeline(str(full_sd15_folder))
+    path = write_lora(tmp_path / "full.safetensors", pipe,
+                      {"unet": layer_names(pipe, "unet", ATTENTION + CONVS), "text_encoder": layer_names(pipe, "text_encoder", TEXT[:4])},
+                      kohya=True, rank=8, seed=6, alpha=4.0)
+    Adapters(pipe).activate([(read_lora(path, "full"), 0.7)])
+    ours = {output: pipe.generate(PROMPTS[:1], seeds=SEEDS[:1], scheduler="ddim", output=output, **kwargs)[0]
+            for output in ("latent", "np")}
+    del pipe
+    gc.collect()
+    reference = reference_pipeline(full_sd15_folder, "ddim")
+    reference.load_lora_weights(str(path), adapter_name="full")
+    reference.set_adapters(["full"], adapter_weights=[0.7])
+    theirs = {output: reference(PROMPTS[:1], num_inference_steps=kwargs["steps"], guidance_scale=kwargs["guidance_scale"],
+                                height=kwargs["height"], width=kwargs["width"], output_type=output,
+                                generator=torch.Generator("cpu").manual_seed(SEEDS[0])).images[0]
+              for output in ("latent", "np")}
+    print("full-size latent max diff", (ours["latent"] - theirs["latent"]).abs().max().item())
+    torch.testing.assert_close(ours["latent"], theirs["latent"], rtol=1e-3, atol=1e-3)
+    image = (theirs["np"] * 255).round().astype(np.uint8)
+    print("full-size uint8 max diff", np.abs(ours["np"].astype(int) - image.astype(int)).max())
+    assert np.abs(ours["np"].astype(int) - image.astype(int)).max() <= 2
