@@ -31,11 +31,12 @@ class LoRALayer:
     up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
     alpha: float
 
-    def delta(self, device: torch.device) -> torch.Tensor:
-        """(alpha / rank) * up @ down in float32 on `device`, shaped like the weight: [out, in] or [out, in, kh, kw]."""
+    def delta(self, scale: float, device: torch.device) -> torch.Tensor:
+        """scale * (alpha / rank) * up @ down in float32 on `device`, shaped like the weight: [out, in] or
+        [out, in, kh, kw]."""
         rank = self.down.shape[0]
         product = self.up.flatten(1).to(device, torch.float32) @ self.down.flatten(1).to(device, torch.float32)
-        return (product * (self.alpha / rank)).view(self.up.shape[0], *self.down.shape[1:])
+        return (product * (scale * self.alpha / rank)).view(self.up.shape[0], *self.down.shape[1:])
 
 
 @dataclass
@@ -103,8 +104,8 @@ def _fits(layer: LoRALayer, module: nn.Module) -> bool:
 
 
 def lora_problems(pipe, lora: LoRA) -> list[str]:
-    """The file's keys (of down weights) whose layer the model lacks or whose shapes do not
-    fit it; [] when the whole LoRA fits."""
+    """The file's keys (of down weights) whose layer the model lacks or whose shapes do not fit it; [] when the
+    whole LoRA fits. Reads only the modules' names and weight shapes."""
     return _misfits(_targets(pipe), lora)
 
 
@@ -128,19 +129,18 @@ class Adapters:
         self._targets = _targets(pipe)
         self._base: dict[tuple[str, str], torch.Tensor] = {}  # a host copy of every weight ever changed
         self._changed: set[tuple[str, str]] = set()  # the weights that now differ from their base
-        self._active: tuple[tuple[str, float], ...] = ()
-        self._active_identity: tuple = ()
+        self._merged: tuple[tuple[str, str, float], ...] = ()  # (name, sha256, scale) of the LoRAs merged now
 
     @property
     def active(self) -> tuple[tuple[str, float], ...]:
         """(name, scale) of the LoRAs merged now."""
-        return self._active
+        return tuple((name, scale) for name, _, scale in self._merged)
 
     @torch.no_grad()
     def activate(self, loras: Sequence[tuple[LoRA, float]]) -> None:
         """Merge exactly `loras` (each with its scale) into the base weights; [] restores the base weights."""
-        identity = tuple((lora.name, lora.sha256, float(scale)) for lora, scale in loras)
-        if identity == self._active_identity:
+        merged = tuple((lora.name, lora.sha256, float(scale)) for lora, scale in loras)
+        if merged == self._merged:
             return
         for lora, _ in loras:
             if problems := _misfits(self._targets, lora):
@@ -154,10 +154,9 @@ class Adapters:
         for target, layers in deltas.items():
             weight = self._targets[target].weight
             base = self._base.setdefault(target, weight.detach().to("cpu", copy=True))
-            merged = base.to(weight.device, torch.float32, copy=True)
+            new = base.to(weight.device, torch.float32, copy=True)
             for layer, scale in layers:
-                merged += scale * layer.delta(weight.device)
-            weight.copy_(merged)  # rounded once into the weight's dtype
+                new += layer.delta(scale, weight.device)
+            weight.copy_(new)  # rounded once into the weight's dtype
         self._changed = set(deltas)
-        self._active = tuple((lora.name, float(scale)) for lora, scale in loras)
-        self._active_identity = identity
+        self._merged = merged
