@@ -137,6 +137,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 class OneDNNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile, inductor picks the matmul (and packs frozen weights) itself; its lowering of
+        # oneDNN's op would need the weights frozen, which merged adapters rule out (sdcore.lora).
+        if torch.compiler.is_compiling():
+            return super().forward(x)
         return linear(x, self.weight, self.bias)
 
 

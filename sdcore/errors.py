@@ -28,3 +28,7 @@ class NonFiniteOutputError(SdcoreError):
         super().__init__(f"non-finite values (NaN/inf) in the output of batch rows {rows}")
         self.rows = rows
         self.images = images
+
+
+class LoRAError(SdcoreError, ValueError):
+    """A LoRA file that cannot be read, or is neither a kohya/A1111 nor a diffusers/PEFT LoRA."""

@@ -46,6 +46,8 @@ class Pipeline:
     _compiled_unet: Callable | None = field(default=None, init=False, repr=False)  # see compile()
     _cuda_graphs: bool = field(default=False, init=False, repr=False)  # the compiled UNet replays CUDA graphs
     _vae_decoder_fp32: nn.Module | None = field(default=None, init=False, repr=False)  # see _float32_decoder()
+    # compile() on the CPU freezes the UNet's weights into its code, unless they change (sdcore.lora.Adapters).
+    freeze_compiled_weights: bool = field(default=True, init=False)
     # Rows per UNet and VAE call: set from the device here and by compile(); a caller that changes the
     # torch thread count sets it again (sdcore.batching).
     batching: Batching = field(default=None, init=False)
@@ -69,7 +71,8 @@ class Pipeline:
         Each new input shape (batch, height, width) is compiled when first met, which takes minutes for
         SD v1.5 on a few CPU cores; every later step of that shape is faster. On the CPU the weights are
         frozen into the compiled code (inductor's `freezing`), so that its matmul and convolution kernels
-        get them pre-packed instead of re-laid out at every call. Images differ from the eager ones in
+        get them pre-packed instead of re-laid out at every call; not when `freeze_compiled_weights` is
+        off, as `sdcore.lora.Adapters` sets it to merge adapters between calls. Images differ from the eager ones in
         the low bits only, as on another device.
 
         Raises CompileUnavailableError at once where torch.compile cannot build code (no C++ compiler
@@ -114,7 +117,7 @@ class Pipeline:
         from torch._inductor import config as inductor_config
 
         # Read while compiling, so it has to be set around the call (torch.compile's options do not reach it).
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=self.freeze_compiled_weights):
             return self._compiled_unet(x, timesteps, context)
 
     def make_scheduler(self, name: str, overrides: dict | None = None):
