@@ -55,8 +55,17 @@ def refs(arr: pa.Array | None, base: str, n: int) -> list[ImageRef | None]:
         valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), bool)
         return [(d if d is not None else p) if ok else None for d, p, ok in zip(data, paths, valid.tolist())]
     if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-        return [None if v is None else v.as_buffer() for v in arr]  # zero-copy views into the table
+        return _views(arr)
     return [None if v is None else resolve(v, base) for v in arr.to_pylist()]
+
+
+def _views(arr: pa.Array) -> list[pa.Buffer | None]:
+    """Each cell of a binary column as a view of the column's bytes, not a copy (scalars would copy)."""
+    _, offsets, data = arr.buffers()
+    width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    ends = np.frombuffer(offsets, width)[arr.offset:arr.offset + len(arr) + 1].tolist()
+    valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), bool).tolist()
+    return [data.slice(lo, hi - lo) if ok else None for lo, hi, ok in zip(ends, ends[1:], valid)]
 
 
 def paths(arr: pa.Array | None) -> pa.Array | None:

@@ -364,7 +364,9 @@ def column(batch: pa.RecordBatch | pa.Table, name: str) -> pa.Array | None:
         arr = arr.cast(arr.type.value_type)
     if _is_string(arr.type) and not pa.types.is_string(arr.type):
         arr = arr.cast(pa.string())
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if isinstance(arr, pa.ChunkedArray):  # one chunk is used as it is: image bytes are not copied
+        return arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+    return arr
 
 
 def row_ids(batch: pa.RecordBatch | pa.Table, start: int) -> list[str]:
