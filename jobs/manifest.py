@@ -72,6 +72,7 @@ RESIZE_POLICIES = ("stretch", "crop")
 RESERVED = (
     "manifest_row", "scheduler_config", "model", "model_fingerprint", "image_path", "image_sha256",
     "generation_seconds", "sdbatch_version", "error", "attempts", "image",
+    "mode", "init_image_sha256", "mask_image_sha256", "embeddings",
 )
 # Names people use for our columns that no spelling distance would catch.
 ALIASES = {
