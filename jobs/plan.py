@@ -151,6 +151,13 @@ def manifest_shards(manifest: Manifest, shard_size: int, *, skip: Container[str]
     return image_shards(counts, shard_size, skip=skip)
 
 
+def mode_of(init_image: bool, mask_image: bool) -> str:
+    """What a row with (or without) an init image and a mask asks for."""
+    if not init_image:
+        return "txt2img"
+    return "inpaint" if mask_image else "img2img"
+
+
 @dataclass(frozen=True)
 class WorkItem:
     """One image to make."""
@@ -173,9 +180,7 @@ class WorkItem:
 
     @property
     def mode(self) -> str:
-        if self.init_image is None:
-            return "txt2img"
-        return "img2img" if self.mask_image is None else "inpaint"
+        return mode_of(self.init_image is not None, self.mask_image is not None)
 
     @property
     def batch_key(self) -> tuple:

@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from PIL import ExifTags, Image, PngImagePlugin
 
 from jobs import storage
+from jobs.adapters import LoRASet
 from jobs.manifest import Defaults
 from jobs.plan import ShardRows, WorkItem, count_shards, is_shard_id, shard_at, shard_id, shard_index
 from jobs.progress import duration
@@ -262,11 +263,12 @@ class Inputs:
     embeddings: tuple[str, ...] = ()
 
 
-def input_columns(item: WorkItem, inputs: Inputs, adapters: dict) -> dict:
-    """INPUT_FIELDS' values of one image; `adapters`: job.json's {"loras": {name: sha256}, "embeddings": {...}}."""
+def input_columns(loras: LoRASet, inputs: Inputs, adapters: dict) -> dict:
+    """INPUT_FIELDS' values of one image made with `loras`; `adapters`: job.json's {"loras": {name: sha256},
+    "embeddings": {token: sha256}}."""
     return {
         "init_image_sha256": inputs.init_image_sha256, "mask_image_sha256": inputs.mask_image_sha256,
-        "loras": [{"name": n, "scale": s, "sha256": adapters["loras"].get(n)} for n, s in item.loras],
+        "loras": [{"name": n, "scale": s, "sha256": adapters["loras"].get(n)} for n, s in loras],
         "embeddings": [{"token": t, "sha256": adapters["embeddings"].get(t)} for t in sorted(inputs.embeddings)],
     }
 
@@ -284,7 +286,7 @@ def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, mod
         "id": item.id, "prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
         "steps": item.steps, "guidance_scale": item.guidance_scale, "width": item.width, "height": item.height,
         "scheduler": item.scheduler, "mode": item.mode, "strength": item.strength,
-        **input_columns(item, inputs, adapters), "scheduler_config": scheduler_config, "model": model,
+        **input_columns(item.loras, inputs, adapters), "scheduler_config": scheduler_config, "model": model,
         "model_fingerprint": model_fingerprint, "model_revision": model_revision, "sdbatch_version": SDBATCH_VERSION,
     }
 
@@ -1088,7 +1090,7 @@ class ShardWriter:
             if r.future is None and self.format != "webdataset":
                 self.out.remove(self._image_path(r.item))
         paths = [None if r.future is None else self._image_path(r.item) for r in done]
-        inputs = [input_columns(r.item, r.inputs, self.adapters) for r in done]
+        inputs = [input_columns(r.item.loras, r.inputs, self.adapters) for r in done]
         columns = {
             **{f.name: [i[f.name] for i in inputs] for f in INPUT_FIELDS},
             "scheduler_config": [r.scheduler_config for r in done],
