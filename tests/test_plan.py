@@ -1,4 +1,5 @@
 """Shards, work items and batches: deterministic, lazy, and independent of how rows are cut."""
+import hashlib
 import itertools
 import tracemalloc
 
@@ -7,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import images
 from jobs.manifest import MAX_SEED, Defaults, derive_seed, open_manifest
 from jobs.plan import (Shard, WorkItem, batches, count_shards, image_shards, is_shard_id, manifest_shards, read_shard,
                        shard_at, shard_id, shard_index, shards, work_items)
@@ -169,6 +171,18 @@ def test_read_shard_resolves_image_paths_against_the_manifests_folder(tmp_path):
         (rows,) = [read_shard(m, s, Defaults()) for s in manifest_shards(m, 4)]
     assert [i.init_image for i in rows.items] == [f"{tmp_path}/imgs/a.png", "/abs/b.png"]
     assert rows.passthrough.num_columns == 0  # image columns never pass through
+
+
+def test_images_read_gives_the_bytes_and_their_sha256_from_files_uris_and_table_views(tmp_path):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    (tmp_path / "a.png").write_bytes(b"local")
+    MemoryFileSystem().pipe("/inputs/b.png", b"remote")
+    view = images.refs(pa.array([b"xxbytes"], pa.binary()).slice(0, 1), "", 1)[0]
+    for ref, data in ((str(tmp_path / "a.png"), b"local"), ("memory://inputs/b.png", b"remote"), (view, b"xxbytes")):
+        assert images.read(ref) == (data, hashlib.sha256(data).hexdigest())
+    with pytest.raises(FileNotFoundError):
+        images.read(str(tmp_path / "gone.png"))
 
 
 # --- shards of images: a row with many images spans several shards --------------------------------
