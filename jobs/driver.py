@@ -206,6 +206,16 @@ def scoring_problems(opts: RunOptions) -> list[str]:
     return problems
 
 
+def inpainting_problems(modes: dict[str, int], inpainting_unet: bool) -> list[str]:
+    """An inpainting UNet (9 input channels) makes only inpaint rows: the manifest's other modes
+    (`validate`'s image counts by mode) stop the job once an actor has loaded the model, before any shard."""
+    other = {mode: n for mode, n in sorted(modes.items()) if mode != "inpaint"}
+    if not inpainting_unet or not other:
+        return []
+    return [f"--model is an inpainting model, which needs an init_image and a mask_image on every row; "
+            f"the manifest also has {', '.join(f'{n:,} {mode}' for mode, n in other.items())} image(s)"]
+
+
 def joins_cluster(opts: RunOptions) -> bool:
     return bool(opts.ray_address or os.environ.get("RAY_ADDRESS"))
 
@@ -229,7 +239,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
                   "storage_options": opts.storage_options, "model_cache": opts.model_cache,
                   "scorers": {option: storage.redact_url(getattr(opts.scoring, option) or "") or None
                               for option, _ in SCORER_SOURCES.values()},
-                  "adapters": opts.adapters.settings()},
+                  "adapters": opts.adapters.settings(), "modes": summary.modes},
         scoring=opts.scoring.identity() | {"scorer_fingerprints": None if opts.scoring.scores else {}},
         # the files' sha256 come from the first actor, which reads them anyway
         adapters={"loras": None if opts.adapters.loras else {}, "embeddings": None if opts.adapters.embeddings else {}},

@@ -524,3 +524,11 @@ def test_a_shard_that_expires_twice_runs_its_rows_alone_and_only_the_hanging_row
     assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1
     assert "rows      4/4 done" in sdbatch("status", out).stdout
     assert time.monotonic() - start < 120
+
+
+def test_an_inpainting_model_refuses_manifests_with_other_modes():
+    assert driver.inpainting_problems({"inpaint": 3}, inpainting_unet=True) == []
+    assert driver.inpainting_problems({"txt2img": 2, "img2img": 1}, inpainting_unet=False) == []
+    assert driver.inpainting_problems({"inpaint": 3, "txt2img": 2, "img2img": 1}, inpainting_unet=True) == [
+        "--model is an inpainting model, which needs an init_image and a mask_image on every row; "
+        "the manifest also has 1 img2img, 2 txt2img image(s)"]
