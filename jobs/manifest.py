@@ -434,9 +434,11 @@ INTEGER_RANGES = (
 )
 
 
-def validate(manifest: Manifest, defaults: Defaults, lora_names: Collection[str] = ()) -> Summary:
+def validate(manifest: Manifest, defaults: Defaults, lora_names: Collection[str] | None = (), *,
+             check_files: bool = True) -> Summary:
     """Check every value of every row (one streaming pass; a second one only to name duplicate ids;
-    and one over the file's bytes for the fingerprint). `lora_names`: the LoRAs the job declares.
+    and one over the file's bytes for the fingerprint). `lora_names`: the LoRAs the job declares
+    (None: not known yet, names are not checked); `check_files`: whether image files must exist.
 
     Raises ManifestError naming each offending column and its first rows; returns the summary.
     """
@@ -506,7 +508,7 @@ def validate(manifest: Manifest, defaults: Defaults, lora_names: Collection[str]
         has_init, has_mask = input_images.present(init, n), input_images.present(mask, n)
         v.add("mask_image", "with a mask but no init_image", has_mask & ~has_init, start, ids,
               hint="; inpainting repaints the masked part of an init image")
-        for col, arr in (("init_image", init), ("mask_image", mask)):
+        for col, arr in (("init_image", init), ("mask_image", mask)) if check_files else ():
             written = input_images.paths(arr)
             if written is not None and written.null_count < n:
                 resolved = [None if p is None else input_images.resolve(p, base) for p in written.to_pylist()]
@@ -554,8 +556,8 @@ def validate(manifest: Manifest, defaults: Defaults, lora_names: Collection[str]
     )
 
 
-def _check_loras(v: _Violations, loras: pa.Array | None, declared: Collection[str], start: int, ids) -> None:
-    """Each row's `loras` cell must parse (jobs.adapters.lora_set) and name only declared LoRAs."""
+def _check_loras(v: _Violations, loras: pa.Array | None, declared: Collection[str] | None, start: int, ids) -> None:
+    """Each row's `loras` cell must parse (jobs.adapters.lora_set) and name only declared LoRAs (any, for None)."""
     if loras is None or pa.types.is_null(loras.type):
         return
     cells = loras.to_pylist()
@@ -567,12 +569,12 @@ def _check_loras(v: _Violations, loras: pa.Array | None, declared: Collection[st
         except adapters.AdapterError as e:
             malformed[i], reason = True, reason or str(e)
             continue
-        unknown[i] = bool(names - set(declared))
+        unknown[i] = declared is not None and bool(names - set(declared))
     shown = pa.array([",".join(str(p.get("name")) for p in c) if isinstance(c, list) else c for c in cells], pa.string())
     v.add("loras", "malformed", malformed, start, ids, shown,
           hint=f"; {reason}; write 'name:scale,...' or a list of {{name, scale}} structs")
     v.add("loras", "naming a LoRA that is not declared", unknown, start, ids, shown,
-          hint=f"; declared: {', '.join(sorted(declared)) or 'none'} (add one with --lora NAME=PATH_OR_URI)")
+          hint=f"; declared: {', '.join(sorted(declared or ())) or 'none'} (add one with --lora NAME=PATH_OR_URI)")
 
 
 def _used(ints: dict, col: str, default: int, n: int) -> np.ndarray:
