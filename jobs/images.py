@@ -126,6 +126,7 @@ class Existence:
                 found = storage.DEFAULT_RETRY.call(f"listing {storage.redact_url(folder)}", fs.ls, path, detail=True)
             except (FileNotFoundError, NotADirectoryError):
                 found = []
+            fs.invalidate_cache(path)  # object stores' listing caches would keep every entry's details
             keys = [_name_key(f["name"].rstrip("/").rsplit("/", 1)[-1]) for f in found if f["type"] == "file"]
             self._listings[folder] = np.sort(np.array(keys, np.int64))
         return self._listings[folder]
