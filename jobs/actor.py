@@ -39,6 +39,7 @@ import ray
 import torch
 
 from jobs import devices, lease, scorers, sources, storage
+from jobs.adapters import Adapters
 from jobs.buckets import BatchSizes, allow_recompiles
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
@@ -71,6 +72,7 @@ class ActorConfig:
     row_timeout: float | None = None  # seconds per image before a batch is stopped (None: no limit)
     run_id: str | None = None  # the driver's lease: each commit checks that it still holds it (None: no check)
     scoring: scorers.ScoreSpec = scorers.ScoreSpec()  # --score, --keep and the scorers' sources
+    adapters: Adapters = Adapters()  # --lora and --embedding
 
 
 # Which scorer source each score needs, and its layout (the aesthetic predictor reads CLIP's image embeddings).
@@ -122,6 +124,7 @@ class ShardRunner:
                                for name, (option, layout) in SCORER_SOURCES.items() if getattr(spec, option)}
         self.scorers = scorers.Scorers(spec, {n: r.path for n, r in self.scorer_sources.items()},
                                        self.pipe.device) if spec.scores else None
+        self.adapters = config.adapters.resolve(config.storage_options, config.model_cache)
         self._tries: dict[str, _Tries] = {}  # the current shard's rows under --keep, by image id
         self._next_round: list[WorkItem] = []  # their next attempts
         self._prepared: tuple | None = None  # (_call_key, Pipeline.prepare's result) for the next call
@@ -165,6 +168,7 @@ class ShardRunner:
             "allocator": self.allocator,
             "scorer_fingerprints": self.scorers.fingerprints if self.scorers else {},
             "scorer_sources": {n: r.report() for n, r in self.scorer_sources.items()},
+            "adapters": self.adapters.fingerprints(),
         }
 
     def progress(self) -> tuple[str, int]:

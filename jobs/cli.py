@@ -9,14 +9,16 @@ from typing import Annotated
 import typer
 
 from jobs import manifest as manifests
-from jobs import devices, progress, sink, sources, storage
-from jobs.cli_common import (CommandError, CompileOption, DeviceOption, DtypeOption, GuidanceOption, HeightOption,
-                             ImageFormatOption, ModelCacheOption, ModelOption, NegativeOption, QualityOption,
-                             SchedulerOption, SeedOption, StepsOption, StorageOptions, WidthOption, image_encoding,
-                             storage_options, user_errors)
+from jobs import adapters, devices, images, progress, sink, sources, storage
+from jobs.cli_common import (CommandError, CompileOption, DeviceOption, DtypeOption, EmbeddingOption, GuidanceOption,
+                             HeightOption, ImageFormatOption, LoraOption, ModelCacheOption, ModelOption, NegativeOption,
+                             QualityOption, ResizeOption, SchedulerOption, SeedOption, StepsOption, StorageOptions,
+                             StrengthOption, WidthOption, declared_adapters, image_encoding, storage_options,
+                             user_errors)
 from jobs.lease import read_lease
 from jobs.manifest import Defaults
 from jobs.manifest_build import manifest_app
+from jobs.plan import mode_of
 from jobs.preview import preview_command
 from sdcore.errors import NonFiniteOutputError
 
@@ -56,13 +58,19 @@ def validate_command(
     height: HeightOption = Defaults.height,
     scheduler: SchedulerOption = Defaults.scheduler,
     negative_prompt: NegativeOption = Defaults.negative_prompt,
+    strength: StrengthOption = Defaults.strength,
+    resize: ResizeOption = Defaults.resize,
+    lora: LoraOption = None,
+    embedding: EmbeddingOption = None,
     storage_option: StorageOptions = None,
 ) -> None:
-    """Check every row of a manifest and print a summary."""
+    """Check every row of a manifest (and that the declared adapter files exist) and print a summary."""
     defaults = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                        scheduler=scheduler, negative_prompt=negative_prompt)
-    with manifests.open_manifest(manifest, storage_options(storage_option)) as m:
-        summary = manifests.validate(m, defaults)
+                        scheduler=scheduler, negative_prompt=negative_prompt, strength=strength, resize=resize)
+    options = storage_options(storage_option)
+    declared = declared_adapters(lora, embedding, options)
+    with manifests.open_manifest(manifest, options) as m:
+        summary = manifests.validate(m, defaults, declared.loras)
     typer.echo(summary.format())
 
 
@@ -146,11 +154,21 @@ def generate_command(
     storage_option: StorageOptions = None,
     image_format: ImageFormatOption = "png",
     quality: QualityOption = None,
+    init_image: Annotated[str | None, typer.Option("--init-image", metavar="SRC", help=(
+        "Start from this image (img2img): a path or fsspec URI."))] = None,
+    mask_image: Annotated[str | None, typer.Option("--mask-image", metavar="SRC", help=(
+        "Repaint the white part of --init-image (inpainting): a path or fsspec URI."))] = None,
+    strength: StrengthOption = Defaults.strength,
+    resize: ResizeOption = Defaults.resize,
+    lora: LoraOption = None,
+    embedding: EmbeddingOption = None,
+    loras: Annotated[str | None, typer.Option("--loras", metavar="NAME:SCALE,...", help=(
+        "Which declared --lora to apply, and how strongly (default: every one at 1.0)."))] = None,
 ) -> None:
     """Generate one image; its PNG text chunk or JPEG/WebP EXIF records every generation parameter."""
     # Everything the user typed is checked before the (slow) model load.
     params = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                      scheduler=scheduler, negative_prompt=negative_prompt)
+                      scheduler=scheduler, negative_prompt=negative_prompt, strength=strength, resize=resize)
     encoding = image_encoding(image_format, quality)
     output = output or f"out.{encoding.extension}"
     named = output.rsplit(".", 1)[-1].lower().replace("jpeg", "jpg")
@@ -164,6 +182,15 @@ def generate_command(
     options = storage_options(storage_option)
     sources.check(model, options, torch_dtype, model_cache)
     fs, path = storage.resolve(output, options)
+    declared = declared_adapters(lora, embedding, options, model_cache)
+    row_loras = adapters.parse_loras(loras) if loras is not None else tuple((n, 1.0) for n in sorted(declared.loras))
+    undeclared = sorted({n for n, _ in row_loras} - declared.loras.keys())
+    if undeclared:
+        raise CommandError(f"--loras {loras}: {', '.join(undeclared)} not declared; declare each with --lora NAME=SRC")
+    if mask_image is not None and init_image is None:
+        raise CommandError("--mask-image needs --init-image: inpainting repaints the masked part of an init image")
+    # (bytes, sha256) of each input image; sdcore.images decodes and fits them to the size
+    init, mask = (None if src is None else images.read(src, options) for src in (init_image, mask_image))
 
     from sdcore import load_pipeline
     from sdcore.allocator import keep_freed_memory
@@ -171,6 +198,7 @@ def generate_command(
     if torch_device.type == "cpu" and (ctx.obj or {}).get("owns_process"):
         keep_freed_memory()  # reuse the activations' memory from one step to the next
     resolved = sources.resolve(model, storage_options=options, dtype=torch_dtype, cache=model_cache)
+    files = declared.resolve(options, model_cache)  # local paths and sha256 of the adapter files
     devices.prepare_backend(torch_device, torch_dtype)
     pipe = load_pipeline(resolved.path, device=torch_device, dtype=torch_dtype)
     if compile_unet:
@@ -186,9 +214,12 @@ def generate_command(
                               output="np", progress=show_step)[0]
     except NonFiniteOutputError as e:
         raise CommandError(f"{e}; try --dtype fp32", 1) from None
+    inputs = sink.Inputs(None if init is None else init[1], None if mask is None else mask[1])
     record = {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
         "guidance_scale": guidance_scale, "width": width, "height": height, "scheduler": params.scheduler,
+        "mode": mode_of(init is not None, mask is not None), "strength": None if init is None else strength,
+        **sink.input_columns(row_loras, inputs, files.fingerprints()), "resize": None if init is None else resize,
         "scheduler_config": sched_config, "model": storage.redact_url(model), "model_fingerprint": pipe.fingerprint,
         "model_revision": resolved.revision,
         "sdbatch_version": sink.SDBATCH_VERSION,
@@ -229,6 +260,10 @@ def run_command(
     width: WidthOption = Defaults.width,
     height: HeightOption = Defaults.height,
     negative_prompt: NegativeOption = Defaults.negative_prompt,
+    strength: StrengthOption = Defaults.strength,
+    resize: ResizeOption = Defaults.resize,
+    lora: LoraOption = None,
+    embedding: EmbeddingOption = None,
     storage_option: StorageOptions = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT; refuse if there is none.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier sdbatch dataset in OUTPUT.")] = False,
@@ -270,7 +305,7 @@ def run_command(
     from jobs.scorers import DEFAULT_MAX_ATTEMPTS, KeepRuleError, ScoreSpec, parse_scores
 
     defaults = Defaults(seed=seed, steps=steps, guidance_scale=guidance_scale, width=width, height=height,
-                        scheduler=scheduler, negative_prompt=negative_prompt)
+                        scheduler=scheduler, negative_prompt=negative_prompt, strength=strength, resize=resize)
     opts = driver.RunOptions(
         manifest=manifest, model=model, model_cache=model_cache, output=output, defaults=defaults, actors=actors,
         batch_size=parse_batch_size(batch_size), shard_size=shard_size, device=device, dtype=dtype,
@@ -279,7 +314,7 @@ def run_command(
         mode="resume" if resume else "overwrite" if overwrite else "auto",
         format=output_format_with_alias(output_format, embed_images),
         image=image_encoding(image_format, quality),
-        shard_timeout=shard_timeout, row_timeout=row_timeout,
+        shard_timeout=shard_timeout, row_timeout=row_timeout, adapters=adapters.Adapters.of(lora, embedding),
     )
     try:
         scores = parse_scores(score)

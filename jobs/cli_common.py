@@ -14,11 +14,12 @@ from typing import Annotated, Literal
 
 import typer
 
-from jobs import devices, sink, storage
+from jobs import adapters, devices, sink, storage
 from jobs import manifest as manifests
 from sdcore.errors import SdcoreError
 
-USER_ERRORS = (manifests.ManifestError, storage.StorageError, sink.OutputError, SdcoreError, PermissionError, FileNotFoundError)
+USER_ERRORS = (manifests.ManifestError, adapters.AdapterError, storage.StorageError, sink.OutputError, SdcoreError,
+               PermissionError, FileNotFoundError)
 
 
 class CommandError(Exception):
@@ -65,6 +66,19 @@ HeightOption = Annotated[int, typer.Option("--height", help="Image height for ro
 SchedulerOption = Annotated[Literal[manifests.scheduler_names()], typer.Option(
     "--scheduler", help="Scheduler for rows without `scheduler`.")]
 NegativeOption = Annotated[str, typer.Option("--negative-prompt", help="Negative prompt for rows without `negative_prompt`.")]
+StrengthOption = Annotated[float, typer.Option("--strength", help=(
+    "For rows with an init image and no `strength`: how much of it is repainted, 0 < strength <= 1."))]
+ResizeOption = Annotated[Literal[manifests.RESIZE_POLICIES], typer.Option("--resize", help=(
+    "How init images and masks are fitted to a row's size: stretch (resize to it) or crop (resize to cover it, "
+    "then cut out the middle)."))]
+
+# Adapters, declared once per job (jobs.adapters).
+LoraOption = Annotated[list[str] | None, typer.Option("--lora", metavar="NAME=SRC", help=(
+    "A LoRA rows may name in `loras` (repeatable): a .safetensors (kohya/A1111 or diffusers/PEFT) as a local path, "
+    "fsspec URI or Hugging Face owner/name/file."))]
+EmbeddingOption = Annotated[list[str] | None, typer.Option("--embedding", metavar="TOKEN=SRC", help=(
+    "A textual-inversion embedding (repeatable): prompts that hold TOKEN use it. A1111 .pt/.safetensors or "
+    "diffusers learned_embeds, as a local path, fsspec URI or Hugging Face owner/name/file."))]
 
 # The model and where it runs.
 ModelOption = Annotated[str, typer.Option("--model", help=(
@@ -87,6 +101,16 @@ ImageFormatOption = Annotated[Literal[tuple(sink.EXTENSIONS)], typer.Option(
     "--image-format", help="File format of the images: png (lossless), jpeg or webp (lossy, far smaller).")]
 QualityOption = Annotated[int | None, typer.Option("--quality", help=(
     f"JPEG/WebP quality, 1..100 (default {sink.DEFAULT_QUALITY}: visually lossless); refused with png, which is lossless."))]
+
+
+def declared_adapters(lora: list[str] | None, embedding: list[str] | None, storage: dict,
+                      cache: str | None = None) -> adapters.Adapters:
+    """--lora and --embedding, each file checked to exist (listed, not downloaded): exit 2 otherwise."""
+    declared = adapters.Adapters.of(lora, embedding)
+    problems = declared.problems(storage, cache)
+    if problems:
+        raise CommandError("; ".join(problems))
+    return declared
 
 
 def image_encoding(image_format: str, quality: int | None) -> sink.ImageEncoding:

@@ -1,7 +1,7 @@
 """`sdbatch run`: check everything, start or join Ray, hand shards to actors, finish the dataset.
 
 1. Check, with nothing written and no Ray: options, job defaults, every manifest row, the model
-   source (and the scorers' sources, the keep rule), and OUT (empty, or the same job, and
+   source (and the scorers' and adapters' sources, the keep rule), and OUT (empty, or the same job, and
    writable: a probe file). Bad input stops here (exit code 2). Then the lease on OUT
    (jobs.lease): a folder another driver holds is refused.
 2. Ray: start a local cluster, or join one (`--ray-address`, or RAY_ADDRESS as set inside
@@ -40,6 +40,7 @@ import ray
 import torch
 
 from jobs import devices, scorers, sources, storage
+from jobs.adapters import Adapters
 from jobs.actor import SCORER_SOURCES, ActorConfig, ShardActor
 from jobs.buckets import most_rows
 from jobs.lease import Lease, LeaseLost, check_holder
@@ -90,6 +91,7 @@ class RunOptions:
     shard_timeout: float | None = None  # seconds a shard may run (None: only the stall watchdog)
     row_timeout: float | None = None  # seconds per image before a batch is stopped (see jobs.actor)
     scoring: scorers.ScoreSpec = scorers.ScoreSpec()  # --score, --keep, ... (see with_scorer_defaults)
+    adapters: Adapters = field(default_factory=Adapters)  # --lora and --embedding
 
 
 @dataclass
@@ -152,6 +154,7 @@ def check_options(opts: RunOptions) -> None:
     if opts.mode not in MODES:
         problems.append(f"mode must be one of {', '.join(MODES)}, got {opts.mode!r}")
     problems += scoring_problems(opts)
+    problems += opts.adapters.problems(opts.storage_options, opts.model_cache)
     # A listing or an API call: seconds, nothing downloaded. auto is checked as fp32: each actor
     # selects the files again for the dtype it runs in.
     try:
@@ -203,6 +206,16 @@ def scoring_problems(opts: RunOptions) -> list[str]:
     return problems
 
 
+def inpainting_problems(modes: dict[str, int], inpainting_unet: bool) -> list[str]:
+    """An inpainting UNet (9 input channels) makes only inpaint rows: the manifest's other modes
+    (`validate`'s image counts by mode) stop the job once an actor has loaded the model, before any shard."""
+    other = {mode: n for mode, n in sorted(modes.items()) if mode != "inpaint"}
+    if not inpainting_unet or not other:
+        return []
+    return [f"--model is an inpainting model, which needs an init_image and a mask_image on every row; "
+            f"the manifest also has {', '.join(f'{n:,} {mode}' for mode, n in other.items())} image(s)"]
+
+
 def joins_cluster(opts: RunOptions) -> bool:
     return bool(opts.ray_address or os.environ.get("RAY_ADDRESS"))
 
@@ -214,7 +227,7 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
     opts.scoring = with_scorer_defaults(opts.scoring, opts.model)
     check_options(opts)
     with open_manifest(opts.manifest, opts.storage_options) as m:
-        summary = validate(m, opts.defaults)
+        summary = validate(m, opts.defaults, opts.adapters.loras)
     out = Output(opts.output, opts.storage_options)
     job = JobSpec(
         manifest=opts.manifest, manifest_fingerprint=summary.fingerprint, model=opts.model, model_fingerprint=None,
@@ -225,8 +238,11 @@ def plan_job(opts: RunOptions) -> tuple[JobSpec, Output]:
                   "dtype_requested": opts.dtype, "ray_address": storage.redact_url(opts.ray_address or ""),
                   "storage_options": opts.storage_options, "model_cache": opts.model_cache,
                   "scorers": {option: storage.redact_url(getattr(opts.scoring, option) or "") or None
-                              for option, _ in SCORER_SOURCES.values()}},
+                              for option, _ in SCORER_SOURCES.values()},
+                  "adapters": opts.adapters.settings(), "modes": summary.modes},
         scoring=opts.scoring.identity() | {"scorer_fingerprints": None if opts.scoring.scores else {}},
+        # the files' sha256 come from the first actor, which reads them anyway
+        adapters={"loras": None if opts.adapters.loras else {}, "embeddings": None if opts.adapters.embeddings else {}},
     )
     existing = out.check(job, mode=opts.mode)
     if job.dtype is None and existing is not None and opts.mode != "overwrite":
@@ -345,7 +361,7 @@ class _Run:
             dtype=job.dtype, compile=opts.compile, cuda_graphs=opts.cuda_graphs, batch_size=opts.batch_size,
             storage_options=opts.storage_options,
             cpu_threads=plan.cpu_threads, keep_freed_memory=plan.device == "cpu",
-            row_timeout=opts.row_timeout, run_id=lease.run_id, scoring=opts.scoring,
+            row_timeout=opts.row_timeout, run_id=lease.run_id, scoring=opts.scoring, adapters=opts.adapters,
         )
         job.settings |= {"actors": plan.count, "actor_resources": plan.resources}
         self.slots = [_Slot(ActorStats(i)) for i in range(plan.count)]
@@ -412,15 +428,16 @@ class _Run:
         if self.job.model_fingerprint is None:
             self.job.model_fingerprint = info["fingerprint"]
             self.job.scoring["scorer_fingerprints"] = info["scorer_fingerprints"]
+            self.job.adapters = info["adapters"]
             self.job.settings["model_source"] = {"revision": source["revision"], "files": source["files"]}
             self.job.settings["scorer_sources"] = info["scorer_sources"]
             self.prepare_output()
-        elif (info["fingerprint"], info["scorer_fingerprints"]) != (self.job.model_fingerprint,
-                                                                    self.job.scoring["scorer_fingerprints"]):
-            raise RunError(f"actor {slot.stats.slot} on node {info['node']} loaded a different model or scorer "
-                           f"({info['fingerprint']} {info['scorer_fingerprints']}, not {self.job.model_fingerprint} "
-                           f"{self.job.scoring['scorer_fingerprints']}): are {self.opts.model} and the scorers "
-                           "the same on every node?", 2)
+        elif (info["fingerprint"], info["scorer_fingerprints"], info["adapters"]) != (
+                self.job.model_fingerprint, self.job.scoring["scorer_fingerprints"], self.job.adapters):
+            raise RunError(f"actor {slot.stats.slot} on node {info['node']} loaded a different model, scorer or adapter "
+                           f"({info['fingerprint']} {info['scorer_fingerprints']} {info['adapters']}, not "
+                           f"{self.job.model_fingerprint} {self.job.scoring['scorer_fingerprints']} {self.job.adapters}): "
+                           f"are {self.opts.model}, the scorers and the adapters the same on every node?", 2)
         self.last_working = time.monotonic()
 
     # shards

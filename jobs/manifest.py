@@ -12,6 +12,13 @@ millions of rows cost the memory of one batch. Columns:
   width, height    integer multiples of 8 in 64..2048
   scheduler        a name in sdcore.schedulers.NAMES
   num_images       integer 1..10000, default 1
+  init_image       the image to start from (img2img): a path or fsspec URI, relative paths relative
+                   to the manifest's folder; or its bytes (a binary column, or a Hugging Face
+                   `Image` struct {bytes, path}); it must exist (see jobs.images)
+  mask_image       the same forms; white = repaint (inpainting); only with an init_image
+  strength         number, 0 < strength <= 1: how much of the init image is repainted
+  loras            LoRAs declared with --lora: a list of {name, scale} structs, or a string
+                   "name:0.8,other:0.5" (a name alone: scale 1.0); see jobs.adapters
 
 A null in an optional column means "the job-wide default" (`Defaults`, from the command line).
 Floating-point columns are accepted for the integer parameters when every value is integral
@@ -30,7 +37,7 @@ import hashlib
 import math
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +45,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs import storage
+from jobs import adapters, storage
+from jobs import images as input_images  # `images` counts images in validate
 
 MAX_SEED = 2**63  # exclusive
 MAX_NUM_IMAGES = 10_000
@@ -54,12 +62,17 @@ FINGERPRINT_READ_BYTES = 8 << 20
 SHOW = 5  # offending rows quoted per violation
 
 STRING_PARAMS = ("prompt", "negative_prompt", "scheduler")
-PARAMS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "num_images")
+PARAMS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "num_images",
+          "init_image", "mask_image", "strength", "loras")
+# How init images and masks are fitted to a row's size: stretch (resize) or crop (resize to cover, then
+# cut the middle), as diffusers' VaeImageProcessor resize_mode "default" and "crop".
+RESIZE_POLICIES = ("stretch", "crop")
 # Output metadata/failure columns (see jobs.sink) and the future embedded `image` column: a
 # pass-through column of the same name would collide with them.
 RESERVED = (
     "manifest_row", "scheduler_config", "model", "model_fingerprint", "image_path", "image_sha256",
     "generation_seconds", "sdbatch_version", "error", "attempts", "image",
+    "mode", "init_image_sha256", "mask_image_sha256", "embeddings",
 )
 # Names people use for our columns that no spelling distance would catch.
 ALIASES = {
@@ -69,6 +82,9 @@ ALIASES = {
     "negative": "negative_prompt", "neg_prompt": "negative_prompt", "negative_prompts": "negative_prompt",
     "num_images_per_prompt": "num_images", "n_images": "num_images", "n_samples": "num_images",
     "random_seed": "seed",
+    "init": "init_image", "init_img": "init_image", "source_image": "init_image",
+    "mask": "mask_image", "mask_path": "mask_image", "denoising_strength": "strength", "denoise": "strength",
+    "lora": "loras",
 }
 
 
@@ -93,6 +109,8 @@ class Defaults:
     height: int = 512
     scheduler: str = "pndm"  # what SD v1.5 ships with
     negative_prompt: str = ""
+    strength: float = 0.8  # for rows with an init image
+    resize: str = "stretch"  # no column: one policy per job (RESIZE_POLICIES)
 
     def __post_init__(self):
         problems = []
@@ -111,6 +129,10 @@ class Defaults:
         names = scheduler_names()
         if self.scheduler not in names:
             problems.append(f"--scheduler {self.scheduler!r} is not one of {', '.join(names)}")
+        if not 0 < self.strength <= 1:  # also false for nan
+            problems.append(f"--strength {self.strength} must be a number in 0 < strength <= 1")
+        if self.resize not in RESIZE_POLICIES:
+            problems.append(f"--resize {self.resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
         if problems:
             raise ManifestError("; ".join(problems))
 
@@ -143,6 +165,7 @@ class Summary:
     passthrough: list[str]
     sizes: dict[tuple[int, int], int]  # (width, height) -> images
     schedulers: dict[str, int]  # name -> images
+    modes: dict[str, int]  # txt2img, img2img, inpaint -> images
     steps_total: int  # denoising steps over all images
     row_groups: int
     fingerprint: str
@@ -158,6 +181,7 @@ class Summary:
             f"  pass-through     {', '.join(self.passthrough) or '-'}",
             f"  sizes (images)   {sizes}",
             f"  schedulers       {scheds}",
+            f"  modes (images)   {', '.join(f'{m}: {n:,}' for m, n in sorted(self.modes.items(), key=lambda kv: (-kv[1], kv[0])))}",
             f"  denoising steps  {self.steps_total:,} ({self.steps_total / max(self.images, 1):.1f} per image)",
             f"  row groups       {self.row_groups:,}",
             f"  fingerprint      {self.fingerprint}",
@@ -174,6 +198,7 @@ class Manifest:
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
         self.name = storage.redact_url(url)
+        self.storage_options = storage_options or {}
         self.fs, self.path = storage.resolve(url, storage_options)
         try:
             self._file = storage.open_for_arrow(self.fs, self.path)
@@ -228,6 +253,16 @@ class Manifest:
             problems.append(f"missing required column 'prompt' (columns: {', '.join(names)})")
         for name in self.params:
             t = _value_type(self.schema.field(name).type)
+            if name in input_images.COLUMNS:
+                if not input_images.is_image_type(t):
+                    problems.append(f"column {name!r} has type {t}; expected paths (strings), bytes (binary) or "
+                                    "Hugging Face Image structs {bytes, path}")
+                continue
+            if name == "loras":
+                if not adapters.is_loras_type(t):
+                    problems.append(f"column 'loras' has type {t}; expected strings 'name:scale,...' or lists of "
+                                    "{name, scale} structs")
+                continue
             ok = pa.types.is_null(t) or (
                 _is_string(t) if name in STRING_PARAMS
                 else _is_string(t) or pa.types.is_integer(t) if name == "id"
@@ -235,7 +270,7 @@ class Manifest:
             )
             if not ok:
                 expected = "strings" if name in STRING_PARAMS else "strings or integers" if name == "id" else (
-                    "numbers" if name == "guidance_scale" else "integers")
+                    "numbers" if name in ("guidance_scale", "strength") else "integers")
                 problems.append(f"column {name!r} has type {t}; expected {expected}")
         if problems:
             raise ManifestError("\n".join(f"{self.name}: {p}" for p in problems))
@@ -330,7 +365,9 @@ def column(batch: pa.RecordBatch | pa.Table, name: str) -> pa.Array | None:
         arr = arr.cast(arr.type.value_type)
     if _is_string(arr.type) and not pa.types.is_string(arr.type):
         arr = arr.cast(pa.string())
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if isinstance(arr, pa.ChunkedArray):  # one chunk is used as it is: image bytes are not copied
+        return arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+    return arr
 
 
 def row_ids(batch: pa.RecordBatch | pa.Table, start: int) -> list[str]:
@@ -397,14 +434,19 @@ INTEGER_RANGES = (
 )
 
 
-def validate(manifest: Manifest, defaults: Defaults) -> Summary:
+def validate(manifest: Manifest, defaults: Defaults, lora_names: Collection[str] | None = (), *,
+             check_files: bool = True) -> Summary:
     """Check every value of every row (one streaming pass; a second one only to name duplicate ids;
-    and one over the file's bytes for the fingerprint).
+    and one over the file's bytes for the fingerprint). `lora_names`: the LoRAs the job declares
+    (None: not known yet, names are not checked); `check_files`: whether image files must exist.
 
     Raises ManifestError naming each offending column and its first rows; returns the summary.
     """
     names = scheduler_names()
     v = _Violations(manifest.name, manifest.has_id)
+    base = input_images.base_of(manifest.url)
+    existence = input_images.Existence(manifest.storage_options)  # one listing per folder the rows name
+    modes: Counter = Counter()
     id_keys: list[np.ndarray] = []  # 8 bytes per image id: a memory-bounded uniqueness check
     string_ids = manifest.has_id and _is_string(_value_type(manifest.schema.field("id").type))
     rows = images = steps_total = 0
@@ -457,6 +499,23 @@ def validate(manifest: Manifest, defaults: Defaults) -> Summary:
             bad = ~_mask(sched.is_null()) & ~_mask(pc.is_in(sched, value_set=pa.array(names)))
             v.add("scheduler", "with an unknown scheduler", bad, start, ids, sched, hint=f"; known: {', '.join(names)}")
 
+        strength = column(batch, "strength")
+        if strength is not None and not pa.types.is_null(strength.type):
+            vals, valid = _numbers(strength)
+            v.add("strength", "out of range 0 < strength <= 1", valid & ~((vals > 0) & (vals <= 1)), start, ids, strength,
+                  hint="; it is how much of the init image is repainted")
+        init, mask = column(batch, "init_image"), column(batch, "mask_image")
+        has_init, has_mask = input_images.present(init, n), input_images.present(mask, n)
+        v.add("mask_image", "with a mask but no init_image", has_mask & ~has_init, start, ids,
+              hint="; inpainting repaints the masked part of an init image")
+        for col, arr in (("init_image", init), ("mask_image", mask)) if check_files else ():
+            written = input_images.paths(arr)
+            if written is not None and written.null_count < n:
+                resolved = [None if p is None else input_images.resolve(p, base) for p in written.to_pylist()]
+                v.add(col, "naming a file that does not exist", existence.missing(resolved), start, ids, written,
+                      hint=f"; relative paths are relative to the manifest's folder, {storage.redact_url(base)}")
+        _check_loras(v, column(batch, "loras"), lora_names, start, ids)
+
         if ids is not None:
             v.add("id", "with null values", _mask(ids.is_null()) if not pa.types.is_null(ids.type) else np.ones(n, bool),
                   start, ids, hint="; ids must be unique (leave out the column to use row numbers)")
@@ -479,6 +538,9 @@ def validate(manifest: Manifest, defaults: Defaults) -> Summary:
         keys, inverse = np.unique(width * 4096 + height, return_inverse=True)
         for key, total in zip(keys.tolist(), np.bincount(inverse, weights=count).tolist()):
             sizes[(key // 4096, key % 4096)] += int(total)
+        for mode, used in (("inpaint", has_init & has_mask), ("img2img", has_init & ~has_mask), ("txt2img", ~has_init)):
+            if used.any():
+                modes[mode] += int(count[used].sum())
         names_used = pa.array([defaults.scheduler] * n) if sched is None else pc.fill_null(sched.cast(pa.string()), defaults.scheduler)
         for row in pa.table({"s": names_used, "n": count}).group_by("s").aggregate([("n", "sum")]).to_pylist():
             schedulers[row["s"]] += row["n_sum"]
@@ -489,9 +551,30 @@ def validate(manifest: Manifest, defaults: Defaults) -> Summary:
         raise ManifestError(f"{manifest.name}: column 'id': {duplicates}")
     return Summary(
         manifest=manifest.name, rows=rows, images=images, columns=list(manifest.schema.names),
-        passthrough=list(manifest.passthrough.names), sizes=dict(sizes), schedulers=dict(schedulers),
+        passthrough=list(manifest.passthrough.names), sizes=dict(sizes), schedulers=dict(schedulers), modes=dict(modes),
         steps_total=steps_total, row_groups=len(manifest.row_group_rows), fingerprint=manifest.fingerprint(),
     )
+
+
+def _check_loras(v: _Violations, loras: pa.Array | None, declared: Collection[str] | None, start: int, ids) -> None:
+    """Each row's `loras` cell must parse (jobs.adapters.lora_set) and name only declared LoRAs (any, for None)."""
+    if loras is None or pa.types.is_null(loras.type):
+        return
+    cells = loras.to_pylist()
+    malformed, unknown = np.zeros(len(cells), bool), np.zeros(len(cells), bool)
+    reason = ""
+    for i, cell in enumerate(cells):
+        try:
+            names = {name for name, _ in adapters.lora_set(cell)}
+        except adapters.AdapterError as e:
+            malformed[i], reason = True, reason or str(e)
+            continue
+        unknown[i] = declared is not None and bool(names - set(declared))
+    shown = pa.array([",".join(str(p.get("name")) for p in c) if isinstance(c, list) else c for c in cells], pa.string())
+    v.add("loras", "malformed", malformed, start, ids, shown,
+          hint=f"; {reason}; write 'name:scale,...' or a list of {{name, scale}} structs")
+    v.add("loras", "naming a LoRA that is not declared", unknown, start, ids, shown,
+          hint=f"; declared: {', '.join(sorted(declared or ())) or 'none'} (add one with --lora NAME=PATH_OR_URI)")
 
 
 def _used(ints: dict, col: str, default: int, n: int) -> np.ndarray:

@@ -37,7 +37,7 @@ Then, in this order:
 Rows are in source order; the cross product runs like nested loops, the first `--values`
 outermost, placeholders before sweeps. Parameters (CSV cells, JSON values, `--set`, `--values`)
 become int64 for seed, steps, width, height and num_images ("30", "30.0" and 30.0 are 30; 30.5
-is an error), float64 for guidance_scale and strings for prompt, negative_prompt and scheduler;
+is an error), float64 for guidance_scale and strength, strings for prompt, negative_prompt, scheduler and the rest;
 other columns given as text stay strings (a `--set` on a typed JSONL column takes the column's
 type). Errors name the file and, where pyarrow reports it, the row.
 
@@ -70,7 +70,7 @@ from jobs.manifest import ManifestError
 FORMATS = ("txt", "csv", "tsv", "jsonl")
 EXTENSIONS = {".txt": "txt", ".text": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 INT_PARAMS = ("seed", "steps", "width", "height", "num_images")
-FLOAT_PARAMS = ("guidance_scale",)
+FLOAT_PARAMS = ("guidance_scale", "strength")
 SWEEPABLE = tuple(p for p in manifests.PARAMS if p not in ("id", "prompt"))
 ROW_GROUP_ROWS = 65_536  # an actor decodes whole row groups to read its shard: keep them modest
 # Integer parameters are read as decimals and then cast safely to int64: "30", "30.0" and "3e1"
@@ -180,12 +180,13 @@ def _constant(table: pa.Table, name: str, value: pa.Scalar, made: dict[str, str]
 
 
 def _validate(data: bytes, name: str) -> manifests.Summary:
-    """jobs.manifest.validate on the finished bytes, before they are written anywhere for real."""
+    """jobs.manifest.validate on the finished bytes, before they are written anywhere for real. The
+    LoRAs a job declares and the image files are checked by `validate` and `run`, which know them."""
     url = f"memory://sdbatch-build-{uuid.uuid4().hex}/manifest.parquet"
     try:
         fsspec.filesystem("memory").pipe_file(url, data)
         with manifests.open_manifest(url) as m:
-            summary = manifests.validate(m, manifests.Defaults())
+            summary = manifests.validate(m, manifests.Defaults(), lora_names=None, check_files=False)
     except ManifestError as e:
         raise ManifestError(str(e).replace(url, name)) from None
     finally:
@@ -252,7 +253,7 @@ def _lines(data: bytes) -> list[str]:
 
 def _read_csv(data: bytes, name: str, delimiter: str) -> pa.Table:
     """pyarrow.csv with the manifest's types: DECIMAL for the integer parameters (then int64),
-    float64 for guidance_scale, text for every other column; an empty cell is a null parameter
+    float64 for guidance_scale and strength, text for every other column; an empty cell is a null parameter
     but an empty string elsewhere (an empty prompt is a prompt)."""
     if not data.strip():
         raise ManifestError(f"{name}: empty file (a header row naming the columns comes first)")

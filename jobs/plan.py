@@ -10,11 +10,13 @@ that gets a shard reads its rows itself (`read_shard`). When every row asks for 
 (or there is no `num_images` column), shards are plain row ranges: `shards(rows, K)`.
 
 A work item is one image: a manifest row's parameters with the job defaults filled in, the
-derived seed, and the image id (see jobs.manifest for the id and seed rules). Items of a shard
-are batched by (width, height, steps, scheduler, guided or not), up to the batch size of their
-image size, in manifest order — which images share a batch never changes an image, only the speed.
-Guidance is applied per row, so rows of other guidance scales share a batch; unguided rows (scale
-≤ 1) batch apart, as they need no unconditional pass.
+derived seed, and the image id (see jobs.manifest for the id and seed rules); an init image or
+mask is a reference (a path/URI, or a view of the bytes in the shard's table) that the actor reads
+(jobs.images). Items of a shard are batched by (mode, width, height, steps, scheduler, guided or
+not, strength, LoRA set), up to the batch size of their image size, in manifest order — which
+images share a batch never changes an image, only the speed. Guidance is applied per row, so rows
+of other guidance scales share a batch; unguided rows (scale ≤ 1) batch apart, as they need no
+unconditional pass. A pipeline call has one mode, one strength and one set of active LoRAs.
 """
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -22,6 +24,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
+from jobs import images
+from jobs.adapters import LoRASet, lora_set
 from jobs.manifest import MAX_SEED, Defaults, Manifest, column, derive_seed, image_id_of, row_ids
 
 SHARD_PREFIX = "shard-"
@@ -147,6 +151,13 @@ def manifest_shards(manifest: Manifest, shard_size: int, *, skip: Container[str]
     return image_shards(counts, shard_size, skip=skip)
 
 
+def mode_of(init_image: bool, mask_image: bool) -> str:
+    """What a row with (or without) an init image and a mask asks for."""
+    if not init_image:
+        return "txt2img"
+    return "inpaint" if mask_image else "img2img"
+
+
 @dataclass(frozen=True)
 class WorkItem:
     """One image to make."""
@@ -162,11 +173,20 @@ class WorkItem:
     width: int
     height: int
     scheduler: str
+    init_image: images.ImageRef | None = None  # img2img and inpaint
+    mask_image: images.ImageRef | None = None  # inpaint
+    strength: float | None = None  # None for txt2img
+    loras: LoRASet = ()  # (name, scale) sorted by name
+
+    @property
+    def mode(self) -> str:
+        return mode_of(self.init_image is not None, self.mask_image is not None)
 
     @property
     def batch_key(self) -> tuple:
         """Items with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1)
+        return (self.mode, self.width, self.height, self.steps, self.scheduler, self.guidance_scale > 1, self.strength,
+                self.loras)
 
 
 @dataclass
@@ -181,14 +201,16 @@ class ShardRows:
 def read_shard(manifest: Manifest, shard: Shard, defaults: Defaults) -> ShardRows:
     """The shard's images (only those of its k range in its first and last row) and its rows' pass-through columns."""
     table = manifest.read(shard.start, shard.row_stop)
-    items = work_items(table, shard.start, defaults, first_k=shard.start_k, last_stop_k=shard.stop_k or None)
+    items = work_items(table, shard.start, defaults, base=images.base_of(manifest.url), first_k=shard.start_k,
+                       last_stop_k=shard.stop_k or None)
     return ShardRows(shard, items, table.select(manifest.passthrough.names))
 
 
-def work_items(table: pa.Table, first_row: int, defaults: Defaults, *, first_k: int = 0,
+def work_items(table: pa.Table, first_row: int, defaults: Defaults, *, base: str = "", first_k: int = 0,
                last_stop_k: int | None = None) -> list[WorkItem]:
     """The images asked for by the manifest rows in `table` (row numbers from `first_row`): of the
-    first row only images `first_k` on, of the last row only those before `last_stop_k` (None: all)."""
+    first row only images `first_k` on, of the last row only those before `last_stop_k` (None: all).
+    Relative image paths are relative to `base`, the manifest's folder."""
     n = table.num_rows
 
     def values(name: str, default) -> list:
@@ -200,12 +222,17 @@ def work_items(table: pa.Table, first_row: int, defaults: Defaults, *, first_k: 
     ids = row_ids(table, first_row)
     seeds = column(table, "seed")
     seeds = [None] * n if seeds is None else seeds.to_pylist()
+    inits, masks = images.refs(column(table, "init_image"), base, n), images.refs(column(table, "mask_image"), base, n)
+    loras = column(table, "loras")
+    loras = [()] * n if loras is None else [lora_set(cell) for cell in loras.to_pylist()]
     items = []
-    for i, (rid, prompt, negative, seed, steps, guidance, width, height, scheduler, count) in enumerate(zip(
+    for i, (rid, prompt, negative, seed, steps, guidance, width, height, scheduler, count, init, mask, strength,
+            adapters) in enumerate(zip(
         ids, values("prompt", None), values("negative_prompt", defaults.negative_prompt), seeds,
         values("steps", defaults.steps), values("guidance_scale", defaults.guidance_scale),
         values("width", defaults.width), values("height", defaults.height),
-        values("scheduler", defaults.scheduler), values("num_images", 1),
+        values("scheduler", defaults.scheduler), values("num_images", 1), inits, masks,
+        values("strength", defaults.strength), loras,
     )):
         base = derive_seed(defaults.seed, rid) if seed is None else int(seed)
         count = int(count)
@@ -216,7 +243,8 @@ def work_items(table: pa.Table, first_row: int, defaults: Defaults, *, first_k: 
             items.append(WorkItem(
                 id=image_id, row=first_row + i, k=k, prompt=prompt, negative_prompt=negative,
                 seed=(base + k) % MAX_SEED, steps=int(steps), guidance_scale=float(guidance),
-                width=int(width), height=int(height), scheduler=scheduler,
+                width=int(width), height=int(height), scheduler=scheduler, init_image=init, mask_image=mask,
+                strength=None if init is None else float(strength), loras=adapters,
             ))
     return items
 

@@ -28,7 +28,7 @@ Every metadata file carries job.json in its Parquet key-value metadata, so a los
 rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
-size, sharding, dtype, defaults, output or image format into it, and deletes an old dataset (only one it recognises by
+size, sharding, dtype, defaults (--strength and --resize too), adapter files, output or image format into it, and deletes an old dataset (only one it recognises by
 `_sdbatch/job.json`) only when asked to overwrite.
 """
 import contextlib
@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from PIL import ExifTags, Image, PngImagePlugin
 
 from jobs import storage
+from jobs.adapters import LoRASet
 from jobs.manifest import Defaults
 from jobs.plan import ShardRows, WorkItem, count_shards, is_shard_id, shard_at, shard_id, shard_index
 from jobs.progress import duration
@@ -107,11 +108,24 @@ PARAM_FIELDS = [
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("scheduler", pa.string()),
+    pa.field("mode", pa.string()),  # txt2img, img2img or inpaint (jobs.plan.WorkItem.mode)
+    pa.field("strength", pa.float64()),  # null for txt2img
+]
+# What an image was made from besides its parameters: the input images' sha256 (null where a row has
+# none; never the bytes themselves) and the adapters, each with its file's sha256.
+LORA_TYPE = pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("sha256", pa.string())]))
+EMBEDDING_TYPE = pa.list_(pa.struct([("token", pa.string()), ("sha256", pa.string())]))
+INPUT_FIELDS = [
+    pa.field("init_image_sha256", pa.string()),
+    pa.field("mask_image_sha256", pa.string()),
+    pa.field("loras", LORA_TYPE),
+    pa.field("embeddings", EMBEDDING_TYPE),  # the declared tokens its prompts use
 ]
 METADATA_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("manifest_row", pa.int64()),
     *PARAM_FIELDS,
+    *INPUT_FIELDS,
     pa.field("scheduler_config", pa.string()),  # JSON
     pa.field("model", pa.string()),
     pa.field("model_fingerprint", pa.string()),
@@ -134,6 +148,8 @@ SCORE_FIELDS = [
 ]
 # job.json's identity for a job without --score and --keep (so, too, for one written before them).
 NO_SCORING = {"scores": [], "keep": "", "max_attempts": 1, "drop_rejected": False, "scorer_fingerprints": {}}
+# ... and for one without adapters: the files' sha256 by LoRA name and by embedding token.
+NO_ADAPTERS = {"loras": {}, "embeddings": {}}
 FAILURE_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("manifest_row", pa.int64()),
@@ -237,13 +253,40 @@ def output_format_of(job: dict | None) -> str:
     return identity.get("format") or ("parquet" if identity.get("embed_images") else "files")
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What the actor learnt of an image's inputs while making it: the sha256 of its init image and
+    mask (jobs.images.read), and the declared embedding tokens its prompts use."""
+
+    init_image_sha256: str | None = None
+    mask_image_sha256: str | None = None
+    embeddings: tuple[str, ...] = ()
+
+
+def input_columns(loras: LoRASet, inputs: Inputs, adapters: dict) -> dict:
+    """INPUT_FIELDS' values of one image made with `loras`; `adapters`: job.json's {"loras": {name: sha256},
+    "embeddings": {token: sha256}}."""
+    return {
+        "init_image_sha256": inputs.init_image_sha256, "mask_image_sha256": inputs.mask_image_sha256,
+        "loras": [{"name": n, "scale": s, "sha256": adapters["loras"].get(n)} for n, s in loras],
+        "embeddings": [{"token": t, "sha256": adapters["embeddings"].get(t)} for t in sorted(inputs.embeddings)],
+    }
+
+
+def adapters_of(job: dict | None) -> dict:
+    """A job.json's adapter files' sha256 (NO_ADAPTERS for one without, or written before them)."""
+    identity = identity_of(job)
+    return {k: identity.get(k) or v for k, v in NO_ADAPTERS.items()}
+
+
 def generation_params(item: WorkItem, *, scheduler_config: dict, model: str, model_fingerprint: str,
-                      model_revision: str | None) -> dict:
+                      model_revision: str | None, inputs: Inputs = Inputs(), adapters: dict = NO_ADAPTERS) -> dict:
     """What each image's metadata records: everything needed to make the image again."""
     return {
         "id": item.id, "prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
         "steps": item.steps, "guidance_scale": item.guidance_scale, "width": item.width, "height": item.height,
-        "scheduler": item.scheduler, "scheduler_config": scheduler_config, "model": model,
+        "scheduler": item.scheduler, "mode": item.mode, "strength": item.strength,
+        **input_columns(item.loras, inputs, adapters), "scheduler_config": scheduler_config, "model": model,
         "model_fingerprint": model_fingerprint, "model_revision": model_revision, "sdbatch_version": SDBATCH_VERSION,
     }
 
@@ -340,6 +383,8 @@ class JobSpec:
     # part of the identity: --score, --keep, --max-attempts, --drop-rejected and the scorers' fingerprints
     # (None until an actor has loaded them), as in NO_SCORING
     scoring: dict = field(default_factory=lambda: dict(NO_SCORING))
+    # part of the identity: the adapter files' sha256 as in NO_ADAPTERS (None until an actor has read them)
+    adapters: dict = field(default_factory=lambda: dict(NO_ADAPTERS))
 
     @property
     def shards(self) -> int:
@@ -350,7 +395,7 @@ class JobSpec:
             "manifest_fingerprint": self.manifest_fingerprint, "model_fingerprint": self.model_fingerprint,
             "shard_size": self.shard_size, "sharding": self.sharding, "defaults": asdict(self.defaults),
             "dtype": self.dtype, "format": self.format,
-            "image_format": self.image.format, "quality": self.image.quality, **self.scoring,
+            "image_format": self.image.format, "quality": self.image.quality, **self.scoring, **self.adapters,
         }
 
     def to_json(self) -> dict:
@@ -598,8 +643,10 @@ class Output:
             elif mode == "overwrite":
                 self._dataset_files()
             else:
-                there = {"image_format": "png", **NO_SCORING, **identity_of(existing),
+                there = {"image_format": "png", **NO_SCORING, **NO_ADAPTERS, **identity_of(existing),
                          "sharding": sharding_of(existing), "format": output_format_of(existing)}
+                # defaults added since (--strength, --resize) had their default values then
+                there["defaults"] = {**asdict(Defaults()), **there.get("defaults", {})}
                 now = job.identity()
                 differs = [k for k in sorted({*there, *now}) if now.get(k) is not None and there.get(k) != now.get(k)]
                 if differs:
@@ -935,6 +982,7 @@ class _Done:
     scheduler_config: str
     seconds: float
     scores: dict = field(default_factory=dict)  # SCORE_FIELDS' values
+    inputs: Inputs = Inputs()
 
 
 @dataclass
@@ -970,19 +1018,22 @@ class ShardWriter:
         self.model_revision = model_revision
         self.shard = rows.shard.id
         self.scored = is_scored(job)
+        self.adapters = adapters_of(job)
         self._records: dict[str, _Done | _Failed] = {}
         self._positions = {it.id: i for i, it in enumerate(rows.items)}  # for webdataset keys
 
-    def add(self, item: WorkItem, image, *, scheduler_config: dict, seconds: float, scores: dict | None = None) -> None:
+    def add(self, item: WorkItem, image, *, scheduler_config: dict, seconds: float, scores: dict | None = None,
+            inputs: Inputs = Inputs()) -> None:
         """Hand one generated image to the writer (blocks only while the writer's queue is full);
         `image` None records the row (with its `scores`) without an image (--drop-rejected)."""
         params = generation_params(item, scheduler_config=scheduler_config, model=self.model,
-                                   model_fingerprint=self.model_fingerprint, model_revision=self.model_revision)
+                                   model_fingerprint=self.model_fingerprint, model_revision=self.model_revision,
+                                   inputs=inputs, adapters=self.adapters)
         rel_path = None if self.format == "webdataset" else self._image_path(item)
         future = None if image is None else self.writer.submit(rel_path, image, params, encoding=self.image,
                                                                 keep=self.keep)
         self._records[item.id] = _Done(item, future, json.dumps(scheduler_config, sort_keys=True), seconds,
-                                       scores or {})
+                                       scores or {}, inputs)
 
     def fail(self, item: WorkItem, error: str, attempts: int) -> None:
         self._records[item.id] = _Failed(item, error, attempts)
@@ -993,7 +1044,7 @@ class ShardWriter:
         records = sorted(self._records.values(), key=lambda r: (r.item.row, r.item.k))
         written = iter(self._wait([r for r in records if isinstance(r, _Done)]))
         return [{"id": r.item.id, "seed": r.item.seed, "written": next(written), "scheduler_config": r.scheduler_config,
-                 "seconds": r.seconds, "scores": r.scores}
+                 "seconds": r.seconds, "scores": r.scores, "inputs": r.inputs}
                 if isinstance(r, _Done) else {"id": r.item.id, "error": r.error, "attempts": r.attempts} for r in records]
 
     def adopt(self, item: WorkItem, record: dict) -> None:
@@ -1007,7 +1058,7 @@ class ShardWriter:
             future.set_result(record["written"])
         # a retried row's image was made with another seed than the manifest's
         self._records[item.id] = _Done(replace(item, seed=record["seed"]), future, record["scheduler_config"],
-                                       record["seconds"], record["scores"])
+                                       record["seconds"], record["scores"], record["inputs"])
 
     def commit(self) -> ShardResult:
         """Wait for the images, then write failures (if any) and the metadata file — the commit point.
@@ -1039,7 +1090,9 @@ class ShardWriter:
             if r.future is None and self.format != "webdataset":
                 self.out.remove(self._image_path(r.item))
         paths = [None if r.future is None else self._image_path(r.item) for r in done]
+        inputs = [input_columns(r.item.loras, r.inputs, self.adapters) for r in done]
         columns = {
+            **{f.name: [i[f.name] for i in inputs] for f in INPUT_FIELDS},
             "scheduler_config": [r.scheduler_config for r in done],
             "model": [self.model] * len(done),
             "model_fingerprint": [self.model_fingerprint] * len(done),

@@ -13,7 +13,7 @@ resolved by every actor to a local path on its own node, which `sdcore.load_pipe
 
 What a source must hold is its `Layout`: a diffusers model (`MODEL`), a transformers CLIP folder
 (`CLIP`), a folder holding a diffusers `safety_checker/` and its `feature_extractor/`, such as a
-SD 1.x model's (`SAFETY_CHECKER`), or one weight file (`AESTHETIC`).
+SD 1.x model's (`SAFETY_CHECKER`), or one weight file (`AESTHETIC`, `LORA`, `EMBEDDING`).
 
 Only what generation (or scoring) reads is fetched (`sdcore.weights.folder_files`): configs, tokenizer and one
 weight file per component, the fp16 variant for half precision. One download per node: a file
@@ -72,6 +72,11 @@ SAFETY_CHECKER = Layout("--safety-checker", scorer_weights.safety_checker_files,
                         "a folder holding safety_checker/ and feature_extractor/")
 AESTHETIC = Layout("--aesthetic-model", None, scorer_weights.AESTHETIC_SUFFIXES,
                    f"a {' / '.join(scorer_weights.AESTHETIC_SUFFIXES)} file")
+# Adapter files (jobs.adapters): kohya/A1111 and diffusers/PEFT LoRAs, A1111 and diffusers embeddings.
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt")
+LORA = Layout("--lora", None, LORA_SUFFIXES, f"a LoRA {' / '.join(LORA_SUFFIXES)} file")
+EMBEDDING = Layout("--embedding", None, EMBEDDING_SUFFIXES, f"an embedding {' / '.join(EMBEDDING_SUFFIXES)} file")
 
 
 @dataclass(frozen=True)
@@ -287,14 +292,14 @@ def _verify(path: Path, size: int | None, sha256: str | None, what: str) -> None
     problem = None
     if size is not None and actual != size:
         problem = f"{actual} bytes, expected {size}"
-    elif sha256 is not None and _sha256(path) != sha256:
+    elif sha256 is not None and file_sha256(path) != sha256:
         problem = f"its sha256 is not the Hub's {sha256}"
     if problem:
         path.resolve().unlink(missing_ok=True)  # the blob behind the cache's link: the next try fetches it again
         raise SourceError(f"{what}: the download is damaged ({problem}); it was removed, try again")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

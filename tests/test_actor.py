@@ -1,6 +1,7 @@
 """Actors: the shard runner on its own (failures per image, never per shard), then actors on a
 local Ray under the driver: byte-identical output whatever the actor / batch / shard counts, an
 actor killed mid-shard, a shard that keeps killing its actors, a model that changed."""
+import hashlib
 import io
 import json
 import threading
@@ -12,6 +13,7 @@ import torch
 
 import sdcore
 from jobs import actor, driver
+from jobs.adapters import Adapters
 from jobs.actor import ActorConfig, OneThreadRunner, ShardFailed, ShardRunner
 from jobs.buckets import BATCH_ON_CPU, BUCKETS, BatchSizes, fitting_bucket
 from jobs.plan import shards
@@ -82,6 +84,17 @@ def reference(pipe, prompt: str, seed: int, **params):
     settings = {"steps": DEFAULTS.steps, "guidance_scale": DEFAULTS.guidance_scale, "width": DEFAULTS.width,
                 "height": DEFAULTS.height, "scheduler": DEFAULTS.scheduler, **params}
     return pipe.generate([prompt], seeds=[seed], output="np", **settings)[0]
+
+
+def test_the_runner_resolves_the_adapter_files_and_reports_their_sha256(tmp_path):
+    (tmp_path / "cat.safetensors").write_bytes(b"lora")
+    (tmp_path / "owl.pt").write_bytes(b"embedding")
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a <owl>"], loras=["cat:0.5"])
+    runner = make_runner(manifest, tmp_path / "out", adapters=Adapters.of([f"cat={tmp_path / 'cat.safetensors'}"],
+                                                                          [f"<owl>={tmp_path / 'owl.pt'}"]))
+    assert runner.info()["adapters"] == {"loras": {"cat": hashlib.sha256(b"lora").hexdigest()},
+                                         "embeddings": {"<owl>": hashlib.sha256(b"embedding").hexdigest()}}
+    assert runner.adapters.loras["cat"][0] == str(tmp_path / "cat.safetensors")
 
 
 def test_runner_makes_every_image_of_its_shards(tmp_path, pipe):

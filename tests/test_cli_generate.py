@@ -28,7 +28,9 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
     params = sink.read_params(out.read_bytes())
     assert params | {"scheduler_config": None} == {
         "prompt": "a red fox in snow", "negative_prompt": "blurry", "seed": 7, "steps": 3, "guidance_scale": 5.0,
-        "width": 64, "height": 72, "scheduler": "dpmpp_2m", "scheduler_config": None, "model": "builtin:tiny",
+        "width": 64, "height": 72, "scheduler": "dpmpp_2m", "mode": "txt2img", "strength": None,
+        "init_image_sha256": None, "mask_image_sha256": None, "loras": [], "embeddings": [], "resize": None,
+        "scheduler_config": None, "model": "builtin:tiny",
         "model_fingerprint": "builtin:tiny/v1", "model_revision": None, "sdbatch_version": sink.SDBATCH_VERSION,
     }
     assert params["scheduler_config"]["name"] == "dpmpp_2m" and params["scheduler_config"]["beta_schedule"] == "scaled_linear"
@@ -48,6 +50,14 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
     (["--quality", "80"], "--quality applies to jpeg and webp; png is lossless"),
     (["--image-format", "jpeg", "--quality", "0"], "--quality must be 1..100, got 0"),
     (["--image-format", "webp"], "x.png: the name says png, but --image-format is webp"),
+    (["--strength", "0"], "--strength 0.0 must be a number in 0 < strength <= 1"),
+    (["--resize", "fill"], "Invalid value for '--resize': Value error, 'fill' is not one of 'stretch', 'crop'"),
+    (["--mask-image", "m.png"], "--mask-image needs --init-image: inpainting repaints the masked part"),
+    (["--init-image", "/no/such/init.png"], "No such file or directory: '/no/such/init.png'"),
+    (["--lora", "cat=/no/cat.safetensors"], "--lora cat: /no/cat.safetensors: no such file or directory"),
+    (["--loras", "cat:0.5"], "--loras cat:0.5: cat not declared; declare each with --lora NAME=SRC"),
+    (["--loras", "cat:big"], "'cat:big': the scale 'big' is not a number"),
+    (["--embedding", "owl"], "--embedding 'owl': expected NAME=PATH_OR_URI"),
 ])
 def test_bad_arguments_exit_2_before_loading(tmp_path, args, message):
     out = tmp_path / "x.png"

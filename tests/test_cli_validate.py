@@ -77,6 +77,25 @@ def test_validate_bad_defaults_and_options(good):
     assert_user_error(sdbatch("validate", good, "--storage-option", "anon"), "--storage-option 'anon': expected key=value")
 
 
+def test_validate_checks_loras_images_and_adapter_files(tmp_path):
+    (tmp_path / "cat.safetensors").write_bytes(b"lora")
+    (tmp_path / "in.png").write_bytes(b"png")
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog"], "id": ["c", "d"], "init_image": ["in.png", None],
+                             "strength": [0.3, None], "loras": ["cat:0.5", "dog"]}), path)
+    cat = f"cat={tmp_path / 'cat.safetensors'}"
+    assert_user_error(sdbatch("validate", path, "--lora", cat),
+                      "column 'loras': 1 row naming a LoRA that is not declared (row 1: 'dog'; ids 'd'); declared: cat")
+    r = sdbatch("validate", path, "--lora", cat, "--lora", f"dog={tmp_path / 'cat.safetensors'}", "--strength", 0.5,
+                "--resize", "crop")
+    assert r.returncode == 0, r.stderr
+    assert "modes (images)   img2img: 1, txt2img: 1" in r.stdout
+    assert_user_error(sdbatch("validate", path, "--lora", cat, "--lora", f"dog={tmp_path / 'dog.safetensors'}"),
+                      f"--lora dog: {tmp_path / 'dog.safetensors'}: no such file or directory")
+    assert_user_error(sdbatch("validate", path, "--lora", cat, "--lora", cat), "--lora cat: declared twice")
+    assert_user_error(sdbatch("validate", path, "--strength", 1.5), "--strength 1.5 must be a number in 0 < strength <= 1")
+
+
 def test_version_is_the_one_the_metadata_records():
     r = sdbatch("--version")
     assert r.returncode == 0 and r.stderr == ""

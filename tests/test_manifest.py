@@ -319,3 +319,106 @@ def test_streaming_a_large_manifest_keeps_memory_flat(tmp_path):
     assert stats["rows"] == n
     assert stats["arrow_peak"] < validated / 2, stats
     assert stats["python_peak"] < 40e6, stats
+
+
+# --- init images, masks, strength, LoRAs -------------------------------------------------------------
+
+def check_loras(path, declared=()):
+    with open_manifest(path) as m:
+        return validate(m, Defaults(), declared)
+
+
+def test_image_columns_strength_and_loras_are_parameters_not_pass_through(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"png")
+    path = write(tmp_path, {
+        "prompt": prompts(4), "init_image": ["imgs/a.png", None, "imgs/a.png", None],
+        "mask_image": [None, None, str(tmp_path / "imgs" / "a.png"), None], "strength": [0.5, None, 1.0, None],
+        "loras": ["cat:0.8,dog", None, "", "dog:-0.5"], "label": ["x"] * 4})
+    summary = check_loras(path, ["cat", "dog"])
+    assert summary.passthrough == ["label"]
+    assert summary.modes == {"img2img": 1, "inpaint": 1, "txt2img": 2}
+    assert "modes (images)   txt2img: 2, img2img: 1, inpaint: 1" in summary.format()
+
+
+def test_binary_and_image_struct_columns_are_accepted(tmp_path):
+    image_struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    path = write(tmp_path, pa.table({
+        "prompt": prompts(3),
+        "init_image": pa.array([{"bytes": b"abc", "path": None}, None, {"bytes": None, "path": None}], image_struct),
+        "mask_image": pa.array([b"mask", None, None], pa.binary()),
+        "loras": pa.array([[{"name": "cat", "scale": 0.5}], [], None], pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64())]))),
+    }))
+    assert check_loras(path, ["cat"]).modes == {"inpaint": 1, "txt2img": 2}
+
+
+@pytest.mark.parametrize("column, values, expected", [
+    ("init_image", pa.array([1, 2]), "column 'init_image' has type int64; expected paths (strings), bytes"),
+    ("loras", pa.array([[1], [2]]), "column 'loras' has type list<element: int64>; expected strings 'name:scale,...'"),
+    ("strength", pa.array(["a", "b"]), "column 'strength' has type string; expected numbers"),
+])
+def test_image_and_lora_columns_of_the_wrong_type_are_refused(tmp_path, column, values, expected):
+    path = write(tmp_path, pa.table({"prompt": prompts(2), column: values}))
+    assert expected in error(path)
+
+
+def test_bad_strength_is_named_with_its_rows(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(4), "id": ["a", "b", "c", "d"], "strength": [0.5, 0.0, 1.5, float("nan")]})
+    assert (f"{path}: column 'strength': 3 rows out of range 0 < strength <= 1 (rows 1, 2, 3: 0.0, 1.5, nan; "
+            "ids 'b', 'c', 'd'); it is how much of the init image is repainted") in error(path)
+
+
+def test_a_mask_without_an_init_image_is_refused(tmp_path):
+    (tmp_path / "m.png").write_bytes(b"png")
+    path = write(tmp_path, {"prompt": prompts(3), "id": ["a", "b", "c"], "mask_image": [None, "m.png", "m.png"],
+                            "init_image": ["m.png", None, "m.png"]})
+    assert "column 'mask_image': 1 row with a mask but no init_image (row 1; ids 'b')" in error(path)
+    no_init = write(tmp_path, {"prompt": prompts(1), "mask_image": ["m.png"]}, name="no_init.parquet")
+    assert "column 'mask_image': 1 row with a mask but no init_image (row 0)" in error(no_init)
+
+
+def test_missing_images_are_named_with_the_path_they_resolve_to(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"png")
+    path = write(tmp_path, {"prompt": prompts(4), "id": ["w", "x", "y", "z"],
+                            "init_image": ["imgs/a.png", "imgs/b.png", "nowhere/a.png", str(tmp_path / "imgs" / "a.png")]})
+    assert ("column 'init_image': 2 rows naming a file that does not exist (rows 1, 2: 'imgs/b.png', 'nowhere/a.png'; "
+            f"ids 'x', 'y'); relative paths are relative to the manifest's folder, {tmp_path}") in error(path)
+
+
+def test_image_existence_lists_each_folder_once(tmp_path):
+    """A file that appears after its folder was listed is still missing: rows reuse the listing
+    rather than asking the store about each file."""
+    from jobs.images import Existence
+
+    (tmp_path / "a.png").write_bytes(b"png")
+    existence = Existence()
+    assert existence.missing([str(tmp_path / "a.png"), str(tmp_path / "b.png"), None]).tolist() == [False, True, False]
+    (tmp_path / "b.png").write_bytes(b"png")
+    assert existence.missing([str(tmp_path / "b.png")]).tolist() == [True]
+    assert Existence().missing([str(tmp_path / "b.png")]).tolist() == [False]
+
+
+def test_loras_must_be_declared_and_well_formed(tmp_path):
+    path = write(tmp_path, {"prompt": prompts(5), "loras": ["cat:0.8", "owl", "cat:x", "cat,cat:0.5", ":0.5"]})
+    with pytest.raises(ManifestError) as e:
+        check_loras(path, ["cat"])
+    msg = str(e.value)
+    assert ("column 'loras': 3 rows malformed (rows 2, 3, 4: 'cat:x', 'cat,cat:0.5', ':0.5'); 'cat:x': the scale 'x' "
+            "is not a number; write 'name:scale,...' or a list of {name, scale} structs") in msg
+    assert "column 'loras': 1 row naming a LoRA that is not declared (row 1: 'owl'); declared: cat" in msg
+    listed = write(tmp_path, pa.table({"prompt": prompts(1), "loras": pa.array([[{"name": "owl", "scale": 1.0}]])}),
+                   name="listed.parquet")
+    assert "(row 0: 'owl'); declared: none (add one with --lora NAME=PATH_OR_URI)" in error(listed)
+
+
+def test_strength_and_resize_defaults_are_checked():
+    with pytest.raises(ManifestError, match=r"--strength 0.0 must be a number in 0 < strength <= 1; "
+                                            r"--resize 'fill' is not one of stretch, crop"):
+        Defaults(strength=0.0, resize="fill")
+
+
+@pytest.mark.parametrize("name, guess", [("mask", "mask_image"), ("init_img", "init_image"),
+                                         ("denoising_strength", "strength"), ("lora", "loras"), ("strenght", "strength")])
+def test_typos_of_the_new_columns_are_caught(name, guess):
+    assert typo_of(name) == guess

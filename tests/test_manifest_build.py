@@ -86,6 +86,21 @@ def test_csv_parses_parameters_and_keeps_other_columns_as_text(tmp_path):
     ]
 
 
+def test_csv_image_strength_and_lora_columns_are_typed_and_checked_later(tmp_path):
+    src = write(tmp_path / "p.csv", "prompt,init_image,mask_image,strength,loras\n"
+                                    "a cat,cats/1.png,,0.5,cat:0.8\n"
+                                    "a dog,,,,\n")
+    out = tmp_path / "m.parquet"
+    summary = build(str(out), str(src))  # the images and the LoRA are the job's to check: --lora, the files
+    assert summary.modes == {"img2img": 1, "txt2img": 1}
+    assert schema(out) == {"id": "int64", "prompt": "string", "init_image": "string", "mask_image": "string",
+                           "strength": "double", "loras": "string"}
+    assert [(r["init_image"], r["strength"], r["loras"]) for r in rows(out)] == [("cats/1.png", 0.5, "cat:0.8"),
+                                                                                (None, None, None)]
+    with open_manifest(str(out)) as m, pytest.raises(ManifestError, match="naming a file that does not exist"):
+        validate(m, Defaults(), ["cat"])
+
+
 def test_tsv_and_prompt_column(tmp_path):
     src = write(tmp_path / "p.tsv", "caption\tscheduler\na cat\tddim\na dog\t\n")
     out = tmp_path / "m.parquet"

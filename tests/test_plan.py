@@ -1,4 +1,5 @@
 """Shards, work items and batches: deterministic, lazy, and independent of how rows are cut."""
+import hashlib
 import itertools
 import tracemalloc
 
@@ -7,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import images
 from jobs.manifest import MAX_SEED, Defaults, derive_seed, open_manifest
 from jobs.plan import (Shard, WorkItem, batches, count_shards, image_shards, is_shard_id, manifest_shards, read_shard,
                        shard_at, shard_id, shard_index, shards, work_items)
@@ -127,6 +129,60 @@ def test_batches_can_take_their_size_from_the_group():
     assert got == [[0, 2, 4], [6], [1, 3], [5]]
     with pytest.raises(ValueError, match="at least 1, got 0"):
         batches(work_items(t, 0, Defaults()), lambda item: 0)
+
+
+def test_work_items_carry_image_references_strength_and_lora_sets():
+    image_struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    t = table(init_image=["in/a.png", "s3://b/c.png", None, None],
+              mask_image=pa.array([None, {"bytes": b"mask", "path": "ignored.png"}, None, {"bytes": None, "path": "m.png"}],
+                                  image_struct),
+              strength=[None, 0.5, 0.3, None], loras=["owl:0.5,cat", None, "cat", ""])
+    a, b, c, d = work_items(t, 0, Defaults(strength=0.7), base="/data")
+    assert (a.mode, a.init_image, a.mask_image, a.strength, a.loras) == (
+        "img2img", "/data/in/a.png", None, 0.7, (("cat", 1.0), ("owl", 0.5)))
+    assert (b.mode, b.init_image, b.mask_image.to_pybytes(), b.strength) == ("inpaint", "s3://b/c.png", b"mask", 0.5)
+    assert (c.mode, c.strength, c.loras) == ("txt2img", None, (("cat", 1.0),))  # no init image: strength unused
+    assert d.mode == "txt2img" and d.mask_image == "/data/m.png"  # validate refuses such a row before any shard
+
+
+def test_image_bytes_stay_in_the_shards_table_not_copied_per_image():
+    t = table(init_image=pa.array([b"x" * 1000, b"y" * 1000], pa.binary()), num_images=[3, 1])
+    items = work_items(t, 0, Defaults())
+    data = t.column("init_image").chunk(0).buffers()[2]  # the binary column's value bytes
+    assert {i.init_image.address for i in items[:3]} == {data.address}
+    assert items[3].init_image.address == data.address + 1000 and items[3].init_image.to_pybytes() == b"y" * 1000
+
+
+def test_batches_split_by_mode_strength_and_lora_set_but_not_by_unused_strength():
+    t = table(init_image=[None, None, "a.png", "a.png", "a.png", "a.png", "a.png", None],
+              mask_image=[None, None, None, None, "m.png", None, None, None],
+              strength=[0.2, 0.9, 0.5, 0.5, 0.5, 0.6, 0.5, None],
+              loras=[None, "", None, "", None, None, "cat:0.5", "cat:0.5"])
+    items = work_items(t, 0, Defaults())
+    assert [[i.row for i in b] for b in batches(items, 8)] == [[0, 1], [2, 3], [4], [5], [6], [7]]
+    assert items[0].batch_key == ("txt2img", 512, 512, 50, "pndm", True, None, ())
+    assert items[6].batch_key == ("img2img", 512, 512, 50, "pndm", True, 0.5, (("cat", 0.5),))
+
+
+def test_read_shard_resolves_image_paths_against_the_manifests_folder(tmp_path):
+    path = str(tmp_path / "m.parquet")
+    pq.write_table(table(init_image=["imgs/a.png", "/abs/b.png"]), path)
+    with open_manifest(path) as m:
+        (rows,) = [read_shard(m, s, Defaults()) for s in manifest_shards(m, 4)]
+    assert [i.init_image for i in rows.items] == [f"{tmp_path}/imgs/a.png", "/abs/b.png"]
+    assert rows.passthrough.num_columns == 0  # image columns never pass through
+
+
+def test_images_read_gives_the_bytes_and_their_sha256_from_files_uris_and_table_views(tmp_path):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    (tmp_path / "a.png").write_bytes(b"local")
+    MemoryFileSystem().pipe("/inputs/b.png", b"remote")
+    view = images.refs(pa.array([b"xxbytes"], pa.binary()).slice(0, 1), "", 1)[0]
+    for ref, data in ((str(tmp_path / "a.png"), b"local"), ("memory://inputs/b.png", b"remote"), (view, b"xxbytes")):
+        assert images.read(ref) == (data, hashlib.sha256(data).hexdigest())
+    with pytest.raises(FileNotFoundError):
+        images.read(str(tmp_path / "gone.png"))
 
 
 # --- shards of images: a row with many images spans several shards --------------------------------

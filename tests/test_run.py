@@ -250,6 +250,8 @@ def invoke(*args):
     ({"prompt": ["a", "b"], "id": ["x", "x"]}, "column 'id': 1 duplicate id ('x' at rows 0, 1)"),
     ({"prompt": ["a"], "widht": [64]}, "unknown column 'widht': did you mean 'width'?"),
     ({"prompt": ["a"], "scheduler": ["karras"]}, "column 'scheduler': 1 row with an unknown scheduler"),
+    ({"prompt": ["a"], "loras": ["cat:0.5"]}, "column 'loras': 1 row naming a LoRA that is not declared"),
+    ({"prompt": ["a"], "init_image": ["nope.png"]}, "column 'init_image': 1 row naming a file that does not exist"),
 ])
 def test_bad_manifest(tmp_path, no_ray, columns, message):
     manifest = write_manifest(tmp_path / "m.parquet", **columns)
@@ -283,6 +285,9 @@ def test_not_a_manifest(tmp_path, no_ray):
     (["--format", "webdataset", "--embed-images"], "--embed-images is --format parquet; it does not go with"),
     (["--resume"], "nothing to resume"),
     (["--storage-option", "anon"], "--storage-option 'anon': expected key=value"),
+    (["--lora", "cat=/no/cat.safetensors"], "--lora cat: /no/cat.safetensors: no such file or directory"),
+    (["--embedding", "<owl>"], "--embedding '<owl>': expected NAME=PATH_OR_URI"),
+    (["--strength", "2", "--resize", "crop"], "--strength 2.0 must be a number in 0 < strength <= 1"),
     (["--shard-timeout", "0", "--row-timeout", "-1"], "--shard-timeout must be a number of seconds > 0, got 0.0; "
                                                       "--row-timeout must be a number of seconds > 0, got -1.0"),
 ])
@@ -302,6 +307,20 @@ def test_values_outside_the_choices(tmp_path, no_ray, manifest, args, message):
     r = invoke("run", manifest, "--output", tmp_path / "out", *TINY, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_other_adapters_or_strength_is_refused_before_ray_starts(tmp_path, no_ray, manifest):
+    lora = tmp_path / "cat.safetensors"
+    lora.write_bytes(b"lora")
+    opts = driver.RunOptions(manifest=str(manifest), model=MODEL, output=str(tmp_path / "out"),
+                             defaults=driver.Defaults(width=64, height=64, steps=2, scheduler="ddim"))
+    job, out = driver.plan_job(opts)
+    job.model_fingerprint, job.dtype, job.adapters = "f", "fp32", {"loras": {"cat": "a" * 64}, "embeddings": {}}
+    out.prepare(job)
+    assert_user_error(invoke("run", manifest, "--output", tmp_path / "out", *TINY, "--resume"),
+                      'holds a different job (loras: {"cat": "aaaa')
+    assert_user_error(invoke("run", manifest, "--output", tmp_path / "out", *TINY, "--resume", "--lora", f"cat={lora}",
+                             "--strength", "0.5"), "holds a different job (defaults:")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -505,3 +524,11 @@ def test_a_shard_that_expires_twice_runs_its_rows_alone_and_only_the_hanging_row
     assert json.loads((out / "_SUCCESS").read_text())["failures"] == 1
     assert "rows      4/4 done" in sdbatch("status", out).stdout
     assert time.monotonic() - start < 120
+
+
+def test_an_inpainting_model_refuses_manifests_with_other_modes():
+    assert driver.inpainting_problems({"inpaint": 3}, inpainting_unet=True) == []
+    assert driver.inpainting_problems({"txt2img": 2, "img2img": 1}, inpainting_unet=False) == []
+    assert driver.inpainting_problems({"inpaint": 3, "txt2img": 2, "img2img": 1}, inpainting_unet=True) == [
+        "--model is an inpainting model, which needs an init_image and a mask_image on every row; "
+        "the manifest also has 1 img2img, 2 txt2img image(s)"]

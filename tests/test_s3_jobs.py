@@ -200,3 +200,22 @@ def test_output_exists_sees_objects_written_by_another_process(s3_server, bucket
     assert out.exists("failures/shard-000001.parquet")
     s3_server.filesystem().rm(f"{bucket}/out/failures/shard-000000.parquet")
     assert not out.exists("failures/shard-000000.parquet")
+
+
+def test_validate_finds_missing_images_and_adapters_on_s3(s3_server, bucket):
+    fs = s3_server.filesystem()
+    fs.pipe({f"{bucket}/in/imgs/a.png": b"a", f"{bucket}/other/c.png": b"c", f"{bucket}/loras/cat.safetensors": b"l"})
+    manifest = put_manifest(fs, f"{bucket}/in/manifest.parquet", prompt=["a", "b", "c", "d"],
+                            init_image=["imgs/a.png", "imgs/b.png", f"s3://{bucket}/other/c.png", None],
+                            loras=["cat", None, None, None])
+    env = base_env() | s3_server.env
+    cat = f"cat=s3://{bucket}/loras/cat.safetensors"
+    r = sdbatch("validate", manifest, "--lora", cat, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert ("column 'init_image': 1 row naming a file that does not exist (row 1: 'imgs/b.png'); relative paths are "
+            f"relative to the manifest's folder, s3://{bucket}/in") in r.stderr
+    fs.pipe(f"{bucket}/in/imgs/b.png", b"b")
+    r = sdbatch("validate", manifest, "--lora", cat, env=env)
+    assert r.returncode == 0 and "modes (images)   img2img: 3, txt2img: 1" in r.stdout, r.stderr
+    r = sdbatch("validate", manifest, "--lora", cat, "--embedding", f"<owl>=s3://{bucket}/owl.pt", env=env)
+    assert r.returncode == 2 and f"--embedding <owl>: s3://{bucket}/owl.pt: no such file or folder" in r.stderr

@@ -17,7 +17,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import ExifTags, Image
 
-from jobs import sink, storage
+from jobs import images, sink, storage
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import manifest_shards, read_shard, shards
 from jobs.sink import ImageEncoding, ImageWriter, JobSpec, Output, OutputError, ShardWriter
@@ -267,6 +267,10 @@ def test_job_json_has_identity_and_no_credentials(tmp_path, manifest):
     ({"dtype": "fp16"}, "dtype"),
     ({"image": ImageEncoding("jpeg", 95)}, "image_format"),
     ({"format": "webdataset"}, "format"),
+    ({"defaults": {"steps": 4, "width": 64, "height": 64, "strength": 0.5}}, "defaults"),
+    ({"defaults": {"steps": 4, "width": 64, "height": 64, "resize": "crop"}}, "defaults"),
+    ({"adapters": {"loras": {"cat": "a" * 64}, "embeddings": {}}}, "loras"),
+    ({"adapters": {"loras": {}, "embeddings": {"<owl>": "b" * 64}}}, "embeddings"),
 ])
 def test_a_different_job_is_refused_unless_overwriting(tmp_path, manifest, change, what):
     if "defaults" in change:
@@ -304,6 +308,63 @@ def test_quality_is_part_of_the_identity_and_older_jobs_are_png(tmp_path, manife
     assert sink.ImageEncoding.of_job(old) == sink.PNG
     with pytest.raises(OutputError, match="image_format: png there, webp now"):
         out.prepare(job(manifest, image=ImageEncoding("webp", 95)))
+
+
+def test_older_jobs_ran_with_the_default_strength_and_resize_and_no_adapters(tmp_path, manifest):
+    out = Output(str(tmp_path / "old"))
+    out.prepare(job(manifest))
+    path = tmp_path / "old" / "_sdbatch" / "job.json"
+    old = json.loads(path.read_text())
+    del old["identity"]["loras"], old["identity"]["embeddings"]  # as sdbatch wrote it before adapters
+    del old["identity"]["defaults"]["strength"], old["identity"]["defaults"]["resize"]
+    path.write_text(json.dumps(old))
+    assert out.prepare(job(manifest)) == set()
+    assert sink.adapters_of(old) == sink.NO_ADAPTERS
+    with pytest.raises(OutputError, match='loras: {} there, {"cat": "aaaa'):
+        out.prepare(job(manifest, adapters={"loras": {"cat": "a" * 64}, "embeddings": {}}))
+    # an actor has not read the files yet: their sha256 are compared once it has
+    assert out.check(job(manifest, adapters={"loras": None, "embeddings": None})) is not None
+
+
+def test_metadata_records_mode_strength_input_sha256_and_adapters_never_image_bytes(tmp_path):
+    path = str(tmp_path / "manifest.parquet")
+    (tmp_path / "in.png").write_bytes(b"init file")
+    pq.write_table(pa.table({
+        "id": ["plain", "var", "paint"], "prompt": ["a <owl>", "b", "c <owl>"],
+        "init_image": [None, "in.png", "in.png"], "mask_image": pa.array([None, None, b"mask bytes"], pa.binary()),
+        "strength": [None, 0.4, None], "loras": ["cat:0.5", None, "dog,cat:0.25"], "label": [1, 2, 3],
+    }), path)
+    lora_sha = {"cat": "c" * 64, "dog": "d" * 64}
+    spec = job(path, images=3, adapters={"loras": lora_sha, "embeddings": {"<owl>": "e" * 64}})
+    out = Output(str(tmp_path / "out"))
+    out.prepare(spec)
+    with open_manifest(path) as m, ImageWriter(out) as writer:
+        (shard,) = manifest_shards(m, 3)
+        rows = read_shard(m, shard, spec.defaults)
+        w = ShardWriter(out, writer, rows, job=out.read_job(), model=MODEL, model_fingerprint=FINGERPRINT)
+        for item in rows.items:
+            sha = [images.read(ref)[1] if ref is not None else None for ref in (item.init_image, item.mask_image)]
+            used = ("<owl>",) if "<owl>" in item.prompt else ()
+            w.add(item, pixels(item.seed), scheduler_config=SCHED_CONFIG, seconds=0.5,
+                  inputs=sink.Inputs(*sha, embeddings=used))
+        w.commit()
+    meta = pq.read_table(tmp_path / "out" / "metadata" / "shard-000000.parquet")
+    assert "init_image" not in meta.column_names and "mask_image" not in meta.column_names
+    init_sha, mask_sha = hashlib.sha256(b"init file").hexdigest(), hashlib.sha256(b"mask bytes").hexdigest()
+    got = meta.select(["mode", "strength", "init_image_sha256", "mask_image_sha256", "loras", "embeddings", "label"])
+    assert got.to_pylist() == [
+        {"mode": "txt2img", "strength": None, "init_image_sha256": None, "mask_image_sha256": None,
+         "loras": [{"name": "cat", "scale": 0.5, "sha256": "c" * 64}], "embeddings": [{"token": "<owl>", "sha256": "e" * 64}],
+         "label": 1},
+        {"mode": "img2img", "strength": 0.4, "init_image_sha256": init_sha, "mask_image_sha256": None, "loras": [],
+         "embeddings": [], "label": 2},
+        {"mode": "inpaint", "strength": 0.8, "init_image_sha256": init_sha, "mask_image_sha256": mask_sha,
+         "loras": [{"name": "cat", "scale": 0.25, "sha256": "c" * 64}, {"name": "dog", "scale": 1.0, "sha256": "d" * 64}],
+         "embeddings": [{"token": "<owl>", "sha256": "e" * 64}], "label": 3},
+    ]
+    params = sink.read_params((tmp_path / "out" / meta.column("image_path")[2].as_py()).read_bytes())
+    assert {k: params[k] for k in ("mode", "strength", "init_image_sha256", "mask_image_sha256", "loras")} == {
+        k: got.to_pylist()[2][k] for k in ("mode", "strength", "init_image_sha256", "mask_image_sha256", "loras")}
 
 
 def test_older_jobs_are_files_or_parquet_by_their_embed_images(tmp_path, manifest):
