@@ -24,3 +24,7 @@ class NonFiniteOutputError(SdcoreError):
         super().__init__(f"non-finite values (NaN/inf) in the output of batch rows {rows}")
         self.rows = rows
         self.images = images
+
+
+class ImageError(SdcoreError, ValueError):
+    """An init or mask image cannot be read or decoded."""
