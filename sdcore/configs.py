@@ -38,9 +38,10 @@ def unet_config(d: dict) -> UNetConfig:
         refuse(f"looks like Stable Diffusion 2.x ({', '.join(sd2)})")
     if d.get("time_cond_proj_dim") is not None:
         refuse("looks like a latent consistency (LCM) UNet (time_cond_proj_dim is set)")
-    if d.get("in_channels", 4) != 4 or d.get("out_channels", 4) != 4:
-        refuse(f"has {d.get('in_channels', 4)} input / {d.get('out_channels', 4)} output channels "
-               "(SD 1.x text-to-image: 4 / 4; 9 inputs is an inpainting UNet)")
+    channels = (d.get("in_channels", 4), d.get("out_channels", 4))
+    if channels not in ((4, 4), (9, 4)):
+        refuse(f"has {channels[0]} input / {channels[1]} output channels "
+               "(SD 1.x: 4 / 4, or 9 / 4 for inpainting; 8 inputs is InstructPix2Pix)")
     for key, value in d.items():
         if key in _MUST_BE and _uniform(value) not in _MUST_BE[key]:
             refuse(f"sets {key} = {value!r}, which sdbatch does not implement (SD 1.x: {_MUST_BE[key][0]!r})")

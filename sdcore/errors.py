@@ -32,3 +32,7 @@ class NonFiniteOutputError(SdcoreError):
 
 class LoRAError(SdcoreError, ValueError):
     """A LoRA file that cannot be read, or is neither a kohya/A1111 nor a diffusers/PEFT LoRA."""
+
+
+class ImageError(SdcoreError, ValueError):
+    """An init or mask image cannot be read or decoded."""

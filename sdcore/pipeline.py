@@ -1,10 +1,18 @@
-"""Text to image: the loaded components and the denoising loop around them.
+"""Text to image, image to image and inpainting: the loaded components and the denoising loop around them.
 
 Reproducibility rule: every row owns a CPU `torch.Generator` seeded with its seed. It draws the
-row's initial latents and then that row's stochastic step noise, in the reference pipeline's
-order, so an image depends only on its own row — not on batch size or neighbours. On the CPU its
-bytes do not depend on them either (`sdcore.batching`).
+row's VAE samples and initial latents and then that row's stochastic step noise, in the reference
+pipeline's order, so an image depends only on its own row — not on batch size or neighbours. On
+the CPU its bytes do not depend on them either (`sdcore.batching`).
+
+One mode per call: text to image (no init images), image to image (init images: each is encoded,
+noised to the timestep its strength starts at, and denoised from there, as diffusers'
+StableDiffusionImg2ImgPipeline does) or inpainting (init images and masks, as its
+StableDiffusionInpaintPipeline does): a 9-channel inpainting UNet sees the mask and the masked
+image's latents beside the latents; a plain UNet denoises everything and the known region is put
+back, noised to the next timestep, after every step.
 """
+import hashlib
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,11 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sdcore import cpu, schedulers
 from sdcore.batching import Batching
 from sdcore.errors import CompileUnavailableError, NonFiniteOutputError
-from sdcore.schedulers.base import to_device
+from sdcore.schedulers.base import randn, to_device
 
 OUTPUTS = ("pil", "np", "latent")
 
@@ -25,11 +34,14 @@ OUTPUTS = ("pil", "np", "latent")
 class Prepared:
     """What `generate` makes before denoising, made ahead by `Pipeline.prepare` for the rows in `key`."""
 
-    key: tuple  # (prompts, seeds, negative prompts, guidance scales, height, width)
+    key: tuple  # (prompts, seeds, negative prompts, guidance scales, height, width, strength, images' digests)
     generators: list[torch.Generator]  # each row's, past its starting noise: they draw its step noise next
     context: torch.Tensor  # [B, 77, D] the prompts' encodings
     uncond_context: torch.Tensor | None  # [B, 77, D] the negative prompts', when a row is guided
     noise: torch.Tensor  # [B, 4, h, w] float32 starting noise, before the scheduler's scaling
+    init_latents: torch.Tensor | None = None  # [B, 4, h, w] the init images' latents, where the mode uses them
+    mask: torch.Tensor | None = None  # [B, 1, h, w] inpainting: 1 = repaint, 0 = keep
+    masked_image_latents: torch.Tensor | None = None  # [B, 4, h, w] what the 9-channel UNet sees of the kept region
 
 
 @dataclass
@@ -100,9 +112,14 @@ class Pipeline:
     def compiled(self) -> bool:
         return self._compiled_unet is not None
 
+    @property
+    def inpainting_unet(self) -> bool:
+        """The UNet takes the mask and the masked image's latents beside the latents (9 input channels)."""
+        return self.unet.config.in_channels == 9
+
     def predict_noise(self, x: torch.Tensor, t: int | float | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The UNet's output for latents x [B, 4, h, w] at timestep t (one for all rows), compiled if
-        compile() was called."""
+        """The UNet's output [B, 4, h, w] for its input x [B, 4 or 9, h, w] at timestep t (one for all rows),
+        compiled if compile() was called."""
         # A [B] tensor made on the device: a compiled UNet then sees an input rather than a new
         # constant (and a recompile) at every step, and a GPU does not wait for a host copy.
         timesteps = torch.full((len(x),), float(t), dtype=torch.float32, device=self.device)
@@ -130,9 +147,10 @@ class Pipeline:
         # A prompt is 77 rows of every matmul, so its encoding is the same in any batch.
         return self.text_encoder(ids)  # [B, 77, D]
 
-    @staticmethod
-    def _row_key(prompts, seeds, negative_prompts, guidance_scale, height: int, width: int) -> tuple:
-        """generate's rows, checked, as `Prepared.key`: a scalar guidance scale is given to every row."""
+    def _row_key(self, prompts, seeds, negative_prompts, guidance_scale, height: int, width: int,
+                 init_images, mask_images, strength: float) -> tuple:
+        """generate's rows, checked, as `Prepared.key`: a scalar guidance scale is given to every row, and
+        images are named by their digests."""
         prompts, seeds = tuple(prompts), tuple(int(s) for s in seeds)
         negative_prompts = ("",) * len(prompts) if negative_prompts is None else tuple(negative_prompts)
         per_row = isinstance(guidance_scale, Sequence)
@@ -142,22 +160,92 @@ class Pipeline:
                              "per prompt, and at least one prompt")
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-        return prompts, seeds, negative_prompts, guidance, height, width
+        return prompts, seeds, negative_prompts, guidance, height, width, *self._image_key(
+            len(prompts), height, width, init_images, mask_images, strength)
+
+    def _image_key(self, rows: int, height: int, width: int, init_images, mask_images, strength: float) -> tuple:
+        """(strength, init images' digests, masks' digests) of a call, checked; Nones for text to image."""
+        if mask_images is not None and init_images is None:
+            raise ValueError("mask images need init images: inpainting repaints part of an init image")
+        if self.inpainting_unet and mask_images is None:
+            raise ValueError("this model has an inpainting UNet (9 input channels): every row needs an init image "
+                             "and a mask image")
+        if init_images is None:
+            return None, None, None
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        digests = []
+        for what, images, shape in (("init image", init_images, (height, width, 3)), ("mask image", mask_images, (height, width))):
+            if images is None:
+                digests.append(None)
+                continue
+            if len(images) != rows:
+                raise ValueError(f"generate needs one {what} per prompt, got {len(images)} for {rows} prompts")
+            for i, image in enumerate(images):
+                if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != shape:
+                    got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+                    raise ValueError(f"{what} {i} must be a uint8 array of shape {shape} (the call's height x width"
+                                     f"{' x RGB' if len(shape) == 3 else ''}), got {got}")
+            digests.append(tuple(hashlib.sha256(np.ascontiguousarray(image)).hexdigest() for image in images))
+        return float(strength), *digests
+
+    @staticmethod
+    def _first_step(steps: int, strength: float) -> int:
+        """The first of `steps` timesteps that image to image and inpainting denoise, as diffusers' get_timesteps."""
+        begin = steps - min(int(steps * strength), steps)
+        if begin == steps:
+            raise ValueError(f"strength {strength} of {steps} steps leaves no step to denoise "
+                             f"(it needs strength x steps >= 1)")
+        return begin
 
     @torch.inference_mode()
     def prepare(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompts: Sequence[str] | None = None,
-                guidance_scale: float | Sequence[float] = 7.5, height: int = 512, width: int = 512) -> Prepared:
-        """The prompts' encodings and each row's starting noise, for a `generate` call of the same rows.
-        Made ahead (from `generate`'s `before_wait`), a GPU has the next batch's text encoding queued
-        behind this batch's decoding, and the host has drawn its noise, before it waits for the images."""
-        key = self._row_key(prompts, seeds, negative_prompts, guidance_scale, height, width)
-        prompts, seeds, negative_prompts, guidance, height, width = key
+                guidance_scale: float | Sequence[float] = 7.5, height: int = 512, width: int = 512,
+                init_images: Sequence[np.ndarray] | None = None, mask_images: Sequence[np.ndarray] | None = None,
+                strength: float = 0.8) -> Prepared:
+        """The prompts' encodings, the init images' latents and each row's starting noise, for a `generate`
+        call of the same rows. Made ahead (from `generate`'s `before_wait`), a GPU has the next batch's
+        text and image encoding queued behind this batch's decoding, and the host has drawn its noise,
+        before it waits for the images."""
+        key = self._row_key(prompts, seeds, negative_prompts, guidance_scale, height, width, init_images, mask_images,
+                            strength)
+        prompts, seeds, negative_prompts, guidance, height, width = key[:6]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         context = self.encode_prompts(prompts)
         uncond_context = self.encode_prompts(negative_prompts) if any(g > 1.0 for g in guidance) else None
-        latent_shape = (1, self.unet.config.in_channels, height // 8, width // 8)
-        noise = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
-        return Prepared(key, generators, context, uncond_context, to_device(noise, self.device))
+        latent_shape = (len(prompts), self.vae.config.latent_channels, height // 8, width // 8)
+        pixels = None if init_images is None else self._pixels(init_images)
+        # Each generator's draws in the reference's order: the init image's VAE sample (not made for a
+        # 9-channel UNet at full strength, which starts from noise alone), the starting noise, then the
+        # masked image's VAE sample (drawn for a plain UNet too, which does not use it).
+        init_latents = None
+        if pixels is not None and not (self.inpainting_unet and strength == 1.0):
+            init_latents = self._encode(pixels, generators)
+        noise = randn(latent_shape, generators, self.device, torch.float32)
+        mask = masked_image_latents = None
+        if mask_images is not None:
+            repaint = to_device(torch.from_numpy(np.stack(mask_images)) >= 128, self.device)[:, None]  # [B, 1, H, W]
+            mask = F.interpolate(repaint.float(), size=latent_shape[2:])  # nearest, as the reference
+            if self.inpainting_unet:
+                masked_image_latents = self._encode(pixels * ~repaint, generators)
+            else:
+                randn(latent_shape, generators, self.device, torch.float32)
+        return Prepared(key, generators, context, uncond_context, noise, init_latents, mask, masked_image_latents)
+
+    def _pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 [H, W, 3] images → [B, 3, H, W] float32 in [-1, 1] on the device, as the reference scales them."""
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+        return to_device(2 * pixels - 1, self.device)
+
+    def _encode(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """pixels [B, 3, H, W] → latents [B, 4, H/8, W/8] (scaled), each row sampled from the VAE's
+        posterior with its own generator, as the reference samples it."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        moments = self._in_chunks(lambda x: torch.cat(self.vae.encode(x), dim=1), self.batching.vae_rows or len(pixels),
+                                  pixels.to(vae_dtype))
+        mean, logvar = moments.float().chunk(2, dim=1)
+        sample = randn(mean.shape, generators, mean.device, torch.float32)
+        return self.vae.config.scaling_factor * (mean + torch.exp(0.5 * logvar) * sample)
 
     @torch.inference_mode()
     def generate(
@@ -176,8 +264,16 @@ class Pipeline:
         progress: Callable[[int, int], None] | None = None,
         prepared: Prepared | None = None,
         before_wait: Callable[[], None] | None = None,
+        init_images: Sequence[np.ndarray] | None = None,
+        mask_images: Sequence[np.ndarray] | None = None,
+        strength: float = 0.8,
     ) -> list:
         """One image per prompt; `progress(step, total)` is called after every denoising step.
+
+        `init_images` (uint8 [height, width, 3], one per row) make it image to image: each is noised to
+        the timestep `strength` (0 < s <= 1, one for all rows) starts at, and the last
+        int(steps * strength) steps are denoised. `mask_images` too (uint8 [height, width], >= 128 =
+        repaint) make it inpainting; a model with an inpainting UNet needs both.
 
         `guidance_scale` is one for all rows or one per row. A row with guidance above 1 gets
         classifier-free guidance; a row with 1 or less takes the conditional prediction alone, as it
@@ -186,26 +282,33 @@ class Pipeline:
         `prepared`: `prepare`'s result for these very rows, used instead of encoding and drawing them
         again. `before_wait` is called once all the work is queued, before the host waits for the
         images (the time to prepare the next call)."""
-        key = self._row_key(prompts, seeds, negative_prompts, guidance_scale, height, width)
+        key = self._row_key(prompts, seeds, negative_prompts, guidance_scale, height, width, init_images, mask_images,
+                            strength)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        begin = 0 if init_images is None else self._first_step(steps, strength)
         if prepared is None:
-            prepared = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts,
-                                    guidance_scale=guidance_scale, height=height, width=width)
+            prepared = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
+                                    height=height, width=width, init_images=init_images, mask_images=mask_images,
+                                    strength=strength)
         elif prepared.key != key:
             raise ValueError("generate was given inputs prepared for other rows")
         prompts, guidance = key[0], key[3]
 
         sched = self.make_scheduler(scheduler, scheduler_config)
         sched.set_timesteps(steps)
+        timesteps = sched.timesteps
+        if init_images is not None:
+            sched.set_begin_index(begin)
+            timesteps = timesteps[begin:]
         generators, context, uncond_context = prepared.generators, prepared.context, prepared.uncond_context
         use_cfg = uncond_context is not None
 
         # The latents and the scheduler's state stay float32 in every dtype: half precision would round
         # away the small updates of late steps. Only the UNet sees the pipeline's dtype.
-        latents = prepared.noise * sched.init_noise_sigma
+        latents = self._start_latents(sched, prepared, timesteps[:1], strength)
 
         def unet_noise(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return self.predict_noise(x.to(self.dtype), t, context).float()
@@ -223,9 +326,9 @@ class Pipeline:
         # A group of every row is taken whole, not copied out row by row.
         groups = [(guided, slice(None) if len(rows) == len(prompts) else torch.tensor(rows, device=self.device))
                   for guided, rows in ((True, cfg_rows), (False, plain_rows)) if rows]
-        total = len(sched.timesteps)
-        for i, t in enumerate(sched.timesteps):
-            model_input = sched.scale_model_input(latents, t)
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            model_input = self._unet_input(sched, latents, t, prepared)
             noise = torch.empty_like(latents)
             for guided, rows in groups:
                 if guided:
@@ -235,6 +338,8 @@ class Pipeline:
                 inputs = [x[rows] for x in inputs]
                 noise[rows] = self._in_chunks(fn, self.batching.unet_rows(guided) or len(inputs[0]), *inputs)
             latents = sched.step(noise, t, latents, generator=generators)
+            if prepared.mask is not None and not self.inpainting_unet:
+                latents = self._keep_known(sched, latents, prepared, timesteps[i + 1 : i + 2])
             if progress is not None:
                 progress(i + 1, total)
 
@@ -252,6 +357,31 @@ class Pipeline:
         if bad:
             raise NonFiniteOutputError(bad, [None if i in bad else x for i, x in enumerate(images)])
         return images
+
+    @staticmethod
+    def _start_latents(sched, prepared: Prepared, first_t: torch.Tensor, strength: float) -> torch.Tensor:
+        """The latents the walk starts from: the init latents noised to the first timestep, or (text to
+        image, and inpainting at full strength, as the reference) noise alone."""
+        if prepared.init_latents is None or (prepared.mask is not None and strength == 1.0):
+            return prepared.noise * sched.init_noise_sigma
+        return sched.add_noise(prepared.init_latents, prepared.noise, first_t)
+
+    def _unet_input(self, sched, latents: torch.Tensor, t: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        """What the UNet sees at timestep t: the scaled latents, then, for an inpainting UNet, the mask
+        and the masked image's latents (unscaled), [B, 4 or 9, h, w]."""
+        model_input = sched.scale_model_input(latents, t)
+        if not self.inpainting_unet:
+            return model_input
+        return torch.cat([model_input, prepared.mask, prepared.masked_image_latents], dim=1)
+
+    @staticmethod
+    def _keep_known(sched, latents: torch.Tensor, prepared: Prepared, next_t: torch.Tensor) -> torch.Tensor:
+        """Inpainting with a plain UNet: the kept region put back after a step, noised to the next
+        timestep (clean after the last step), as the reference blends it."""
+        known = prepared.init_latents
+        if len(next_t):
+            known = sched.add_noise(known, prepared.noise, next_t)
+        return (1 - prepared.mask) * known + prepared.mask * latents
 
     def _decode(self, latents: torch.Tensor, before_wait: Callable[[], None] | None = None) -> tuple[list, list[int]]:
         """Latents → uint8 [H, W, 3] arrays; None for rows whose latents are non-finite or whose pixels

@@ -13,6 +13,7 @@ a time: the model is never held twice. For a GPU, safetensors are read straight 
 tensor is converted to the dtype there, not on a CPU thread. Family, names and shapes of all three components are
 checked before any tensor is read, so a wrong file fails whole, never half-loaded.
 """
+import dataclasses
 import hashlib
 import json
 import operator
@@ -63,6 +64,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 CLIP_OLD_PREFIX = "cond_stage_model.transformer."
+UNET_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 SINGLE_FILE_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_PREFIX}
 # A buffer of transformers' CLIP (int64 0..76) that 2022-era files saved; we compute positions instead.
 POSITION_IDS = "embeddings.position_ids"
@@ -213,6 +215,10 @@ def load_single_file(path: Path, *, device="cpu", dtype=torch.float32, source: s
     if family:
         raise UnsupportedModelError(f"{path} looks like {family}; sdbatch supports Stable Diffusion 1.x only")
 
+    conv_in = tensors.shapes.get(UNET_CONV_IN)
+    if conv_in is not None and len(conv_in) == 4:
+        # An inpainting UNet differs only in its input channels (latents, mask, masked image's latents).
+        configs["unet"] = dataclasses.replace(configs["unet"], in_channels=conv_in[1])
     table = single_file_names(**configs)
     original = {ours: name for name, ours in table.items()}
     sources = {c: {} for c in COMPONENTS}
@@ -256,10 +262,10 @@ def single_file_family(shapes: dict[str, tuple[int, ...]]) -> str | None:
             return f"{family} (cross-attention to a {width}-wide text context; SD 1.x: 768)"
     if any(k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight") and len(s) == 2 for k, s in shapes.items()):
         return "Stable Diffusion 2.x (linear proj_in/proj_out in the transformer blocks; SD 1.x: 1x1 convs)"
-    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
-        kind = {9: "an inpainting model", 8: "an InstructPix2Pix model", 7: "the x4 upscaler"}.get(conv_in[1], "a UNet")
-        return f"{kind} ({conv_in[1]} UNet input channels; SD 1.x text-to-image: 4)"
+    conv_in = shapes.get(UNET_CONV_IN)
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] not in (4, 9):
+        kind = {8: "an InstructPix2Pix model", 7: "the x4 upscaler"}.get(conv_in[1], "a UNet")
+        return f"{kind} ({conv_in[1]} UNet input channels; SD 1.x: 4, or 9 for inpainting)"
     if not has(UNET_PREFIX):
         if any("lora" in k.lower() for k in shapes):
             return "a LoRA / adapter file, not a full model"

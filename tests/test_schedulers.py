@@ -240,6 +240,34 @@ def test_add_noise_matches_reference(name):
     assert (ours.add_noise(x0, noise, ours.timesteps[5]) - one).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("begin", [0, 4, 9])
+def test_walk_started_part_way_matches_reference(name, begin):
+    """As image to image and inpainting use it: noise a clean sample to timesteps[begin], walk the rest,
+    and after every step noise the clean sample again to the next timestep (the known region's blend)."""
+    ours, ref = schedulers.make(name), reference(name)
+    gen = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    g_ours, g_ref = generators("list"), generators("list")
+    ref_kwargs = {"generator": g_ref} if "generator" in inspect.signature(ref.step).parameters else {}
+    for sched in (ours, ref):
+        sched.set_timesteps(10)
+    ours.set_begin_index(begin)
+    if hasattr(ref, "set_begin_index"):  # as the reference pipelines call it (DDPM, DDIM, PNDM go by t)
+        ref.set_begin_index(begin)
+    timesteps = ref.timesteps[begin:]
+    x_ours, x_ref = ours.add_noise(x0, noise, timesteps[:1]), ref.add_noise(x0, noise, timesteps[:1])
+    assert (x_ours - x_ref).abs().max() <= TOL
+    for i, t in enumerate(timesteps):
+        x_ours = ours.step(fake_model(ours.scale_model_input(x_ours, t), t), t, x_ours, generator=g_ours)
+        x_ref = ref.step(fake_model(ref.scale_model_input(x_ref, t), t), t, x_ref, **ref_kwargs).prev_sample
+        assert (x_ours - x_ref).abs().max() <= TOL, f"step {i}"
+        if i + 1 < len(timesteps):
+            next_t = timesteps[i + 1 : i + 2]
+            assert (ours.add_noise(x0, noise, next_t) - ref.add_noise(x0, noise, next_t)).abs().max() <= TOL, i
+    assert all(torch.equal(a, b) for a, b in zip(generator_states(g_ours), generator_states(g_ref)))
+
+
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "euler_a"])
 def test_rows_do_not_depend_on_their_batch(name):
     """With one generator per row, a row's trajectory is the same alone or in a batch."""

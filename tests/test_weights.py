@@ -223,6 +223,22 @@ def test_single_file_with_older_text_encoder_prefix(tiny):
     assert_matches_reference(pipe, tiny.inputs, tiny.expected)
 
 
+def test_inpainting_unet_is_detected_in_both_layouts(tiny, tmp_path):
+    inpainting = reference_configs({**TINY_UNET, "in_channels": 9}, TINY_VAE, TINY_CLIP)
+    refs = {**tiny.refs, "unet": reference_unet(inpainting["unet"])}
+    folder = sdcore.load_pipeline(write_saved_folder(tmp_path / "folder", refs))
+    path = write_single_file(single_file_state(folder, our_configs(inpainting)), tmp_path / "inpainting.safetensors")
+    single = load_tiny_single_file(path)  # told the text-to-image UNet's 4 input channels, as SD v1.5's are assumed
+    assert not sdcore.load_pipeline(tiny.folder).inpainting_unet
+    for pipe in (folder, single):
+        assert pipe.inpainting_unet and pipe.unet.config.in_channels == 9 and pipe.unet.config.out_channels == 4
+    x = {**tiny.inputs, "sample": torch.randn(2, 9, 8, 8, generator=torch.Generator().manual_seed(5))}
+    with torch.no_grad():
+        expected = refs["unet"](x["sample"], x["timesteps"], encoder_hidden_states=x["context"]).sample
+        for pipe in (folder, single):
+            assert (pipe.unet(x["sample"], x["timesteps"], x["context"]) - expected).abs().max() <= 1e-4
+
+
 def test_diffusers_converters_map_our_single_file_onto_reference(tiny):
     def reference_state(c):
         return tiny.refs[c].state_dict()
@@ -517,8 +533,8 @@ OTHER_FAMILIES = {
                    "Stable Diffusion 2.x (linear proj_in"),
     "sdxl": ({**SD1_UNET, "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
               _unet("label_emb.0.0.weight"): (1280, 2816)}, "SDXL"),
-    "inpainting": ({**SD1_UNET, **CLIP_L, _unet("input_blocks.0.0.weight"): (320, 9, 3, 3)},
-                   "an inpainting model (9 UNet input channels"),
+    "instruct_pix2pix": ({**SD1_UNET, **CLIP_L, _unet("input_blocks.0.0.weight"): (320, 8, 3, 3)},
+                         "an InstructPix2Pix model (8 UNet input channels"),
     "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320, 1, 1)}, "a LoRA / adapter file"),
     "vae_only": ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "a standalone VAE"),
 }
@@ -538,7 +554,7 @@ def _edit_json(path: Path, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3", "sd2_unet", "sd2_text_encoder", "inpainting"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "sd2_unet", "sd2_text_encoder", "instruct_pix2pix"])
 def test_folder_of_another_family_is_refused(tiny, family):
     folder = tiny.root / f"family_{family}"
     shutil.copytree(tiny.folder, folder)
@@ -557,8 +573,8 @@ def test_folder_of_another_family_is_refused(tiny, family):
         _edit_json(folder / "text_encoder" / "config.json", hidden_act="gelu", hidden_size=1024)
         expected = "Stable Diffusion 2.x"
     else:
-        _edit_json(folder / "unet" / "config.json", in_channels=9)
-        expected = "inpainting"
+        _edit_json(folder / "unet" / "config.json", in_channels=8)
+        expected = "8 input / 4 output channels"
     with pytest.raises(UnsupportedModelError, match=expected):
         sdcore.load_pipeline(folder)
 

@@ -45,7 +45,8 @@ CHOICES = {
 
 
 class Scheduler:
-    """Base of the algorithms. Use: set_timesteps(n), then for t in timesteps: scale_model_input, model, step."""
+    """Base of the algorithms. Use: set_timesteps(n), then for t in timesteps: scale_model_input, model, step.
+    To start part-way: set_timesteps(n), set_begin_index(k), add_noise at timesteps[k], then walk timesteps[k:]."""
 
     name: str
     defaults: dict  # the settings this algorithm reads -> SD v1.5 values
@@ -78,6 +79,7 @@ class Scheduler:
         self.timesteps: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
         self._index: int | None = None  # position in timesteps, for algorithms that walk them in order
+        self._begin_index: int | None = None  # see set_begin_index
 
     def _betas(self) -> torch.Tensor:
         c = self.config
@@ -98,8 +100,14 @@ class Scheduler:
         if not 1 <= n <= T:
             raise ValueError(f"{self.name}: the number of steps must be between 1 and {T}, got {n}")
         self.num_inference_steps = n
-        self._index = None
+        self._index = self._begin_index = None
         self._schedule(n)
+
+    def set_begin_index(self, begin: int) -> None:
+        """Start the walk part-way, at timesteps[begin] (image to image, inpainting). From then on
+        step() and the sigma-based add_noise() take the position of the step in progress, not t's, as
+        the reference does once its begin index is set."""
+        self._index = self._begin_index = operator.index(begin)
 
     def _schedule(self, n: int) -> None:
         """Set self.timesteps (and whatever else the algorithm keeps) for n steps; reset its history."""
@@ -145,9 +153,12 @@ class Scheduler:
         return torch.tensor(1.0) if self.config.get("set_alpha_to_one", True) else self.alphas_cumprod[0]
 
     def _sigma_at(self, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """self.sigmas (of the algorithms that keep them) at timestep(s) t, as [B, 1, ...] in like's dtype."""
+        """self.sigmas (of the algorithms that keep them) at timestep(s) t, as [B, 1, ...] in like's dtype;
+        after set_begin_index, the sigma of the step in progress for every t."""
         sigmas = self.sigmas.to(like.device, like.dtype)
-        return sigmas[[self._position(s) for s in torch.as_tensor(t).reshape(-1)]].view(-1, *[1] * (like.ndim - 1))
+        ts = torch.as_tensor(t).reshape(-1)
+        positions = [self._position(s) for s in ts] if self._begin_index is None else [self._index] * len(ts)
+        return sigmas[positions].view(-1, *[1] * (like.ndim - 1))
 
     def scale_model_input(self, x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         return x
