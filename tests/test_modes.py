@@ -69,13 +69,12 @@ def reference(folder, scheduler: str, kind: str):
 
 
 @torch.no_grad()
-def reference_run(pipe, rows: list[int], steps: int, strength: float, masks: bool, size=SIZE, guidance=7.5):
+def reference_run(pipe, rows: list[int], steps: int, strength: float, masks: bool):
     """The reference's latents [B, 4, h, w] and uint8 images [B, H, W, 3] for the given rows, one generator each."""
-    images = init_images(size, size)
-    kwargs = dict(image=[Image.fromarray(images[i]) for i in rows])
+    kwargs = dict(image=[Image.fromarray(init_images()[i]) for i in rows])
     if masks:
-        kwargs |= dict(mask_image=[Image.fromarray(mask_images(size, size)[i]) for i in rows], height=size, width=size)
-    latents = pipe([PROMPTS[i] for i in rows], num_inference_steps=steps, strength=strength, guidance_scale=guidance,
+        kwargs |= dict(mask_image=[Image.fromarray(mask_images()[i]) for i in rows], height=SIZE, width=SIZE)
+    latents = pipe([PROMPTS[i] for i in rows], num_inference_steps=steps, strength=strength, guidance_scale=7.5,
                    generator=[torch.Generator("cpu").manual_seed(SEEDS[i]) for i in rows], output_type="latent",
                    **kwargs).images
     pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -83,20 +82,18 @@ def reference_run(pipe, rows: list[int], steps: int, strength: float, masks: boo
     return latents, (decoded * 255).round().astype(np.uint8)
 
 
-def our_run(pipe, rows: list[int], steps: int, strength: float, masks: bool, scheduler: str, output: str,
-            size=SIZE, guidance=7.5):
-    return pipe.generate([PROMPTS[i] for i in rows], seeds=[SEEDS[i] for i in rows], steps=steps, height=size, width=size,
-                         guidance_scale=guidance, scheduler=scheduler, output=output, strength=strength,
-                         init_images=[init_images(size, size)[i] for i in rows],
-                         mask_images=[mask_images(size, size)[i] for i in rows] if masks else None)
+def our_run(pipe, rows: list[int], steps: int, strength: float, masks: bool, scheduler: str, output: str):
+    return pipe.generate([PROMPTS[i] for i in rows], seeds=[SEEDS[i] for i in rows], steps=steps, height=SIZE, width=SIZE,
+                         guidance_scale=7.5, scheduler=scheduler, output=output, strength=strength,
+                         init_images=[init_images()[i] for i in rows],
+                         mask_images=[mask_images()[i] for i in rows] if masks else None)
 
 
-def assert_equals_reference(ours_pipe, reference_pipe, scheduler: str, steps: int, strength: float, masks: bool,
-                            size=SIZE) -> int:
+def assert_equals_reference(ours_pipe, reference_pipe, scheduler: str, steps: int, strength: float, masks: bool):
     """Both rows in one batch equal the reference's (latents to float32 rounding, images within uint8 2), and a row
-    alone equals itself in the batch. Returns the largest uint8 difference."""
-    their_latents, their_images = reference_run(reference_pipe, [0, 1], steps, strength, masks, size)
-    run = dict(steps=steps, strength=strength, masks=masks, scheduler=scheduler, size=size)
+    alone equals itself in the batch."""
+    their_latents, their_images = reference_run(reference_pipe, [0, 1], steps, strength, masks)
+    run = dict(steps=steps, strength=strength, masks=masks, scheduler=scheduler)
     our_latents = torch.stack(our_run(ours_pipe, [0, 1], output="latent", **run))
     our_images = np.stack(our_run(ours_pipe, [0, 1], output="np", **run))
     scale = their_latents.abs().max().item()
@@ -106,7 +103,6 @@ def assert_equals_reference(ours_pipe, reference_pipe, scheduler: str, steps: in
     diff = int(np.abs(our_images.astype(int) - their_images.astype(int)).max())
     assert diff <= 2, (scheduler, strength, diff)
     assert torch.equal(our_run(ours_pipe, [1], output="latent", **run)[0], our_latents[1])
-    return diff
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
