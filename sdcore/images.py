@@ -20,6 +20,8 @@ def read_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now: a truncated file fails here, not later in a resize
+    except Image.UnidentifiedImageError:  # its message names only an in-memory file object
+        raise ImageError(f"not an image format Pillow reads ({len(data)} bytes, beginning {data[:8]!r})") from None
     except Exception as e:
         raise ImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
     return image
