@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 
 from jobs import adapters, storage
 from jobs import images as input_images  # `images` counts images in validate
+from sdcore.images import RESIZE_POLICIES  # how init images and masks are fitted to a row's size
 
 MAX_SEED = 2**63  # exclusive
 MAX_NUM_IMAGES = 10_000
@@ -64,9 +65,6 @@ SHOW = 5  # offending rows quoted per violation
 STRING_PARAMS = ("prompt", "negative_prompt", "scheduler")
 PARAMS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler", "num_images",
           "init_image", "mask_image", "strength", "loras")
-# How init images and masks are fitted to a row's size: stretch (resize) or crop (resize to cover, then
-# cut the middle), as diffusers' VaeImageProcessor resize_mode "default" and "crop".
-RESIZE_POLICIES = ("stretch", "crop")
 # Output metadata/failure columns (see jobs.sink) and the future embedded `image` column: a
 # pass-through column of the same name would collide with them.
 RESERVED = (
