@@ -34,19 +34,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pyarrow as pa
 import ray
 import torch
 
-from jobs import devices, lease, scorers, sources, storage
+from jobs import devices, images, lease, scorers, sources, storage
 from jobs.adapters import Adapters
 from jobs.buckets import BatchSizes, allow_recompiles
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
-from jobs.sink import ImageWriter, Output, ShardWriter
-from sdcore import allocator, load_pipeline
+from jobs.sink import ImageWriter, Inputs, Output, ShardWriter
+from sdcore import allocator, embeddings, load_pipeline, lora
 from sdcore.batching import Batching
 from sdcore.errors import NonFiniteOutputError
+from sdcore.images import fit_image, fit_mask, read_image
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ class _Tries:
     seconds: float = 0.0
 
 
+@dataclass
+class _RowInputs:
+    """A row's input images, decoded and fitted to its size, and what its metadata says of its inputs."""
+
+    init_image: np.ndarray | None  # [H, W, 3] uint8
+    mask_image: np.ndarray | None  # [H, W] uint8
+    inputs: Inputs
+
+
 class ShardFailed(Exception):
     """Every image of a shard failed with an error: probably the actor, not the rows."""
 
@@ -109,6 +120,10 @@ class ShardRunner:
                                      cache=config.model_cache)
         devices.prepare_backend(device, dtype)
         self.pipe = load_pipeline(self.model.path, device=device, dtype=dtype)
+        self.adapter_files = config.adapters.resolve(config.storage_options, config.model_cache)
+        self.loras, self.embeddings = self.adapter_files.load(self.pipe, config.model)
+        # Made before compiling: on the CPU a compiled UNet would otherwise freeze the base weights into its code.
+        self.merged_loras = lora.Adapters(self.pipe) if self.loras else None
         if config.compile or config.cuda_graphs:
             self.pipe.compile(mode="reduce-overhead" if config.cuda_graphs else None)
         self.batch_sizes = BatchSizes(config.batch_size, self.pipe.device, dtype)
@@ -124,10 +139,10 @@ class ShardRunner:
                                for name, (option, layout) in SCORER_SOURCES.items() if getattr(spec, option)}
         self.scorers = scorers.Scorers(spec, {n: r.path for n, r in self.scorer_sources.items()},
                                        self.pipe.device) if spec.scores else None
-        self.adapters = config.adapters.resolve(config.storage_options, config.model_cache)
         self._tries: dict[str, _Tries] = {}  # the current shard's rows under --keep, by image id
         self._next_round: list[WorkItem] = []  # their next attempts
         self._prepared: tuple | None = None  # (_call_key, Pipeline.prepare's result) for the next call
+        self._inputs: dict[str, _RowInputs | str] = {}  # by image id: its inputs, or why they cannot be used
         self._scoring_seconds = 0.0
         self.manifest = open_manifest(config.manifest, config.storage_options)
         self.out = Output(config.output, config.storage_options)
@@ -168,7 +183,7 @@ class ShardRunner:
             "allocator": self.allocator,
             "scorer_fingerprints": self.scorers.fingerprints if self.scorers else {},
             "scorer_sources": {n: r.report() for n, r in self.scorer_sources.items()},
-            "adapters": self.adapters.fingerprints(),
+            "adapters": self.adapter_files.fingerprints(), "inpainting_unet": self.pipe.inpainting_unet,
         }
 
     def progress(self) -> tuple[str, int]:
@@ -222,6 +237,19 @@ class ShardRunner:
         """Generate one batch, in calls of its size's rows (fewer once a call runs out of memory), and record
         every image's outcome; returns the errors (not NaNs) recorded. Each call prepares the next one's
         inputs (this batch's next rows, or `next_batch`'s first) before it waits for its images."""
+        self._load_inputs(batch)
+        for item in batch:
+            if isinstance(self._inputs[item.id], str):  # a row's own fault: it fails alone, the actor is fine
+                shard_writer.fail(item, self._inputs[item.id], attempts=1)
+                self._images_done += 1
+        usable = [item for item in batch if not isinstance(self._inputs[item.id], str)]
+        try:
+            return self._run_usable(shard_writer, usable, next_batch) if usable else []
+        finally:
+            for item in batch:
+                self._inputs.pop(item.id, None)
+
+    def _run_usable(self, shard_writer: ShardWriter, batch: list[WorkItem], next_batch: list[WorkItem] | None) -> list[str]:
         height, width = batch[0].height, batch[0].width
         errors, done = [], 0
         while done < len(batch):
@@ -266,11 +294,16 @@ class ShardRunner:
             return
         _, padded = self._call_rows(batch, done)
         first = padded[0]
+        if self.merged_loras is not None and self.merged_loras.active != first.loras:
+            return  # its prompts need the text encoder with its own LoRAs, merged once this call is done
+        self._load_inputs(padded)
+        if any(isinstance(self._inputs[i.id], str) for i in padded):
+            return  # the call will be of other rows
         try:
             self._prepared = (_call_key(padded), self.pipe.prepare(
                 [i.prompt for i in padded], seeds=[i.seed for i in padded],
                 negative_prompts=[i.negative_prompt for i in padded], guidance_scale=[i.guidance_scale for i in padded],
-                height=first.height, width=first.width))
+                height=first.height, width=first.width, **self._image_args(padded)))
         except Exception:  # the call itself prepares them again, and meets the error where it is handled
             self._prepared = None
 
@@ -302,7 +335,7 @@ class ShardRunner:
                                         "fp32 or a smaller guidance_scale may help)", attempts=attempts)
             elif self.rule is None:
                 shard_writer.add(item, image, scheduler_config=self._scheduler_config(item.scheduler), seconds=seconds,
-                                 scores=row_scores)
+                                 scores=row_scores, inputs=self._inputs[item.id].inputs)
             elif not self._judge(shard_writer, item, image, row_scores, seconds):
                 continue  # tried again in the next round
             self._images_done += 1
@@ -333,19 +366,54 @@ class ShardRunner:
                    "keep_clauses_passed": tries.clauses_passed}
         dropped = not kept and self.config.scoring.drop_rejected
         shard_writer.add(item, None if dropped else image, scheduler_config=self._scheduler_config(item.scheduler),
-                         seconds=tries.seconds, scores=columns)
+                         seconds=tries.seconds, scores=columns, inputs=self._inputs[item.id].inputs)
         return True
 
     def _generate(self, batch: list[WorkItem], before_wait: Callable[[], None] | None = None) -> list:
-        first = batch[0]  # a batch shares size, steps and scheduler (see plan.WorkItem.batch_key)
+        first = batch[0]  # a batch shares mode, size, steps, scheduler and LoRAs (see plan.WorkItem.batch_key)
         prepared, self._prepared = self._prepared, None
+        if self.merged_loras is not None:
+            self.merged_loras.activate([(self.loras[name], scale) for name, scale in first.loras])
         return self.pipe.generate(
             [i.prompt for i in batch], seeds=[i.seed for i in batch], negative_prompts=[i.negative_prompt for i in batch],
             steps=first.steps, guidance_scale=[i.guidance_scale for i in batch], height=first.height, width=first.width,
             scheduler=first.scheduler, output="np", progress=self._time_limit(len(batch)),
             prepared=prepared[1] if prepared is not None and prepared[0] == _call_key(batch) else None,
-            before_wait=before_wait,
+            before_wait=before_wait, **self._image_args(batch),
         )
+
+    def _image_args(self, batch: list[WorkItem]) -> dict:
+        """generate's init images, masks and strength for a batch of loaded rows (none for text to image)."""
+        first, loaded = batch[0], [self._inputs[i.id] for i in batch]
+        args = {}
+        if first.init_image is not None:
+            args.update(init_images=[r.init_image for r in loaded], strength=first.strength)
+        if first.mask_image is not None:
+            args.update(mask_images=[r.mask_image for r in loaded])
+        return args
+
+    def _load_inputs(self, items: list[WorkItem]) -> None:
+        """Read, decode and fit to its size each input image of `items` not loaded yet; a row whose image
+        cannot be used gets the reason instead."""
+        for item in items:
+            if item.id not in self._inputs:
+                self._inputs[item.id] = self._row_inputs(item)
+
+    def _row_inputs(self, item: WorkItem) -> _RowInputs | str:
+        fitted, sha256 = {}, {}
+        for column, ref, fit in (("init_image", item.init_image, fit_image), ("mask_image", item.mask_image, fit_mask)):
+            if ref is None:
+                continue
+            shown = ref if isinstance(ref, str) else f"({ref.size} bytes in the manifest)"
+            try:
+                data, sha256[column] = images.read(ref, self.config.storage_options)
+                fitted[column] = fit(read_image(data), item.width, item.height, self.config.defaults.resize)
+            except (OSError, ValueError, storage.StorageError) as e:
+                return f"{column} {storage.redact_url(shown)}: {_describe(e)}"
+        used = {t for prompt in (item.prompt, item.negative_prompt) for t in embeddings.tokens_in(prompt, self.embeddings)}
+        return _RowInputs(fitted.get("init_image"), fitted.get("mask_image"),
+                          Inputs(sha256.get("init_image"), sha256.get("mask_image"),
+                                 tuple(e.token for e in self.embeddings if e.token in used)))
 
     def _time_limit(self, images: int):
         """A progress callback that stops the batch once it has run past --row-timeout per image."""

@@ -136,6 +136,30 @@ class ResolvedAdapters:
     loras: dict[str, tuple[str, str]] = field(default_factory=dict)
     embeddings: dict[str, tuple[str, str]] = field(default_factory=dict)
 
+    def load(self, pipe, model: str) -> tuple[dict, list]:
+        """The LoRAs read (sdcore.lora.LoRA by name) and the embeddings read and added to `pipe` (a list of
+        sdcore.embeddings.Embedding). One that does not fit the model raises, naming what does not fit: on an
+        actor, that stops the job before any shard."""
+        from sdcore import embeddings, lora
+        from sdcore.errors import EmbeddingError, LoRAError
+
+        loras = {}
+        for name, (path, _) in self.loras.items():
+            adapter = lora.read_lora(path, name)
+            if misfits := lora.lora_problems(pipe, adapter):
+                raise LoRAError(f"--lora {name}: {len(misfits)} of its {len(adapter.layers)} layers do not fit "
+                                f"{model}; the first: {', '.join(misfits[:5])}")
+            loras[name] = adapter
+        tokens = []
+        for token, (path, _) in self.embeddings.items():
+            embedding = embeddings.read_embedding(path, token)
+            if problems := embeddings.embedding_problems(pipe, embedding, tokens):
+                raise EmbeddingError(f"--embedding {token} does not fit {model}: {'; '.join(problems)}")
+            tokens.append(embedding)
+        if tokens:
+            embeddings.add_embeddings(pipe, tokens)
+        return loras, tokens
+
     def fingerprints(self) -> dict:
         """What job.json's identity records: {"loras": {name: sha256}, "embeddings": {token: sha256}}."""
         return {"loras": {n: sha for n, (_, sha) in sorted(self.loras.items())},

@@ -417,6 +417,8 @@ class _Run:
         except ray.exceptions.RayError as e:
             self.lose_actor(slot, f"died while loading the model ({_first_line(e)})")
             return
+        if problems := inpainting_problems(self.job.settings["modes"], info["inpainting_unet"]):
+            raise RunError("; ".join(problems), 2)
         slot.stats.device, slot.stats.node, slot.stats.allocator = info["device"], info["node"], info["allocator"]
         source = info["source"]
         slot.stats.model_files_downloaded += source["downloaded_files"]

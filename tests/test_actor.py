@@ -19,6 +19,7 @@ from jobs.buckets import BATCH_ON_CPU, BUCKETS, BatchSizes, fitting_bucket
 from jobs.plan import shards
 from jobs.sink import Output, OutputError
 from sdcore import allocator
+from sdcore.builtin import write_tiny_adapters
 from sdcore.errors import NonFiniteOutputError
 from tests.jobdata import (DEFAULTS, MODEL, TIMING, check_images, pixels, read_dataset, seed_of, snapshot,
                            start_local_ray, write_manifest, write_tiny_folder)
@@ -87,14 +88,14 @@ def reference(pipe, prompt: str, seed: int, **params):
 
 
 def test_the_runner_resolves_the_adapter_files_and_reports_their_sha256(tmp_path):
-    (tmp_path / "cat.safetensors").write_bytes(b"lora")
-    (tmp_path / "owl.pt").write_bytes(b"embedding")
+    files = write_tiny_adapters(tmp_path)
     manifest = write_manifest(tmp_path / "m.parquet", prompt=["a <owl>"], loras=["cat:0.5"])
-    runner = make_runner(manifest, tmp_path / "out", adapters=Adapters.of([f"cat={tmp_path / 'cat.safetensors'}"],
-                                                                          [f"<owl>={tmp_path / 'owl.pt'}"]))
-    assert runner.info()["adapters"] == {"loras": {"cat": hashlib.sha256(b"lora").hexdigest()},
-                                         "embeddings": {"<owl>": hashlib.sha256(b"embedding").hexdigest()}}
-    assert runner.adapters.loras["cat"][0] == str(tmp_path / "cat.safetensors")
+    runner = make_runner(manifest, tmp_path / "out", adapters=Adapters.of([f"cat={files['lora']}"],
+                                                                          [f"<owl>={files['embedding']}"]))
+    assert runner.info()["adapters"] == {"loras": {"cat": hashlib.sha256(files["lora"].read_bytes()).hexdigest()},
+                                         "embeddings": {"<owl>": hashlib.sha256(files["embedding"].read_bytes()).hexdigest()}}
+    assert runner.adapter_files.loras["cat"][0] == str(files["lora"])
+    assert list(runner.loras) == ["cat"] and [e.token for e in runner.embeddings] == ["<owl>"]
 
 
 def test_runner_makes_every_image_of_its_shards(tmp_path, pipe):
