@@ -20,7 +20,7 @@ from jobs.manifest import Defaults
 from jobs.manifest_build import manifest_app
 from jobs.plan import mode_of
 from jobs.preview import preview_command
-from sdcore.errors import NonFiniteOutputError
+from sdcore.errors import ImageError, NonFiniteOutputError
 
 # No rich markup: help texts hold brackets such as owner/name[/file][@revision].
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -194,6 +194,21 @@ def generate_command(
 
     from sdcore import load_pipeline
     from sdcore.allocator import keep_freed_memory
+    from sdcore.embeddings import tokens_in
+    from sdcore.images import fit_image, fit_mask, read_image
+    from sdcore.lora import Adapters as MergedLoRAs
+
+    def fitted(option: str, source: str, data: bytes, fit) -> list:
+        try:
+            return [fit(read_image(data), width, height, resize)]
+        except ImageError as e:
+            raise CommandError(f"{option} {source}: {e}") from None
+
+    image_args = {}
+    if init is not None:
+        image_args.update(init_images=fitted("--init-image", init_image, init[0], fit_image), strength=strength)
+    if mask is not None:
+        image_args.update(mask_images=fitted("--mask-image", mask_image, mask[0], fit_mask))
 
     if torch_device.type == "cpu" and (ctx.obj or {}).get("owns_process"):
         keep_freed_memory()  # reuse the activations' memory from one step to the next
@@ -201,6 +216,9 @@ def generate_command(
     files = declared.resolve(options, model_cache)  # local paths and sha256 of the adapter files
     devices.prepare_backend(torch_device, torch_dtype)
     pipe = load_pipeline(resolved.path, device=torch_device, dtype=torch_dtype)
+    lora_files, tokens = files.load(pipe, model)
+    if row_loras:
+        MergedLoRAs(pipe).activate([(lora_files[name], scale) for name, scale in row_loras])
     if compile_unet:
         pipe.compile()
 
@@ -211,10 +229,12 @@ def generate_command(
     try:
         image = pipe.generate([prompt], seeds=[seed], negative_prompts=[negative_prompt], steps=steps,
                               guidance_scale=guidance_scale, height=height, width=width, scheduler=params.scheduler,
-                              output="np", progress=show_step)[0]
+                              output="np", progress=show_step, **image_args)[0]
     except NonFiniteOutputError as e:
         raise CommandError(f"{e}; try --dtype fp32", 1) from None
-    inputs = sink.Inputs(None if init is None else init[1], None if mask is None else mask[1])
+    used = {t for text in (prompt, negative_prompt) for t in tokens_in(text, tokens)}
+    inputs = sink.Inputs(None if init is None else init[1], None if mask is None else mask[1],
+                         tuple(e.token for e in tokens if e.token in used))
     record = {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
         "guidance_scale": guidance_scale, "width": width, "height": height, "scheduler": params.scheduler,

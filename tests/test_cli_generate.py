@@ -1,4 +1,5 @@
 """`sdbatch generate`: one image with its parameters, and bad arguments refused before any model load."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -10,6 +11,10 @@ from PIL import Image
 
 import sdcore
 from jobs import sink
+from sdcore.builtin import write_tiny_adapters
+from sdcore.embeddings import add_embeddings, read_embedding
+from sdcore.images import fit_image, fit_mask
+from sdcore.lora import Adapters, read_lora
 
 SDBATCH = str(Path(sys.executable).parent / "sdbatch")
 
@@ -39,6 +44,43 @@ def test_writes_the_pipeline_image_with_its_parameters(tmp_path):
         ["a red fox in snow"], seeds=[7], negative_prompts=["blurry"], steps=3, guidance_scale=5, height=72, width=64,
         scheduler="dpmpp_2m", output="np")[0]
     assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_inpaints_with_a_lora_and_a_learned_token(tmp_path):
+    files = write_tiny_adapters(tmp_path)
+    init = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)  # fitted to 64x64
+    Image.fromarray(init).save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    result = run("a <toy> on a table", "--model", "builtin:tiny", "--seed", "3", "--steps", "4", "--scheduler", "euler_a", "--width", "64",
+                 "--height", "64", "--init-image", str(tmp_path / "init.png"), "--mask-image", str(tmp_path / "mask.png"),
+                 "--strength", "0.75", "--resize", "crop", "--lora", f"style={files['lora']}", "--loras", "style:0.7",
+                 "--embedding", f"<toy>={files['embedding']}", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    params = sink.read_params(out.read_bytes())
+    assert (params["mode"], params["strength"], params["resize"]) == ("inpaint", 0.75, "crop")
+    assert params["mask_image_sha256"] == hashlib.sha256((tmp_path / "mask.png").read_bytes()).hexdigest()
+    assert [(e["name"], e["scale"]) for e in params["loras"]] == [("style", 0.7)]
+    assert [e["token"] for e in params["embeddings"]] == ["<toy>"]
+
+    pipe = sdcore.load_pipeline("builtin:tiny")
+    add_embeddings(pipe, [read_embedding(files["embedding"], "<toy>")])
+    Adapters(pipe).activate([(read_lora(files["lora"], "style"), 0.7)])
+    expected = pipe.generate(["a <toy> on a table"], seeds=[3], steps=4, height=64, width=64, scheduler="euler_a", output="np", strength=0.75,
+                             init_images=[fit_image(Image.open(tmp_path / "init.png"), 64, 64, "crop")],
+                             mask_images=[fit_mask(Image.open(tmp_path / "mask.png"), 64, 64, "crop")])[0]
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+
+def test_an_init_image_that_does_not_decode_exits_2_before_loading(tmp_path):
+    (tmp_path / "init.png").write_bytes(b"not a picture")
+    result = run("a fox", "--model", "builtin:tiny", "-o", str(tmp_path / "x.png"), "--init-image", str(tmp_path / "init.png"))
+    assert result.returncode == 2
+    assert f"--init-image {tmp_path / 'init.png'}: not an image format Pillow reads (13 bytes, beginning b'not a pi')" \
+        in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("args, message", [
