@@ -498,12 +498,19 @@ def validate(manifest: Manifest, defaults: Defaults, lora_names: Collection[str]
             v.add("scheduler", "with an unknown scheduler", bad, start, ids, sched, hint=f"; known: {', '.join(names)}")
 
         strength = column(batch, "strength")
+        strength_used = np.full(n, defaults.strength)
         if strength is not None and not pa.types.is_null(strength.type):
             vals, valid = _numbers(strength)
-            v.add("strength", "out of range 0 < strength <= 1", valid & ~((vals > 0) & (vals <= 1)), start, ids, strength,
+            bad = valid & ~((vals > 0) & (vals <= 1))
+            v.add("strength", "out of range 0 < strength <= 1", bad, start, ids, strength,
                   hint="; it is how much of the init image is repainted")
+            strength_used = np.where(valid & ~bad, vals, defaults.strength)
         init, mask = column(batch, "init_image"), column(batch, "mask_image")
         has_init, has_mask = input_images.present(init, n), input_images.present(mask, n)
+        # The denoising starts int(steps * strength) steps before the end, as diffusers' does.
+        idle = has_init & (np.floor(_used(ints, "steps", defaults.steps, n) * strength_used) < 1)
+        v.add("strength", "leaving no step to denoise (steps x strength < 1)", idle, start, ids, strength,
+              hint="; raise the row's strength or its steps")
         v.add("mask_image", "with a mask but no init_image", has_mask & ~has_init, start, ids,
               hint="; inpainting repaints the masked part of an init image")
         for col, arr in (("init_image", init), ("mask_image", mask)) if check_files else ():

@@ -368,6 +368,16 @@ def test_bad_strength_is_named_with_its_rows(tmp_path):
             "ids 'b', 'c', 'd'); it is how much of the init image is repainted") in error(path)
 
 
+def test_a_strength_that_leaves_no_step_is_refused_for_rows_with_an_init_image(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    path = write(tmp_path, {"prompt": prompts(4), "init_image": ["a.png", "a.png", None, "a.png"],
+                            "steps": [10, 4, 4, 50], "strength": [0.1, 0.2, 0.2, None]})
+    assert error(path) == (f"{path}: column 'strength': 1 row leaving no step to denoise (steps x strength < 1) "
+                           "(row 1: 0.2); raise the row's strength or its steps")
+    # the default strength counts where a row has none
+    assert "2 rows leaving no step to denoise (steps x strength < 1) (rows 1, 3: 0.2, None)" in error(path, Defaults(strength=0.01))
+
+
 def test_a_mask_without_an_init_image_is_refused(tmp_path):
     (tmp_path / "m.png").write_bytes(b"png")
     path = write(tmp_path, {"prompt": prompts(3), "id": ["a", "b", "c"], "mask_image": [None, "m.png", "m.png"],
