@@ -24,6 +24,7 @@ from tests.jobdata import DEFAULTS, MODEL, TIMING, check_images, pixels, read_da
 from tests.test_actor import local_ray, one_thread, run_driver  # noqa: F401 (fixtures)
 from tests.test_embeddings import write_embedding
 from tests.test_lora import ATTENTION, TEXT, layer_names, write_lora
+from tests.test_modes import inpainting_folder  # noqa: F401 (a fixture)
 
 STRENGTH = 0.5
 
@@ -182,3 +183,30 @@ def test_adapters_that_do_not_fit_stop_the_job_before_any_shard(inputs, pipe, tm
     with pytest.raises(RunError, match="misfit.*do not fit.*attn1_to_q") as e:
         run_driver(manifest, tmp_path / "out", actors=1, adapters=Adapters.of([f"misfit={misfit}"], None))
     assert e.value.exit_code == 2 and not (tmp_path / "out" / "metadata").exists()
+
+
+def test_an_inpainting_model_makes_inpaint_rows_and_refuses_any_other(inputs, inpainting_folder, tmp_path,  # noqa: F811
+                                                                        local_ray):  # noqa: F811
+    model = str(inpainting_folder)
+    rows = {"prompt": ["a fox in a window", "a fox in a frame"], "init_image": [str(inputs / "a.png"), str(inputs / "b.png")],
+            "mask_image": [str(inputs / "mask.png")] * 2}
+    manifest = write_manifest(tmp_path / "m.parquet", **rows, strength=[1.0, 0.6])
+    result, _ = run_driver(manifest, tmp_path / "out", actors=1, batch_size=2, model=model)
+    assert (result.images, result.failures) == (2, 0)
+    meta, _ = read_dataset(tmp_path / "out")
+    images = check_images(tmp_path / "out", meta)
+    pipe = sdcore.load_pipeline(model)
+    assert pipe.inpainting_unet
+    for i, strength in enumerate((1.0, 0.6)):
+        expected = pipe.generate([rows["prompt"][i]], seeds=[seed_of(str(i))], steps=DEFAULTS.steps, height=64, width=64,
+                                 scheduler=DEFAULTS.scheduler, output="np", strength=strength,
+                                 init_images=[fit_image(Image.open(rows["init_image"][i]), 64, 64)],
+                                 mask_images=[fit_mask(Image.open(rows["mask_image"][i]), 64, 64)])[0]
+        assert (pixels(images[str(i)]) == expected).all()
+
+    mixed = write_manifest(tmp_path / "mixed.parquet", prompt=[*rows["prompt"], "no images"],
+                           init_image=[*rows["init_image"], None], mask_image=[*rows["mask_image"], None])
+    with pytest.raises(RunError, match="is an inpainting model, which needs an init_image and a mask_image on every row; "
+                                       "the manifest also has 1 txt2img image") as e:
+        run_driver(mixed, tmp_path / "refused", actors=1, model=model)
+    assert e.value.exit_code == 2 and not (tmp_path / "refused" / "metadata").exists()
