@@ -145,6 +145,9 @@ def _write_model(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> 
     save_file(state, folder / "model.safetensors")
 
 
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj")  # the UNet's, the text encoder's
+
+
 def write_tiny_adapters(root: str | os.PathLike) -> dict[str, Path]:
     """Seeded random adapters for builtin:tiny, so that jobs using `--lora` and `--embedding` run anywhere:
     a kohya-format LoRA over the UNet's attention and the text encoder's attention, and a two-vector
@@ -157,11 +160,13 @@ def write_tiny_adapters(root: str | os.PathLike) -> dict[str, Path]:
     lora, rank = {}, 4
     for prefix, module in (("lora_unet_", modules["unet"]), ("lora_te_text_model_", modules["text_encoder"])):
         for name, layer in module.named_modules():
-            if isinstance(layer, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj")):
-                key = prefix + name.replace(".", "_")
-                lora[f"{key}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=gen) / layer.in_features ** 0.5
-                lora[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=gen) / rank ** 0.5
-                lora[f"{key}.alpha"] = torch.tensor(float(rank))
+            if not (isinstance(layer, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS)):
+                continue
+            key = prefix + name.replace(".", "_")
+            down = torch.randn(rank, layer.in_features, generator=gen) / layer.in_features ** 0.5
+            lora[f"{key}.lora_down.weight"] = down
+            lora[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=gen) / rank ** 0.5
+            lora[f"{key}.alpha"] = torch.tensor(float(rank))
     paths = {"lora": root / "style.safetensors", "embedding": root / "toy.safetensors"}
     save_file(lora, paths["lora"])
     width = cfgs["text_encoder"].hidden_size

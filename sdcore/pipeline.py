@@ -12,8 +12,8 @@ StableDiffusionInpaintPipeline does): a 9-channel inpainting UNet sees the mask 
 image's latents beside the latents; a plain UNet denoises everything and the known region is put
 back, noised to the next timestep, after every step.
 """
-import hashlib
 import copy
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -84,8 +84,8 @@ class Pipeline:
         SD v1.5 on a few CPU cores; every later step of that shape is faster. On the CPU the weights are
         frozen into the compiled code (inductor's `freezing`), so that its matmul and convolution kernels
         get them pre-packed instead of re-laid out at every call; not when `freeze_compiled_weights` is
-        off, as `sdcore.lora.Adapters` sets it to merge adapters between calls. Images differ from the eager ones in
-        the low bits only, as on another device.
+        off, as `sdcore.lora.Adapters` sets it to merge adapters between calls. Images differ from the
+        eager ones in the low bits only, as on another device.
 
         Raises CompileUnavailableError at once where torch.compile cannot build code (no C++ compiler
         on a CPU machine, no Triton beside a GPU), rather than at the first step of every batch.
