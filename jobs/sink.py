@@ -28,8 +28,9 @@ Every metadata file carries job.json in its Parquet key-value metadata, so a los
 rebuilt from them; `_SUCCESS` is removed as soon as a run finds a shard missing.
 
 A folder holds one job: `Output.prepare` refuses to mix a different model, manifest, shard
-size, sharding, dtype, defaults (--strength and --resize too), adapter files, output or image format into it, and deletes an old dataset (only one it recognises by
-`_sdbatch/job.json`) only when asked to overwrite.
+size, sharding, dtype, defaults (--strength and --resize too), adapter files, output or image
+format into it, and deletes an old dataset (only one it recognises by `_sdbatch/job.json`) only
+when asked to overwrite.
 """
 import contextlib
 import datetime
