@@ -219,3 +219,58 @@ def test_validate_finds_missing_images_and_adapters_on_s3(s3_server, bucket):
     assert r.returncode == 0 and "modes (images)   img2img: 3, txt2img: 1" in r.stdout, r.stderr
     r = sdbatch("validate", manifest, "--lora", cat, "--embedding", f"<owl>=s3://{bucket}/owl.pt", env=env)
     assert r.returncode == 2 and f"--embedding <owl>: s3://{bucket}/owl.pt: no such file or folder" in r.stderr
+
+
+def test_a_mixed_mode_job_reads_its_images_and_adapters_from_s3(s3_server, bucket, tmp_path):
+    """Init images and masks beside an S3 manifest (relative paths), adapters on S3: each image is the one
+    sdcore makes for its row alone from the same files."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import sdcore
+    from sdcore.builtin import write_tiny_adapters
+    from sdcore.embeddings import add_embeddings, read_embedding
+    from sdcore.images import fit_image, fit_mask
+    from sdcore.lora import Adapters, read_lora
+    from tests.jobdata import pixels, seed_of
+
+    files = write_tiny_adapters(tmp_path / "adapters")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:32] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    fs = s3_server.filesystem()
+    for name in ("init.png", "mask.png"):
+        fs.put(str(tmp_path / name), f"{bucket}/in/images/{name}")
+    for path in files.values():
+        fs.put(str(path), f"{bucket}/adapters/{path.name}")
+    prompts = ["a <toy> in a garden", "a fox in a garden"]
+    manifest = put_manifest(fs, f"{bucket}/in/manifest.parquet", id=["a", "b"], prompt=prompts,
+                            init_image=["images/init.png"] * 2, mask_image=[None, "images/mask.png"],
+                            loras=["style:0.6", None])
+    env = base_env() | s3_server.env
+    r = sdbatch("run", manifest, "--output", f"s3://{bucket}/out", "--actors", 1, *TINY, "--strength", "0.5",
+                "--lora", f"style=s3://{bucket}/adapters/style.safetensors",
+                "--embedding", f"<toy>=s3://{bucket}/adapters/toy.safetensors", env=env)
+    assert r.returncode == 0, r.stderr
+    meta = check_dataset(fs, f"{bucket}/out", tmp_path / "out", ["a", "b"])
+    images = check_images(tmp_path / "out", meta)
+    assert (meta["a"]["mode"], meta["b"]["mode"]) == ("img2img", "inpaint")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CPU actor: the low bits of a CPU image depend on the thread count
+    try:
+        pipe = sdcore.load_pipeline(MODEL)
+        add_embeddings(pipe, [read_embedding(files["embedding"], "<toy>")])
+        init = [fit_image(Image.open(tmp_path / "init.png"), 64, 64)]
+        mask = [fit_mask(Image.open(tmp_path / "mask.png"), 64, 64)]
+        merged = Adapters(pipe)
+        for image_id, prompt, loras, masks in (("a", prompts[0], [(read_lora(files["lora"], "style"), 0.6)], {}),
+                                               ("b", prompts[1], [], {"mask_images": mask})):
+            merged.activate(loras)
+            expected = pipe.generate([prompt], seeds=[seed_of(image_id)], steps=2, height=64, width=64,
+                                     scheduler="ddim", output="np", init_images=init, strength=0.5, **masks)[0]
+            assert (pixels(images[image_id]) == expected).all(), image_id
+    finally:
+        torch.set_num_threads(threads)
