@@ -234,9 +234,8 @@ class ShardRunner:
 
     def _run_batch(self, shard_writer: ShardWriter, batch: list[WorkItem],
                    next_batch: list[WorkItem] | None) -> list[str]:
-        """Generate one batch, in calls of its size's rows (fewer once a call runs out of memory), and record
-        every image's outcome; returns the errors (not NaNs) recorded. Each call prepares the next one's
-        inputs (this batch's next rows, or `next_batch`'s first) before it waits for its images."""
+        """Generate one batch and record every image's outcome; returns the errors (not NaNs) recorded. A row
+        whose init image or mask cannot be used is recorded as a failure first, and the others run."""
         self._load_inputs(batch)
         for item in batch:
             if isinstance(self._inputs[item.id], str):  # a row's own fault: it fails alone, the actor is fine
@@ -249,7 +248,11 @@ class ShardRunner:
             for item in batch:
                 self._inputs.pop(item.id, None)
 
-    def _run_usable(self, shard_writer: ShardWriter, batch: list[WorkItem], next_batch: list[WorkItem] | None) -> list[str]:
+    def _run_usable(self, shard_writer: ShardWriter, batch: list[WorkItem],
+                    next_batch: list[WorkItem] | None) -> list[str]:
+        """`_run_batch` for rows with their inputs loaded: in calls of their size's rows (fewer once a call runs
+        out of memory). Each call prepares the next one's inputs (this batch's next rows, or `next_batch`'s
+        first) before it waits for its images."""
         height, width = batch[0].height, batch[0].width
         errors, done = [], 0
         while done < len(batch):
