@@ -3,12 +3,17 @@
 `ShardRunner` is the whole of it, in plain Python (tests drive it without Ray); `ShardActor` is
 the Ray actor around it, one per GPU (or per CPU core). For each shard the driver hands over,
 the runner reads the shard's rows from the manifest itself (the driver never holds prompts or
-images), batches images of equal (size, steps, scheduler, guided or not) — as many as jobs.buckets
-allows for their size, a short batch padded to that on a GPU — generates, and passes each
-image to the `ImageWriter`, whose threads encode and store images while the next batch denoises.
-Then it commits the shard (metadata written last; see jobs.sink).
+images), batches images of equal key (jobs.plan: mode, size, steps, scheduler, guided or not,
+strength, LoRA set) — as many as jobs.buckets allows for their size, a short batch padded to that
+on a GPU — generates, and passes each image to the `ImageWriter`, whose threads encode and store
+images while the next batch denoises. Then it commits the shard (metadata written last; see jobs.sink).
+
+The job's LoRAs and learned tokens are read once, when the actor starts; each batch's LoRA set is
+merged into the weights before its call (sdcore.lora), and its rows' init images and masks are
+read and fitted to their size (jobs.images, sdcore.images).
 
 Failures are per image, never per shard:
+- a row whose init image or mask cannot be read or decoded is recorded as a failure, with the reason;
 - a row whose image comes out NaN/inf is recorded as a failure at once (the same seed would fail
   the same way again);
 - a batch that runs out of memory halves the rows for its image size (for the rest of the actor's
