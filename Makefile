@@ -19,7 +19,7 @@ IMAGE ?= registry.example.com/sdbatch:0.1.0
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build on a machine without a GPU.
 TORCH_INDEX ?=
 
-.PHONY: test demo bench venv image push gpu-wheels
+.PHONY: test demo demo-modes bench venv image push gpu-wheels
 
 venv: $(STAMP)
 
@@ -36,6 +36,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	RAY_AUTH_MODE=disabled $(VENV)/bin/sdbatch run manifests/demo.parquet --model builtin:tiny --output out --overwrite
 	@echo "dataset written to ./out (images in out/images, metadata in out/metadata)"
+
+# Every generation mode on builtin:tiny (manifests/modes.parquet), with the seeded tiny LoRA and
+# embedding that sdcore.builtin writes: they are made here, not committed.
+ADAPTERS := out-adapters
+demo-modes: $(STAMP)
+	$(PY) -c "from sdcore.builtin import write_tiny_adapters; write_tiny_adapters('$(ADAPTERS)')"
+	RAY_AUTH_MODE=disabled $(VENV)/bin/sdbatch run manifests/modes.parquet --model builtin:tiny \
+		--lora style=$(ADAPTERS)/style.safetensors --embedding '<toy>=$(ADAPTERS)/toy.safetensors' \
+		--output out-modes --overwrite
+	@echo "dataset written to ./out-modes (mode, strength, loras, embeddings in out-modes/metadata)"
 
 bench: $(STAMP)
 	$(PY) -m bench.run

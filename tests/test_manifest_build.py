@@ -354,16 +354,29 @@ def documented_commands() -> dict[str, list[str]]:
     return commands
 
 
+def declared_loras(name: str) -> list[str]:
+    """The LoRA names that manifests/README.md's `sdbatch run` of manifest `name` declares with --lora."""
+    text = (ROOT / "manifests" / "README.md").read_text()
+    names = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        args = shlex.split(block.replace("\\\n", " "))
+        if args[:2] == ["sdbatch", "run"] and Path(args[2]).name == name:
+            names += [args[i + 1].partition("=")[0] for i, a in enumerate(args[:-1]) if a == "--lora"]
+    return names
+
+
 def test_every_example_manifest_is_documented():
     assert sorted(documented_commands()) == sorted(p.name for p in (ROOT / "manifests").glob("*.parquet")) == [
-        "class_conditioned.parquet", "demo.parquet", "mixed_sizes.parquet", "scheduler_comparison.parquet"]
+        "class_conditioned.parquet", "demo.parquet", "mixed_sizes.parquet", "modes.parquet",
+        "scheduler_comparison.parquet"]
 
 
-@pytest.mark.parametrize("name", ["demo.parquet", "class_conditioned.parquet", "mixed_sizes.parquet", "scheduler_comparison.parquet"])
+@pytest.mark.parametrize("name", ["demo.parquet", "class_conditioned.parquet", "mixed_sizes.parquet",
+                                  "scheduler_comparison.parquet", "modes.parquet"])
 def test_example_manifest_equals_its_documented_build(tmp_path, monkeypatch, name):
     committed = ROOT / "manifests" / name
-    with open_manifest(str(committed)) as m:
-        validate(m, Defaults())
+    with open_manifest(str(committed)) as m:  # its image files exist, its LoRAs are the documented job's
+        validate(m, Defaults(), declared_loras(name))
     args = documented_commands()[name]
     args[args.index("-o") + 1] = str(tmp_path / name)
     monkeypatch.chdir(ROOT)  # the documented paths are relative to the repository root
@@ -396,3 +409,11 @@ def test_examples_are_what_they_claim():
     assert len({variants[0][1] for variants in by_prompt.values()}) == len(by_prompt)
     for r in cls + comparison:
         assert 25 <= r["steps"] <= 50
+
+    modes = pq.read_table(ROOT / "manifests" / "modes.parquet").to_pylist()
+    assert {(r["width"], r["height"], r["steps"]) for r in modes} == {(64, 64, 8)}
+    img2img = [r for r in modes if r["init_image"] and not r["mask_image"]]
+    assert len({r["strength"] for r in img2img}) >= 2
+    assert any(r["mask_image"] for r in modes) and any(not r["init_image"] and not r["loras"] for r in modes)
+    assert len({r["loras"] for r in modes if r["loras"]}) >= 2
+    assert any("<toy>" in r["prompt"] for r in modes)

@@ -17,6 +17,7 @@ import torch
 
 from jobs.cli import app
 from reference import SD15
+from sdcore.builtin import write_tiny_adapters
 from sdcore.weights import folder_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +69,10 @@ def test_readme_command_parses(argv):
 
 
 def test_readme_commands_run(tmp_path):
-    """The local ones, in README order, so that `status` and `preview` read what `run` wrote."""
+    """The local ones, in README order, so that `status` and `preview` read what `run` wrote. Adapters
+    declared with --lora and --embedding become the tiny model's, under the same names."""
     runner, outputs, ran = CliRunner(), {}, []
+    tiny_adapters = write_tiny_adapters(tmp_path / "adapters")
 
     def redirect(value: str) -> str:
         outputs.setdefault(value, str(tmp_path / value.lstrip("./").replace("/", "_")))  # keeps the extension
@@ -83,6 +86,9 @@ def test_readme_commands_run(tmp_path):
         for i, a in enumerate(args[:-1]):
             if a in ("-o", "--output"):
                 args[i + 1] = redirect(args[i + 1])
+            if a in ("--lora", "--embedding"):
+                name = args[i + 1].partition("=")[0]
+                args[i + 1] = f"{name}={tiny_adapters['lora' if a == '--lora' else 'embedding']}"
             if a == "--model" and args[i + 1] != "builtin:tiny":
                 if path == ["run"]:
                     break  # real weights on a real manifest: too slow here; parsed above
