@@ -72,10 +72,11 @@ SAFETY_CHECKER = Layout("--safety-checker", scorer_weights.safety_checker_files,
                         "a folder holding safety_checker/ and feature_extractor/")
 AESTHETIC = Layout("--aesthetic-model", None, scorer_weights.AESTHETIC_SUFFIXES,
                    f"a {' / '.join(scorer_weights.AESTHETIC_SUFFIXES)} file")
-# Adapter files (jobs.adapters): kohya/A1111 and diffusers/PEFT LoRAs, A1111 and diffusers embeddings.
-LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+# Adapter files (jobs.adapters): kohya/A1111 and diffusers/PEFT LoRAs (sdcore.lora reads safetensors only),
+# A1111 and diffusers embeddings.
+LORA_SUFFIXES = (".safetensors",)
 EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt")
-LORA = Layout("--lora", None, LORA_SUFFIXES, f"a LoRA {' / '.join(LORA_SUFFIXES)} file")
+LORA = Layout("--lora", None, LORA_SUFFIXES, "a LoRA .safetensors file")
 EMBEDDING = Layout("--embedding", None, EMBEDDING_SUFFIXES, f"an embedding {' / '.join(EMBEDDING_SUFFIXES)} file")
 
 

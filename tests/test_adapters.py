@@ -52,6 +52,9 @@ def test_missing_or_wrong_files_are_problems_and_present_ones_resolve_with_their
     assert problems[0] == f"--lora cat: {tmp_path / 'gone.safetensors'}: no such file or directory"
     assert problems[1].startswith(f"--lora txt: {tmp_path / 'notes.txt'}: expected a LoRA .safetensors")
     assert problems[2].startswith(f"--embedding <d>: {tmp_path}: a folder; expected an embedding")
+    (tmp_path / "cat.pt").write_bytes(b"pickled lora")  # sdcore.lora reads safetensors only
+    assert Adapters.of([f"pt={tmp_path / 'cat.pt'}"], None).problems()[0].startswith(
+        f"--lora pt: {tmp_path / 'cat.pt'}: expected a LoRA .safetensors file")
     resolved = good.resolve()
     assert resolved.loras == {"cat": (str(lora), hashlib.sha256(b"lora bytes").hexdigest())}
     assert resolved.fingerprints() == {"loras": {"cat": hashlib.sha256(b"lora bytes").hexdigest()},
