@@ -153,7 +153,9 @@ class Adapters:
             self._targets[target].weight.copy_(self._base[target])
         for target, layers in deltas.items():
             weight = self._targets[target].weight
-            base = self._base.setdefault(target, weight.detach().to("cpu", copy=True))
+            if target not in self._base:  # copied once: a copy per switch would cost a device-to-host transfer
+                self._base[target] = weight.detach().to("cpu", copy=True)
+            base = self._base[target]
             new = base.to(weight.device, torch.float32, copy=True)
             for layer, scale in layers:
                 new += layer.delta(scale, weight.device)
