@@ -45,15 +45,14 @@ import ray
 import torch
 
 from jobs import devices, images, lease, scorers, sources, storage
-from jobs.adapters import Adapters
+from jobs.adapters import Adapters, tokens_used
 from jobs.buckets import BatchSizes, allow_recompiles
 from jobs.manifest import Defaults, open_manifest
 from jobs.plan import Shard, WorkItem, batches, read_shard
 from jobs.sink import ImageWriter, Inputs, Output, ShardWriter
-from sdcore import allocator, embeddings, load_pipeline, lora
+from sdcore import allocator, load_pipeline, lora
 from sdcore.batching import Batching
 from sdcore.errors import NonFiniteOutputError
-from sdcore.images import fit_image, fit_mask, read_image
 
 
 @dataclass(frozen=True)
@@ -402,26 +401,33 @@ class ShardRunner:
 
     def _load_inputs(self, items: list[WorkItem]) -> None:
         """Read, decode and fit to its size each input image of `items` not loaded yet; a row whose image
-        cannot be used gets the reason instead."""
+        cannot be used gets the reason instead. An image that several of them use at one size (a row's
+        `num_images`, a picture shared by rows) is read once."""
+        loaded: dict[tuple, tuple | str] = {}  # (column, the image, width, height) -> (pixels, sha256), or why not
         for item in items:
             if item.id not in self._inputs:
-                self._inputs[item.id] = self._row_inputs(item)
+                self._inputs[item.id] = self._row_inputs(item, loaded)
 
-    def _row_inputs(self, item: WorkItem) -> _RowInputs | str:
-        fitted, sha256 = {}, {}
-        for column, ref, fit in (("init_image", item.init_image, fit_image), ("mask_image", item.mask_image, fit_mask)):
+    def _row_inputs(self, item: WorkItem, loaded: dict[tuple, tuple | str]) -> _RowInputs | str:
+        fitted = {}
+        for column, ref in (("init_image", item.init_image), ("mask_image", item.mask_image)):
             if ref is None:
                 continue
-            shown = ref if isinstance(ref, str) else f"({ref.size} bytes in the manifest)"
-            try:
-                data, sha256[column] = images.read(ref, self.config.storage_options)
-                fitted[column] = fit(read_image(data), item.width, item.height, self.config.defaults.resize)
-            except (OSError, ValueError, storage.StorageError) as e:
-                return f"{column} {storage.redact_url(shown)}: {_describe(e)}"
-        used = {t for prompt in (item.prompt, item.negative_prompt) for t in embeddings.tokens_in(prompt, self.embeddings)}
-        return _RowInputs(fitted.get("init_image"), fitted.get("mask_image"),
-                          Inputs(sha256.get("init_image"), sha256.get("mask_image"),
-                                 tuple(e.token for e in self.embeddings if e.token in used)))
+            # Bytes from the manifest are one buffer object for all of a row's images.
+            key = (column, ref if isinstance(ref, str) else id(ref), item.width, item.height)
+            if key not in loaded:
+                try:
+                    loaded[key] = images.load(ref, column, item.width, item.height, self.config.defaults.resize,
+                                              self.config.storage_options)
+                except (OSError, ValueError, storage.StorageError) as e:
+                    shown = ref if isinstance(ref, str) else f"({ref.size} bytes in the manifest)"
+                    loaded[key] = f"{column} {storage.redact_url(shown)}: {_describe(e)}"
+            if isinstance(loaded[key], str):
+                return loaded[key]
+            fitted[column] = loaded[key]
+        init, mask = fitted.get("init_image", (None, None)), fitted.get("mask_image", (None, None))
+        return _RowInputs(init[0], mask[0], Inputs(init[1], mask[1],
+                                                   tokens_used(item.prompt, item.negative_prompt, self.embeddings)))
 
     def _time_limit(self, images: int):
         """A progress callback that stops the batch once it has run past --row-timeout per image."""

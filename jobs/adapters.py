@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from jobs import sources, storage
+from sdcore import embeddings, lora
+from sdcore.errors import EmbeddingError, LoRAError
 
 LoRASet = tuple[tuple[str, float], ...]
 
@@ -73,6 +75,13 @@ def lora_set(value: str | list | None) -> LoRASet:
         twice = sorted({n for n in names if names.count(n) > 1})
         raise AdapterError(f"{', '.join(twice)} named more than once")
     return tuple(sorted(zip(names, (float(scale) for _, scale in pairs))))
+
+
+def tokens_used(prompt: str, negative_prompt: str, declared: list) -> tuple[str, ...]:
+    """The declared embeddings' tokens (sdcore.embeddings.Embedding) that a prompt or its negative prompt
+    uses, in the order declared: what an image's metadata records in `embeddings`."""
+    used = {token for text in (prompt, negative_prompt) for token in embeddings.tokens_in(text, declared)}
+    return tuple(e.token for e in declared if e.token in used)
 
 
 def format_loras(loras: LoRASet) -> str:
@@ -140,9 +149,6 @@ class ResolvedAdapters:
         """The LoRAs read (sdcore.lora.LoRA by name) and the embeddings read and added to `pipe` (a list of
         sdcore.embeddings.Embedding). One that does not fit the model raises, naming what does not fit: on an
         actor, that stops the job before any shard."""
-        from sdcore import embeddings, lora
-        from sdcore.errors import EmbeddingError, LoRAError
-
         loras = {}
         for name, (path, _) in self.loras.items():
             adapter = lora.read_lora(path, name)

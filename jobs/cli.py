@@ -189,26 +189,26 @@ def generate_command(
         raise CommandError(f"--loras {loras}: {', '.join(undeclared)} not declared; declare each with --lora NAME=SRC")
     if mask_image is not None and init_image is None:
         raise CommandError("--mask-image needs --init-image: inpainting repaints the masked part of an init image")
-    # (bytes, sha256) of each input image; sdcore.images decodes and fits them to the size
-    init, mask = (None if src is None else images.read(src, options) for src in (init_image, mask_image))
-
-    from sdcore import load_pipeline
-    from sdcore.allocator import keep_freed_memory
-    from sdcore.embeddings import tokens_in
-    from sdcore.images import fit_image, fit_mask, read_image
-    from sdcore.lora import Adapters as MergedLoRAs
-
-    def fitted(option: str, source: str, data: bytes, fit) -> list:
+    def load(option: str, source: str | None, column: str) -> tuple:
+        """(pixels fitted to the size, sha256 of the file) of an input image; (None, None) without one."""
+        if source is None:
+            return None, None
         try:
-            return [fit(read_image(data), width, height, resize)]
+            return images.load(source, column, width, height, resize, options)
         except ImageError as e:
             raise CommandError(f"{option} {source}: {e}") from None
 
+    (init, init_sha256), (mask, mask_sha256) = (load("--init-image", init_image, "init_image"),
+                                                load("--mask-image", mask_image, "mask_image"))
     image_args = {}
     if init is not None:
-        image_args.update(init_images=fitted("--init-image", init_image, init[0], fit_image), strength=strength)
+        image_args.update(init_images=[init], strength=strength)
     if mask is not None:
-        image_args.update(mask_images=fitted("--mask-image", mask_image, mask[0], fit_mask))
+        image_args.update(mask_images=[mask])
+
+    from sdcore import load_pipeline
+    from sdcore.allocator import keep_freed_memory
+    from sdcore.lora import Adapters as MergedLoRAs
 
     if torch_device.type == "cpu" and (ctx.obj or {}).get("owns_process"):
         keep_freed_memory()  # reuse the activations' memory from one step to the next
@@ -232,9 +232,7 @@ def generate_command(
                               output="np", progress=show_step, **image_args)[0]
     except NonFiniteOutputError as e:
         raise CommandError(f"{e}; try --dtype fp32", 1) from None
-    used = {t for text in (prompt, negative_prompt) for t in tokens_in(text, tokens)}
-    inputs = sink.Inputs(None if init is None else init[1], None if mask is None else mask[1],
-                         tuple(e.token for e in tokens if e.token in used))
+    inputs = sink.Inputs(init_sha256, mask_sha256, adapters.tokens_used(prompt, negative_prompt, tokens))
     record = {
         "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
         "guidance_scale": guidance_scale, "width": width, "height": height, "scheduler": params.scheduler,

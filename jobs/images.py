@@ -5,7 +5,7 @@ A cell is one of:
 - bytes (a binary column);
 - a Hugging Face `Image` struct {bytes, path}: its bytes when present, else its path.
 Bytes stay references into the shard's Arrow table (`pa.Buffer`, no copy) until the actor reads them;
-decoding and fitting to the row's size is sdcore.images' work, not this module's.
+`load` reads an image and has sdcore.images decode it and fit it to a row's size.
 """
 import hashlib
 import posixpath
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import storage
+from sdcore.images import fit_image, fit_mask, read_image
 
 COLUMNS = ("init_image", "mask_image")
 
@@ -146,3 +147,13 @@ def read(ref: ImageRef, storage_options: dict | None = None) -> tuple[bytes, str
         data = storage.read_bytes(fs, path)
     return data, hashlib.sha256(data).hexdigest()
 
+
+
+def load(ref: ImageRef, column: str, width: int, height: int, resize: str,
+         storage_options: dict | None = None) -> tuple[np.ndarray, str]:
+    """An `init_image` (uint8 [height, width, 3]) or `mask_image` (uint8 [height, width]) read, decoded and
+    fitted to the size as `resize` says, and the sha256 of its file. sdcore.errors.ImageError for bytes
+    that are no image; OSError/StorageError for a file that cannot be read."""
+    data, sha256 = read(ref, storage_options)
+    fit = fit_image if column == "init_image" else fit_mask
+    return fit(read_image(data), width, height, resize), sha256

@@ -14,6 +14,7 @@ import torch
 import sdcore
 from jobs import actor, driver
 from jobs.adapters import Adapters
+from jobs.images import load as images_load
 from jobs.actor import ActorConfig, OneThreadRunner, ShardFailed, ShardRunner
 from jobs.buckets import BATCH_ON_CPU, BUCKETS, BatchSizes, fitting_bucket
 from jobs.plan import shards
@@ -96,6 +97,20 @@ def test_the_runner_resolves_the_adapter_files_and_reports_their_sha256(tmp_path
                                          "embeddings": {"<owl>": hashlib.sha256(files["embedding"].read_bytes()).hexdigest()}}
     assert runner.adapter_files.loras["cat"][0] == str(files["lora"])
     assert list(runner.loras) == ["cat"] and [e.token for e in runner.embeddings] == ["<owl>"]
+
+
+def test_an_init_image_shared_by_a_batch_is_read_once_per_size(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "init.png")
+    manifest = write_manifest(tmp_path / "m.parquet", prompt=["a", "b", "c"], init_image=["init.png"] * 3,
+                              num_images=[3, 1, 1], width=[64, 64, 128])
+    loads = []
+    monkeypatch.setattr(actor.images, "load", lambda *args, **kw: loads.append(args[1:4]) or images_load(*args, **kw))
+    results = run_all(make_runner(manifest, tmp_path / "out", batch_size=4), rows=3, shard_size=3)
+    assert sum(r["images"] for r in results) == 5
+    assert sorted(loads) == [("init_image", 64, 64), ("init_image", 128, 64)]  # 4 images at 64x64, 1 at 128x64
 
 
 def test_runner_makes_every_image_of_its_shards(tmp_path, pipe):
