@@ -13,7 +13,6 @@ image's latents beside the latents; a plain UNet denoises everything and the kno
 back, noised to the next timestep, after every step.
 """
 import copy
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +33,7 @@ OUTPUTS = ("pil", "np", "latent")
 class Prepared:
     """What `generate` makes before denoising, made ahead by `Pipeline.prepare` for the rows in `key`."""
 
-    key: tuple  # (prompts, seeds, negative prompts, guidance scales, height, width, strength, images' digests)
+    key: tuple  # (prompts, seeds, negative prompts, guidance scales, height, width, strength)
     generators: list[torch.Generator]  # each row's, past its starting noise: they draw its step noise next
     context: torch.Tensor  # [B, 77, D] the prompts' encodings
     uncond_context: torch.Tensor | None  # [B, 77, D] the negative prompts', when a row is guided
@@ -42,6 +41,7 @@ class Prepared:
     init_latents: torch.Tensor | None = None  # [B, 4, h, w] the init images' latents, where the mode uses them
     mask: torch.Tensor | None = None  # [B, 1, h, w] inpainting: 1 = repaint, 0 = keep
     masked_image_latents: torch.Tensor | None = None  # [B, 4, h, w] what the 9-channel UNet sees of the kept region
+    images: tuple = (None, None)  # (init images, masks) they were made from: the caller's arrays
 
 
 @dataclass
@@ -149,8 +149,8 @@ class Pipeline:
 
     def _row_key(self, prompts, seeds, negative_prompts, guidance_scale, height: int, width: int,
                  init_images, mask_images, strength: float) -> tuple:
-        """generate's rows, checked, as `Prepared.key`: a scalar guidance scale is given to every row, and
-        images are named by their digests."""
+        """generate's rows, checked, as `Prepared.key`: a scalar guidance scale is given to every row. The
+        images are checked but not part of it (see _same_images)."""
         prompts, seeds = tuple(prompts), tuple(int(s) for s in seeds)
         negative_prompts = ("",) * len(prompts) if negative_prompts is None else tuple(negative_prompts)
         per_row = isinstance(guidance_scale, Sequence)
@@ -160,24 +160,23 @@ class Pipeline:
                              "per prompt, and at least one prompt")
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-        return prompts, seeds, negative_prompts, guidance, height, width, *self._image_key(
+        return prompts, seeds, negative_prompts, guidance, height, width, self._image_strength(
             len(prompts), height, width, init_images, mask_images, strength)
 
-    def _image_key(self, rows: int, height: int, width: int, init_images, mask_images, strength: float) -> tuple:
-        """(strength, init images' digests, masks' digests) of a call, checked; Nones for text to image."""
+    def _image_strength(self, rows: int, height: int, width: int, init_images, mask_images,
+                        strength: float) -> float | None:
+        """A call's images checked, and its strength; None for text to image."""
         if mask_images is not None and init_images is None:
             raise ValueError("mask images need init images: inpainting repaints part of an init image")
         if self.inpainting_unet and mask_images is None:
             raise ValueError("this model has an inpainting UNet (9 input channels): every row needs an init image "
                              "and a mask image")
         if init_images is None:
-            return None, None, None
+            return None
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        digests = []
         for what, images, shape in (("init image", init_images, (height, width, 3)), ("mask image", mask_images, (height, width))):
             if images is None:
-                digests.append(None)
                 continue
             if len(images) != rows:
                 raise ValueError(f"generate needs one {what} per prompt, got {len(images)} for {rows} prompts")
@@ -186,8 +185,18 @@ class Pipeline:
                     got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
                     raise ValueError(f"{what} {i} must be a uint8 array of shape {shape} (the call's height x width"
                                      f"{' x RGB' if len(shape) == 3 else ''}), got {got}")
-            digests.append(tuple(hashlib.sha256(np.ascontiguousarray(image)).hexdigest() for image in images))
-        return float(strength), *digests
+        return float(strength)
+
+    @staticmethod
+    def _same_images(prepared: tuple, given: tuple) -> bool:
+        """Whether (init images, masks) a call was prepared from are those it is given: the very arrays, as a
+        caller preparing ahead passes them again, or equal ones; compared, not hashed, on the hot path."""
+        for made_from, now in zip(prepared, given):
+            if (made_from is None) != (now is None):
+                return False
+            if now is not None and not all(a is b or np.array_equal(a, b) for a, b in zip(made_from, now)):
+                return False
+        return True
 
     @staticmethod
     def _first_step(steps: int, strength: float) -> int:
@@ -230,7 +239,9 @@ class Pipeline:
                 masked_image_latents = self._encode(pixels * ~repaint, generators)
             else:
                 randn(latent_shape, generators, self.device, torch.float32)
-        return Prepared(key, generators, context, uncond_context, noise, init_latents, mask, masked_image_latents)
+        images = tuple(None if x is None else tuple(x) for x in (init_images, mask_images))
+        return Prepared(key, generators, context, uncond_context, noise, init_latents, mask, masked_image_latents,
+                        images)
 
     def _pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 [H, W, 3] images → [B, 3, H, W] float32 in [-1, 1] on the device, as the reference scales them."""
@@ -293,7 +304,7 @@ class Pipeline:
             prepared = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
                                     height=height, width=width, init_images=init_images, mask_images=mask_images,
                                     strength=strength)
-        elif prepared.key != key:
+        elif prepared.key != key or not self._same_images(prepared.images, (init_images, mask_images)):
             raise ValueError("generate was given inputs prepared for other rows")
         prompts, guidance = key[0], key[3]
 
