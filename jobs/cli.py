@@ -189,6 +189,12 @@ def generate_command(
         raise CommandError(f"--loras {loras}: {', '.join(undeclared)} not declared; declare each with --lora NAME=SRC")
     if mask_image is not None and init_image is None:
         raise CommandError("--mask-image needs --init-image: inpainting repaints the masked part of an init image")
+
+    from sdcore import load_pipeline
+    from sdcore.allocator import keep_freed_memory
+    from sdcore.lora import Adapters as MergedLoRAs
+    from sdcore.pipeline import first_step
+
     def load(option: str, source: str | None, column: str) -> tuple:
         """(pixels fitted to the size, sha256 of the file) of an input image; (None, None) without one."""
         if source is None:
@@ -202,13 +208,13 @@ def generate_command(
                                                 load("--mask-image", mask_image, "mask_image"))
     image_args = {}
     if init is not None:
+        try:
+            first_step(steps, strength)
+        except ValueError as e:
+            raise CommandError(f"--strength {strength} --steps {steps}: {e}") from None
         image_args.update(init_images=[init], strength=strength)
     if mask is not None:
         image_args.update(mask_images=[mask])
-
-    from sdcore import load_pipeline
-    from sdcore.allocator import keep_freed_memory
-    from sdcore.lora import Adapters as MergedLoRAs
 
     if torch_device.type == "cpu" and (ctx.obj or {}).get("owns_process"):
         keep_freed_memory()  # reuse the activations' memory from one step to the next

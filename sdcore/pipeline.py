@@ -29,6 +29,16 @@ from sdcore.schedulers.base import randn, to_device
 OUTPUTS = ("pil", "np", "latent")
 
 
+def first_step(steps: int, strength: float) -> int:
+    """The first of `steps` timesteps that image to image and inpainting denoise, as diffusers' get_timesteps;
+    ValueError when `strength` leaves none."""
+    begin = steps - min(int(steps * strength), steps)
+    if begin == steps:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no step to denoise "
+                         f"(it needs strength x steps >= 1)")
+    return begin
+
+
 @dataclass
 class Prepared:
     """What `generate` makes before denoising, made ahead by `Pipeline.prepare` for the rows in `key`."""
@@ -198,14 +208,6 @@ class Pipeline:
                 return False
         return True
 
-    @staticmethod
-    def _first_step(steps: int, strength: float) -> int:
-        """The first of `steps` timesteps that image to image and inpainting denoise, as diffusers' get_timesteps."""
-        begin = steps - min(int(steps * strength), steps)
-        if begin == steps:
-            raise ValueError(f"strength {strength} of {steps} steps leaves no step to denoise "
-                             f"(it needs strength x steps >= 1)")
-        return begin
 
     @torch.inference_mode()
     def prepare(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompts: Sequence[str] | None = None,
@@ -299,7 +301,7 @@ class Pipeline:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        begin = 0 if init_images is None else self._first_step(steps, strength)
+        begin = 0 if init_images is None else first_step(steps, strength)
         if prepared is None:
             prepared = self.prepare(prompts, seeds=seeds, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
                                     height=height, width=width, init_images=init_images, mask_images=mask_images,

@@ -83,6 +83,16 @@ def test_an_init_image_that_does_not_decode_exits_2_before_loading(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "x.png").exists()
 
 
+def test_a_strength_that_leaves_no_step_exits_2_before_loading(tmp_path):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "init.png")
+    result = run("a fox", "--model", "builtin:tiny", "-o", str(tmp_path / "x.png"), "--init-image",
+                 str(tmp_path / "init.png"), "--strength", "0.1", "--steps", "5")
+    assert result.returncode == 2
+    assert ("--strength 0.1 --steps 5: strength 0.1 of 5 steps leaves no step to denoise (it needs strength x steps "
+            ">= 1)") in result.stderr
+    assert "Traceback" not in result.stderr and "step 1/" not in result.stderr and not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--width", "65"], "--width 65 must be a multiple of 8"),
     (["--steps", "0"], "--steps 0 is out of range 1..1000"),
